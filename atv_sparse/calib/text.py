@@ -1,0 +1,67 @@
+"""Text calibration: a corpus tokenized once, then ``nsamples`` random windows of ``seqlen`` tokens.
+
+Like Wanda's WikiText route, windows start at seeded random offsets of the concatenated corpus
+(they may overlap when the corpus is short); no BOS is inserted.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..errors import AtvSparseError
+
+DEFAULT_CALIBRATION = "<embedded default text>"
+
+
+def default_calibration_text() -> str:
+    """The calibration text shipped with the package (written for atv-sparse, no download)."""
+    return resources.files(__package__).joinpath("default_calib.txt").read_text(encoding="utf-8")
+
+
+def read_calibration_text(path: str | Path) -> str:
+    """The corpus in ``path``: a ``.jsonl`` file of ``{"text": ...}`` lines, or plain text."""
+    path = Path(path)
+    if not path.is_file():
+        raise AtvSparseError(f"calibration file {path} does not exist")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise AtvSparseError(f"calibration file {path} is not UTF-8 text") from None
+    if path.suffix == ".jsonl":
+        texts = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                texts.append(record["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise AtvSparseError(f"calibration file {path}, line {lineno}: expected a JSON object "
+                                     '{"text": ...}') from None
+            if not isinstance(texts[-1], str):
+                raise AtvSparseError(f"calibration file {path}, line {lineno}: \"text\" is not a string")
+        raw = "\n\n".join(texts)
+    if not raw.strip():
+        raise AtvSparseError(f"calibration file {path} is empty")
+    return raw
+
+
+def text_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int,
+                 source: str = DEFAULT_CALIBRATION) -> list[torch.Tensor]:
+    """``nsamples`` windows of ``seqlen`` token ids, each (1, seqlen) int64, from seeded offsets."""
+    if nsamples < 1:
+        raise AtvSparseError(f"--nsamples must be at least 1, got {nsamples}")
+    if seqlen < 1:
+        raise AtvSparseError(f"--seqlen must be at least 1, got {seqlen}")
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    if ids.shape[1] < seqlen:
+        raise AtvSparseError(f"calibration data {source} has {ids.shape[1]} tokens, shorter than one window "
+                             f"of --seqlen {seqlen}; give more text or a smaller --seqlen")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, ids.shape[1] - seqlen) for _ in range(nsamples)]
+    return [ids[:, s:s + seqlen].clone() for s in starts]

@@ -1,0 +1,337 @@
+"""``python -m atv_sparse.convert``: prune a checkpoint and write it compressed (or dense).
+
+    python -m atv_sparse.convert CKPT --method wanda --pattern 2:4 --out OUT
+
+With no CKPT it runs on the embedded default (a tiny random Llama written to a temp dir and
+loaded like any checkpoint) and writes to a new temp dir, so it needs nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .calib import DEFAULT_CALIBRATION, default_calibration_text, read_calibration_text, text_windows
+from .errors import AtvSparseError
+from .formats.bitmask import unpack_bitmask
+from .formats.checkpoint import check_output_dir, packed_nbytes, parse_size, write_checkpoint
+from .formats.safetensors_io import checkpoint_files, checkpoint_tensors
+from .formats.spec import build_quantization_config
+from .models import adapter_for, read_config
+from .patterns import check_sparsity, parse_pattern
+from .prune.driver import CALIBRATED_METHODS, METHODS, prune_blocks
+from .prune.targets import resolve_targets
+
+NSAMPLES, SEQLEN = 128, 2048
+# The embedded model is a demo that must finish in seconds on a laptop CPU.
+EMBEDDED_NSAMPLES, EMBEDDED_SEQLEN = 32, 256
+DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m atv_sparse.convert", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("ckpt", nargs="?", metavar="CKPT",
+                   help="local Hugging Face model directory (safetensors); omit it to run on the embedded tiny model")
+    p.add_argument("--method", choices=METHODS, default="wanda", help="pruning method")
+    p.add_argument("--pattern", default="2:4", help="2:4, 4:8, any N:M (keep N of every M input columns), or unstructured")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="fraction of weights removed per layer, in (0, 1); unstructured only (default 0.5)")
+    p.add_argument("--calib", metavar="FILE", default=None,
+                   help="calibration text: .txt, or .jsonl with {\"text\": ...} per line (default: embedded text)")
+    p.add_argument("--nsamples", type=int, default=None,
+                   help=f"calibration windows (default {NSAMPLES}; {EMBEDDED_NSAMPLES} for the embedded model)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help=f"tokens per calibration window (default {SEQLEN}; {EMBEDDED_SEQLEN} for the embedded model)")
+    p.add_argument("--seed", type=int, default=0, help="seed for choosing calibration windows")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="output directory (required with CKPT; default for the embedded model: a new temp dir)")
+    p.add_argument("--format", choices=("packed", "dense"), default="packed",
+                   help="packed: bitmask + values with quantization_config; dense: zeros in place, plain transformers")
+    p.add_argument("--targets", nargs="+", metavar="PAT", default=None,
+                   help="linears to prune: names, dotted suffixes (down_proj), class names or re:REGEX "
+                        "(default: every linear of the decoder blocks)")
+    p.add_argument("--ignore", nargs="+", metavar="PAT", default=[], help="linears to leave dense (same syntax)")
+    p.add_argument("--skip-incompatible", action="store_true",
+                   help="leave layers whose in_features is not a multiple of M dense instead of failing")
+    p.add_argument("--device", default=None, help="compute device for the blocks (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="auto", help="dtype to load and prune in")
+    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size")
+    p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve targets, check shapes, print the module table and estimates; write nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(nbytes) < 1000 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1000
+
+
+def _check_args(args) -> None:
+    embedded = args.ckpt is None
+    if args.nsamples is None:
+        args.nsamples = EMBEDDED_NSAMPLES if embedded else NSAMPLES
+    if args.seqlen is None:
+        args.seqlen = EMBEDDED_SEQLEN if embedded else SEQLEN
+    if args.sparsity is not None:
+        check_sparsity(args.sparsity)
+    if args.nsamples < 1:
+        raise AtvSparseError(f"--nsamples must be at least 1, got {args.nsamples}")
+    if args.seqlen < 1:
+        raise AtvSparseError(f"--seqlen must be at least 1, got {args.seqlen}")
+    if args.blocksize < 1:
+        raise AtvSparseError(f"--blocksize must be at least 1, got {args.blocksize}")
+    if not 0 <= args.percdamp:
+        raise AtvSparseError(f"--percdamp must be >= 0, got {args.percdamp}")
+    if args.ckpt is not None and args.out is None and not args.dry_run:
+        raise AtvSparseError("--out DIR is required when a checkpoint is given")
+
+
+def _resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise AtvSparseError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AtvSparseError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Parse ``argv`` and convert; returns the summary printed at the end (for tests and scripts)."""
+    args = build_parser().parse_args(argv)
+    pattern = parse_pattern(args.pattern, args.sparsity)
+    _check_args(args)
+    if args.pattern.strip().lower() == "unstructured" and args.sparsity is None:
+        args.sparsity = pattern.sparsity
+    device = _resolve_device(args.device)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    max_shard = parse_size(args.max_shard_size)
+    times: dict[str, float] = {}
+    embedded_tmp = None
+    if args.ckpt is None:
+        from .tiny import build_tiny_llama
+
+        embedded_tmp = tempfile.TemporaryDirectory(prefix="atv-sparse-tiny-")
+        t0 = time.perf_counter()
+        ckpt = build_tiny_llama(Path(embedded_tmp.name) / "tiny-llama")
+        times["build embedded model"] = time.perf_counter() - t0
+        out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="atv-sparse-out-")) / "tiny-llama-pruned"
+    else:
+        ckpt = Path(args.ckpt)
+        out = Path(args.out) if args.out else None
+    try:
+        return _convert(args, ckpt, out, pattern, device, max_shard, times, embedded=embedded_tmp is not None)
+    finally:
+        if embedded_tmp is not None:
+            embedded_tmp.cleanup()
+
+
+def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, times, embedded: bool) -> dict:
+    config = read_config(ckpt)
+    if "quantization_config" in config:
+        raise AtvSparseError(f"{ckpt}: already a compressed checkpoint ({config['quantization_config'].get('quant_method')}); "
+                             "convert the dense model instead")
+    adapter = adapter_for(config, ckpt)
+    tensors = checkpoint_tensors(checkpoint_files(ckpt))
+    if out is not None:
+        check_output_dir(out, args.overwrite, ckpt)
+    dtype = DTYPES[args.dtype]
+
+    # Targets on the meta skeleton: no weight is read before every check passed.
+    skeleton = adapter.build_meta(ckpt, dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = resolve_targets(skeleton, adapter.layers_prefix(skeleton), pattern, args.targets, args.ignore,
+                               args.skip_incompatible)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    estimate = _estimate(args, skeleton, adapter, plan, tensors, pattern)
+    if args.dry_run:
+        _print_dry_run(args, ckpt, adapter, plan, pattern, estimate)
+        return {"dry_run": True, "targets": list(plan.targets), "skipped": plan.skipped, **estimate}
+    del skeleton
+
+    samples = None
+    if args.method in CALIBRATED_METHODS:
+        t0 = time.perf_counter()
+        samples = _calibration_samples(args, ckpt)
+        times["calibration data"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    model = adapter.load(ckpt, dtype)
+    times["load"] = time.perf_counter() - t0
+    layers = adapter.decoder_layers(model)
+    targets = {name: model.get_submodule(name) for name in plan.targets}
+    result = prune_blocks(model, layers, adapter.layers_prefix(model), targets, args.method, pattern, samples, device,
+                          blocksize=args.blocksize, percdamp=args.percdamp, progress=not args.quiet)
+    times.update({k: v for k, v in result.timings.items() if v})
+
+    sparsity_json = _sparsity_json(targets, result.bitmasks, pattern, plan.skipped)
+    settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+                "calibration": args.calib or DEFAULT_CALIBRATION, "dtype": str(next(model.parameters()).dtype),
+                "device": str(device), "tokens": "all"}
+    if args.method == "sparsegpt":
+        settings.update(blocksize=args.blocksize, percdamp=args.percdamp)
+    if args.method == "magnitude":
+        settings = {"dtype": settings["dtype"], "device": settings["device"]}
+    targets_cfg = args.targets or [f"re:{adapter.layers_prefix(model).replace('.', '[.]')}[.][0-9]+[.].*"]
+    qconfig = build_quantization_config(pattern, args.method, settings, targets_cfg,
+                                        list(args.ignore) + sorted(plan.skipped), __version__)
+    report = {"method": args.method, "pattern": str(pattern), "sparsity": pattern.sparsity, "settings": settings,
+              "source": str(ckpt) if not embedded else "<embedded tiny llama>", "architecture": adapter.architecture,
+              "version": __version__, "timings_s": dict(times), "blocks": result.blocks,
+              "skipped": plan.skipped}
+    t0 = time.perf_counter()
+    written = write_checkpoint(model, out, source_dir=ckpt, bitmasks=result.bitmasks,
+                               patterns={name: pattern for name in targets}, packed=args.format == "packed",
+                               quantization_config=qconfig,
+                               extra_json={"sparsity.json": sparsity_json, "prune_report.json": report},
+                               max_shard_size=max_shard, overwrite=args.overwrite)
+    times["write"] = time.perf_counter() - t0
+    # The report on disk gets the write time too (rewritten in place: it is not a weight file).
+    report["timings_s"] = dict(times)
+    (out / "prune_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    summary = _summary(args, ckpt, out, adapter, plan, model, result, tensors, written, times, embedded)
+    _print_summary(summary)
+    return summary
+
+
+def _calibration_samples(args, ckpt: Path) -> list[torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    text = read_calibration_text(args.calib) if args.calib else default_calibration_text()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    except (OSError, ValueError) as e:
+        raise AtvSparseError(f"{ckpt}: cannot load its tokenizer ({str(e).splitlines()[0]}); copy the tokenizer "
+                             "files into the checkpoint directory") from None
+    return text_windows(tokenizer, text, args.nsamples, args.seqlen, args.seed, args.calib or DEFAULT_CALIBRATION)
+
+
+def _sparsity_json(targets, bitmasks, pattern, skipped) -> dict:
+    modules = {}
+    for name, linear in targets.items():
+        keep = unpack_bitmask(bitmasks[name], linear.in_features)
+        entry = {"shape": [linear.out_features, linear.in_features], "pattern": str(pattern),
+                 "sparsity": 1 - keep.sum().item() / keep.numel()}
+        if pattern.is_nm:
+            groups = keep.reshape(keep.shape[0], -1, pattern.m).sum(-1)
+            entry["pattern_check"] = "ok" if bool((groups == pattern.n).all()) else "FAILED"
+        else:
+            entry["pattern_check"] = "n/a (unstructured)"
+        modules[name] = entry
+    for name, why in skipped.items():
+        modules[name] = {"pattern": "dense", "sparsity": 0.0, "pattern_check": f"skipped: {why}"}
+    return {"pattern": str(pattern), "modules": modules}
+
+
+def _estimate(args, skeleton, adapter, plan, tensors, pattern) -> dict:
+    """Output bytes and peak memory, from shapes alone."""
+    element = next(skeleton.parameters()).element_size()
+    src_bytes = sum(math.prod(info["shape"]) * _element_size(info["dtype"]) for _, info in tensors.values())
+    model_bytes = sum(p.numel() * element for p in skeleton.parameters())
+    out_bytes = model_bytes
+    if args.format == "packed":
+        for lin in plan.targets.values():
+            kept = lin.out_features * (lin.in_features - int(lin.in_features * pattern.sparsity))
+            out_bytes += packed_nbytes(lin.out_features, lin.in_features, kept, element) - lin.weight.numel() * element
+    layers = adapter.decoder_layers(skeleton)
+    block_bytes = max(sum(p.numel() * element for p in block.parameters()) for block in layers)
+    hidden = skeleton.config.get_text_config().hidden_size
+    acts = args.nsamples * args.seqlen * hidden * element if args.method in CALIBRATED_METHODS else 0
+    prefix = adapter.layers_prefix(skeleton) + ".0."
+    block0 = [lin for name, lin in plan.targets.items() if name.startswith(prefix)] or list(plan.targets.values())
+    if args.method == "sparsegpt":
+        stats = sum(lin.in_features ** 2 * 4 for lin in block0)
+    elif args.method == "wanda":
+        stats = sum(lin.in_features * 4 for lin in block0)
+    else:
+        stats = 0
+    return {"input_bytes": src_bytes, "output_bytes": out_bytes, "peak_host_bytes": model_bytes + acts,
+            "peak_device_bytes": block_bytes + stats, "activation_bytes": acts}
+
+
+def _element_size(st_dtype: str) -> int:
+    return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(st_dtype, 1)
+
+
+def _print_dry_run(args, ckpt, adapter, plan, pattern, est) -> None:
+    width = max(len(n) for n in list(plan.targets) + list(plan.skipped))
+    print(f"dry run: {args.method} {pattern} on {ckpt} ({adapter.architecture}); nothing is written")
+    print(f"{'module':<{width}}  {'shape (out x in)':>18}  action")
+    for name, lin in plan.targets.items():
+        print(f"{name:<{width}}  {lin.out_features:>8} x {lin.in_features:<7}  prune {pattern}")
+    for name, why in plan.skipped.items():
+        print(f"{name:<{width}}  {'':>18}  dense ({why})")
+    print(f"targets: {len(plan.targets)} pruned, {len(plan.skipped)} skipped")
+    print(f"estimated output ({args.format}): {_human(est['output_bytes'])} (input {_human(est['input_bytes'])})")
+    print(f"estimated peak memory: host {_human(est['peak_host_bytes'])} (model + "
+          f"{_human(est['activation_bytes'])} calibration activations), device {_human(est['peak_device_bytes'])} "
+          "(one block + its statistics)")
+
+
+def _summary(args, ckpt, out, adapter, plan, model, result, tensors, written, times, embedded) -> dict:
+    pruned_zero = sum(unpack_bitmask(bm, model.get_submodule(n).in_features).logical_not().sum().item()
+                      for n, bm in result.bitmasks.items())
+    target_numel = sum(model.get_submodule(n).weight.numel() for n in result.bitmasks)
+    total_numel = sum(p.numel() for p in model.parameters())
+    src_bytes = sum(f.stat().st_size for f in checkpoint_files(ckpt))
+    return {"source": "embedded tiny llama" if embedded else str(ckpt), "out": str(out), "method": args.method,
+            "pattern": str(parse_pattern(args.pattern, args.sparsity)), "format": args.format,
+            "architecture": adapter.architecture, "modules_pruned": len(result.bitmasks),
+            "modules_skipped": len(plan.skipped), "sparsity_targets": pruned_zero / max(target_numel, 1),
+            "sparsity_model": pruned_zero / max(total_numel, 1), "timings_s": dict(times),
+            "bytes_before": src_bytes, "bytes_after": written["bytes"], "files": written["files"]}
+
+
+def _print_summary(s: dict) -> None:
+    timing = " | ".join(f"{k} {v:.2f} s" for k, v in s["timings_s"].items())
+    print(f"atv_sparse.convert: {s['method']} {s['pattern']} on {s['source']} ({s['architecture']})")
+    print(f"  modules pruned : {s['modules_pruned']}" + (f" ({s['modules_skipped']} left dense)" if s["modules_skipped"] else ""))
+    print(f"  sparsity       : {100 * s['sparsity_targets']:.2f}% of pruned layers, {100 * s['sparsity_model']:.2f}% of all weights")
+    print(f"  time           : {timing}")
+    print(f"  weights        : {_human(s['bytes_before'])} -> {_human(s['bytes_after'])} "
+          f"({s['bytes_after'] / max(s['bytes_before'], 1):.2f}x, {s['format']})")
+    print(f"  output         : {s['out']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(argv)
+    except AtvSparseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # argparse: --help, or a usage error already printed on one line
+        return e.code if isinstance(e.code, int) else 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

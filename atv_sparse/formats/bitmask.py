@@ -1,0 +1,97 @@
+"""Bitmask + values: the on-disk form of one pruned weight (DESIGN.md 6).
+
+For a weight W (out, in) and its keep-mask:
+- ``bitmask``: uint8 (out, ceil(in / 8)); bit k of byte c is column 8c + k (little endian),
+  1 = kept, padding bits past ``in`` are 0.
+- ``values``: the kept entries in row-major order, in W's dtype; (out, in * n / m) for N:M
+  (every row keeps the same count), 1-D for unstructured.
+
+Worked example, one row of 8 columns kept at columns 0, 3, 5, 6 (2:4 since each half keeps 2)::
+
+    keep   = 1 0 0 1 | 0 1 1 0      -> byte = 0b0110_1001 = 0x69
+    W row  = a b c d | e f g h      -> values row = a d f g
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import AtvSparseError
+
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bitmask(keep: torch.Tensor) -> torch.Tensor:
+    """keep: (out, in) bool -> bitmask: (out, ceil(in / 8)) uint8, little-endian bits."""
+    out_features, in_features = keep.shape
+    padded = torch.zeros(out_features, -(-in_features // 8) * 8, dtype=torch.uint8, device=keep.device)
+    padded[:, :in_features] = keep
+    bits = padded.reshape(out_features, -1, 8) * _BIT_WEIGHTS.to(keep.device)
+    return bits.sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack_bitmask(bitmask: torch.Tensor, in_features: int) -> torch.Tensor:
+    """bitmask: (out, ceil(in / 8)) uint8 -> keep: (out, in) bool."""
+    bits = bitmask.unsqueeze(-1) & _BIT_WEIGHTS.to(bitmask.device)
+    return (bits != 0).reshape(bitmask.shape[0], -1)[:, :in_features]
+
+
+def compress(weight: torch.Tensor, keep: torch.Tensor, n: int | None = None,
+             m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight: (out, in), keep: (out, in) bool -> (bitmask, values); values 2-D for N:M."""
+    values = weight[keep]
+    if m is not None:
+        values = values.reshape(weight.shape[0], weight.shape[1] * n // m)
+    return pack_bitmask(keep), values
+
+
+def decompress(bitmask: torch.Tensor, values: torch.Tensor, in_features: int) -> torch.Tensor:
+    """(bitmask, values) -> dense weight (out, in) in the values' dtype, zeros where pruned."""
+    keep = unpack_bitmask(bitmask, in_features)
+    dense = torch.zeros(keep.shape, dtype=values.dtype, device=values.device)
+    dense[keep] = values.reshape(-1)
+    return dense
+
+
+def expected_values_shape(out_features: int, in_features: int, n: int | None, m: int | None):
+    """Shape of ``weight_values`` for N:M; ``None`` for unstructured (1-D, length = popcount)."""
+    return None if m is None else (out_features, in_features * n // m)
+
+
+def validate_compressed(name: str, bitmask: torch.Tensor, values: torch.Tensor, out_features: int,
+                        in_features: int, n: int | None, m: int | None) -> None:
+    """Refuse a corrupt pair with a message naming the tensor.
+
+    Checks dtypes and shapes, zero padding bits, every N:M group holding exactly N ones, and the
+    popcount equal to the number of values.
+    """
+    mask_name, values_name = f"{name}.weight_bitmask", f"{name}.weight_values"
+    hint = "the checkpoint is corrupt or truncated; re-run atv_sparse.convert"
+    expected = (out_features, -(-in_features // 8))
+    if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != expected:
+        raise AtvSparseError(f"{mask_name}: expected uint8 {expected}, found {bitmask.dtype} "
+                             f"{tuple(bitmask.shape)}; {hint}")
+    if not values.is_floating_point():
+        raise AtvSparseError(f"{values_name}: expected a float tensor, found {values.dtype}; {hint}")
+    keep = unpack_bitmask(bitmask, -(-in_features // 8) * 8)
+    if in_features % 8 and keep[:, in_features:].any():
+        raise AtvSparseError(f"{mask_name}: bits set past column {in_features}; {hint}")
+    keep = keep[:, :in_features]
+    if m is not None:
+        want = expected_values_shape(out_features, in_features, n, m)
+        if tuple(values.shape) != want:
+            raise AtvSparseError(f"{values_name}: expected shape {want} for pattern {n}:{m}, found "
+                                 f"{tuple(values.shape)}; {hint}")
+        per_group = keep.reshape(out_features, in_features // m, m).sum(-1)
+        bad = (per_group != n).nonzero()
+        if len(bad):
+            row, group = bad[0].tolist()
+            raise AtvSparseError(f"{mask_name}: row {row}, columns {group * m}..{group * m + m - 1} keep "
+                                 f"{per_group[row, group].item()} weights, pattern {n}:{m} needs {n}; {hint}")
+    else:
+        if values.dim() != 1:
+            raise AtvSparseError(f"{values_name}: expected a 1-D tensor for an unstructured pattern, "
+                                 f"found shape {tuple(values.shape)}; {hint}")
+        kept = int(keep.sum())
+        if kept != values.numel():
+            raise AtvSparseError(f"{values_name}: holds {values.numel()} values but {mask_name} keeps {kept}; {hint}")

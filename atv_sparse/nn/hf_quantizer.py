@@ -1,0 +1,111 @@
+"""``transformers`` custom-quantizer route: ``from_pretrained`` on an atv-sparse checkpoint.
+
+Registered under ``quant_method = "atv_sparse"`` when ``atv_sparse`` is imported. Before weights
+load, every linear that has ``P.weight_bitmask`` in the checkpoint becomes a ``SparseLinear``
+shaped from the safetensors headers (an unstructured ``weight_values`` has a per-layer length);
+after loading every pair is validated. Without the import, transformers only warns and loads
+random dense weights, which is why the README insists on importing atv_sparse first.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
+                                          register_quantization_config, register_quantizer)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..errors import AtvSparseError
+from ..formats.safetensors_io import checkpoint_tensors
+from ..formats.spec import FORMAT_VERSION, QUANT_METHOD, check_quantization_config
+from .sparse_linear import SparseLinear
+
+
+class AtvSparseConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` block of config.json (DESIGN.md 6); every key is kept as is."""
+
+    def __init__(self, pattern: str = "2:4", format_version: int = FORMAT_VERSION, **kwargs):
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.pattern = pattern
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+        self.quant_method = QUANT_METHOD
+
+
+class AtvSparseHfQuantizer(HfQuantizer):
+    requires_calibration = True
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        pattern = check_quantization_config(self.quantization_config.to_dict(), "config.json")
+        if not checkpoint_files:
+            raise AtvSparseError("atv_sparse checkpoints load from local safetensors files only")
+        tensors = checkpoint_tensors(checkpoint_files)
+        self.sparse_modules = replace_sparse_linears(model, tensors, pattern)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for name, module in model.named_modules():
+            if isinstance(module, SparseLinear):
+                module.validate(name)
+        return model
+
+    def is_serializable(self, *args, **kwargs):
+        return True
+
+    @property
+    def is_trainable(self):
+        return False
+
+    @property
+    def is_compileable(self):
+        return False
+
+
+def replace_sparse_linears(model: nn.Module, tensors: dict, pattern) -> list[str]:
+    """Swap each ``nn.Linear`` whose ``weight_bitmask`` is in ``tensors`` for a ``SparseLinear``.
+
+    tensors: checkpoint tensor name -> (file, safetensors header entry). Shapes are checked against
+    the linear's here, so a mismatch names the tensor instead of failing inside transformers.
+    """
+    suffix = ".weight_bitmask"
+    names = sorted(k[: -len(suffix)] for k in tensors if k.endswith(suffix))
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise AtvSparseError(f"{name}.weight_bitmask in {tensors[name + suffix][0]}: the model has no "
+                                 f"module {name}") from None
+        if not isinstance(linear, nn.Linear):
+            raise AtvSparseError(f"{name}.weight_bitmask: module {name} is a {type(linear).__name__}, not a Linear")
+        values_key = name + ".weight_values"
+        if values_key not in tensors:
+            raise AtvSparseError(f"{values_key}: missing from the checkpoint (its bitmask is in "
+                                 f"{tensors[name + suffix][0]}); the checkpoint is incomplete")
+        values_info = tensors[values_key][1]
+        mask_info = tensors[name + suffix][1]
+        out_f, in_f = linear.out_features, linear.in_features
+        if mask_info["dtype"] != "U8" or mask_info["shape"] != [out_f, -(-in_f // 8)]:
+            raise AtvSparseError(f"{name}.weight_bitmask: expected U8 {[out_f, -(-in_f // 8)]} for a "
+                                 f"({out_f} x {in_f}) linear, found {mask_info['dtype']} {mask_info['shape']}")
+        num_values = values_info["shape"][0] if len(values_info["shape"]) == 1 else None
+        if pattern.is_nm and values_info["shape"] != [out_f, in_f * pattern.n // pattern.m]:
+            raise AtvSparseError(f"{values_key}: expected shape {[out_f, in_f * pattern.n // pattern.m]} for "
+                                 f"pattern {pattern}, found {values_info['shape']}; the checkpoint is corrupt or truncated")
+        if not pattern.is_nm and num_values is None:
+            raise AtvSparseError(f"{values_key}: expected a 1-D tensor for an unstructured pattern, found "
+                                 f"shape {values_info['shape']}")
+        sparse = SparseLinear(in_f, out_f, pattern, bias=linear.bias is not None, num_values=num_values,
+                              device=linear.weight.device, dtype=linear.weight.dtype)
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, sparse)
+    return names
+
+
+def register() -> None:
+    """Register the config and quantizer with transformers (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(AtvSparseConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(AtvSparseHfQuantizer)
+

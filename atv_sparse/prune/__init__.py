@@ -1,0 +1,24 @@
+"""Pruning: pure score -> mask functions per method, and the block-by-block driver.
+
+Public surface:
+- masks: ``nm_mask``, ``unstructured_mask``
+- magnitude: ``magnitude_mask``
+- Wanda: ``WandaStats``, ``wanda_score``
+- SparseGPT: ``HessianStats``, ``sparsegpt_prune``
+"""
+
+from .magnitude import magnitude_mask
+from .masks import nm_mask, pattern_mask, unstructured_mask
+from .sparsegpt import HessianStats, sparsegpt_prune
+from .wanda import WandaStats, wanda_score
+
+__all__ = [
+    "HessianStats",
+    "WandaStats",
+    "magnitude_mask",
+    "nm_mask",
+    "pattern_mask",
+    "sparsegpt_prune",
+    "unstructured_mask",
+    "wanda_score",
+]

@@ -1,0 +1,279 @@
+"""The sequential block driver: prune a model block by block with propagated calibration inputs.
+
+    capture block-0 inputs (real embeddings, real keyword arguments) for every sample
+    for each decoder block b:
+        selector.begin_block(b)       which positions feed b's statistics (all, here)
+        Calibrating   run b densely with hooks on its target linears -> statistics
+        Pruning       statistics -> masks -> weights zeroed (SparseGPT: updated) in place
+        Propagating   run the pruned b -> inputs of block b + 1
+
+Blocks visit the compute device one at a time; calibration activations stay on the CPU unless
+they fit comfortably on the device. The driver always runs the model's own modules: it never
+re-implements a decoder layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import AtvSparseError
+from ..formats.bitmask import pack_bitmask
+from ..patterns import Pattern
+from .magnitude import magnitude_mask
+from .masks import pattern_mask
+from .sparsegpt import HessianStats, sparsegpt_prune
+from .wanda import WandaStats, wanda_score
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+CALIBRATED_METHODS = ("wanda", "sparsegpt")
+
+
+class TokenSelector(Protocol):
+    """The hook point "which token positions feed the statistics of this block".
+
+    ``begin_block`` is called once per block before its statistics pass, with
+    ``run_block(j) -> (x_in, x_out)``, which runs the still-dense block on sample j's current
+    inputs; it returns a dict merged into the block's report. ``positions(j)`` gives the
+    positions (1-D int64) of sample j that feed the statistics, or ``None`` for all of them.
+    """
+
+    name: str
+
+    def begin_block(self, block_index: int, run_block: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                    num_samples: int) -> dict: ...
+
+    def positions(self, sample_index: int) -> torch.Tensor | None: ...
+
+
+class AllTokens:
+    """Every position of every sample (Wanda's and SparseGPT's default)."""
+
+    name = "all"
+
+    def begin_block(self, block_index, run_block, num_samples) -> dict:
+        return {}
+
+    def positions(self, sample_index):
+        return None
+
+
+@dataclasses.dataclass
+class PruneResult:
+    """bitmasks: module name -> packed keep-mask (out, ceil(in / 8)) uint8 on the CPU;
+    blocks: one report dict per block; timings: seconds per phase."""
+
+    bitmasks: dict[str, torch.Tensor]
+    blocks: list[dict]
+    timings: dict[str, float]
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _InputCatcher(nn.Module):
+    """Stands in for block 0: records its inputs and stops the forward."""
+
+    def __init__(self, block: nn.Module, sink: list):
+        super().__init__()
+        self.block = block
+        self.sink = sink
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.sink.append((hidden, {k: v for k, v in kwargs.items()}))
+        raise _StopForward
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.block, name)  # e.g. attention_type read by the decoder loop
+
+
+def _to(obj, device):
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _same(a, b) -> bool:
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a is b or (not torch.is_tensor(a) and not torch.is_tensor(b) and a == b)
+
+
+def _dedup_kwargs(kwargs: dict, previous: dict | None) -> dict:
+    """Reuse the previous sample's kwarg objects where equal (text windows share all of them)."""
+    if previous is None:
+        return kwargs
+    return {k: previous[k] if k in previous and _same(v, previous[k]) else v for k, v in kwargs.items()}
+
+
+def storage_device(device: torch.device, nbytes: int) -> torch.device:
+    """Where cached activations live: on the compute device only when they take < 25% of its free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if nbytes < 0.25 * free:
+            return device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[torch.Tensor],
+                         device: torch.device, progress: bool = True) -> tuple[list, list, torch.device]:
+    """Run the model up to block 0 for each sample; return (hidden states, kwargs, storage device).
+
+    Everything but the blocks visits ``device`` for the capture; block 0 is swapped for a catcher
+    that records ``hidden_states`` and the keyword arguments the model passes its layers.
+    """
+    catcher_sink: list = []
+    first = layers[0]
+    layers[0] = _InputCatcher(first, catcher_sink)
+    kept_aside = [layers[i] for i in range(1, len(layers))]
+    for i in range(1, len(layers)):
+        layers[i] = nn.Identity()  # so model.to(device) moves no other block
+    hidden, kwargs, previous = [], [], None
+    store = None
+    try:
+        model.to(device)
+        for input_ids in tqdm(samples, desc="Capturing block-0 inputs", disable=not progress, leave=False):
+            try:
+                model(input_ids=input_ids.to(device), use_cache=False)
+            except _StopForward:
+                pass
+            h, kw = catcher_sink.pop()
+            if store is None:
+                store = storage_device(device, h.numel() * h.element_size() * len(samples) * 2)
+            kw = _dedup_kwargs(_to(kw, store), previous)
+            hidden.append(h.to(store))
+            kwargs.append(kw)
+            previous = kw
+    finally:
+        model.to("cpu")
+        layers[0] = first
+        for i, block in enumerate(kept_aside, 1):
+            layers[i] = block
+    return hidden, kwargs, store
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, targets: dict[str, nn.Linear],
+                 method: str, pattern: Pattern, samples: list[torch.Tensor] | None, device: torch.device,
+                 selector: TokenSelector | None = None, blocksize: int = 128, percdamp: float = 0.01,
+                 progress: bool = True) -> PruneResult:
+    """Prune ``targets`` (full module names -> linears inside ``layers``) in place, block by block.
+
+    method: "magnitude" (no samples needed), "wanda" or "sparsegpt" (``samples``: list of (1, T)
+    int64 input ids). The model stays on the CPU; each block visits ``device`` in turn.
+    """
+    if method not in METHODS:
+        raise AtvSparseError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    selector = selector or AllTokens()
+    timings = {"capture": 0.0, "calibrate": 0.0, "prune": 0.0, "propagate": 0.0}
+    result = PruneResult({}, [], timings)
+    n, m, s = pattern.n, pattern.m, pattern.sparsity
+    calibrated = method in CALIBRATED_METHODS
+    if calibrated:
+        if not samples:
+            raise AtvSparseError(f"method {method} needs calibration samples (--nsamples >= 1)")
+        t0 = time.perf_counter()
+        hidden, kwargs, store = capture_block_inputs(model, layers, samples, device, progress)
+        timings["capture"] = time.perf_counter() - t0
+
+    num_blocks = len(layers)
+    for b, block in enumerate(layers):
+        prefix = f"{layers_prefix}.{b}."
+        block_targets = {name: mod for name, mod in targets.items() if name.startswith(prefix)}
+        report = {"block": b, "modules": len(block_targets)}
+        label = f"({b + 1}/{num_blocks})"
+        block.to(device)
+
+        def run(j):
+            return _block_output(block(hidden[j].to(device), **_to(kwargs[j], device)))
+
+        stats = {}
+        if calibrated and block_targets:
+            t0 = time.perf_counter()
+            report.update(selector.begin_block(b, lambda j: (hidden[j], run(j)), len(samples)))
+            make = WandaStats if method == "wanda" else HessianStats
+            stats = {name: make(mod.in_features, device=device) for name, mod in block_targets.items()}
+            tokens = [0]
+
+            def hook_for(name):
+                def hook(module, args, output):
+                    x = args[0]
+                    pos = selector.positions(current[0])
+                    if pos is not None:
+                        x = x[:, pos.to(x.device)]
+                    stats[name].update(x)
+                return hook
+
+            current = [0]
+            handles = [mod.register_forward_hook(hook_for(name)) for name, mod in block_targets.items()]
+            try:
+                for j in tqdm(range(len(samples)), desc=f"{label}: Calibrating", disable=not progress, leave=False):
+                    current[0] = j
+                    pos = selector.positions(j)
+                    tokens[0] += hidden[j].shape[0] * hidden[j].shape[1] if pos is None else len(pos)
+                    run(j)
+            finally:
+                for h in handles:
+                    h.remove()
+            for name, st in stats.items():
+                values = st.scaler_row if method == "wanda" else st.hessian
+                if not torch.isfinite(values).all():
+                    raise AtvSparseError(f"layer {name}: NaN or Inf in the calibration statistics; the model "
+                                         "overflows on this data (try --dtype float32 or bfloat16)")
+            report["tokens"] = tokens[0]
+            report["time_calibrate_s"] = time.perf_counter() - t0
+            timings["calibrate"] += report["time_calibrate_s"]
+
+        t0 = time.perf_counter()
+        for name, mod in tqdm(block_targets.items(), desc=f"{label}: Pruning", disable=not progress, leave=False):
+            weight = mod.weight.data
+            if method == "magnitude":
+                keep = magnitude_mask(weight, **_mask_args(pattern))
+                weight.masked_fill_(~keep, 0)
+            elif method == "wanda":
+                keep = pattern_mask(wanda_score(weight, stats.pop(name)), **_mask_args(pattern))
+                weight.masked_fill_(~keep, 0)
+            else:
+                hessian = stats.pop(name).hessian
+                pruned, keep = sparsegpt_prune(weight, hessian, sparsity=None if m else s, n=n, m=m,
+                                               blocksize=blocksize, percdamp=percdamp)
+                del hessian
+                weight.copy_(pruned)
+            result.bitmasks[name] = pack_bitmask(keep).cpu()
+        report["time_prune_s"] = time.perf_counter() - t0
+        timings["prune"] += report["time_prune_s"]
+
+        if calibrated and b + 1 < num_blocks:
+            t0 = time.perf_counter()
+            for j in tqdm(range(len(samples)), desc=f"{label}: Propagating", disable=not progress, leave=False):
+                hidden[j] = run(j).to(store)
+            report["time_propagate_s"] = time.perf_counter() - t0
+            timings["propagate"] += report["time_propagate_s"]
+        block.to("cpu")
+        result.blocks.append(report)
+    return result
+
+
+def _mask_args(pattern: Pattern) -> dict:
+    return {"n": pattern.n, "m": pattern.m} if pattern.is_nm else {"sparsity": pattern.sparsity}

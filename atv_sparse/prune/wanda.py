@@ -1,0 +1,32 @@
+"""Wanda (DESIGN.md 4.3): score ``|W| * sqrt(r)``, r the running mean of squared input norms."""
+
+from __future__ import annotations
+
+import torch
+
+
+class WandaStats:
+    """Per-input-column activation statistics of one linear layer, accumulated like the reference.
+
+    ``scaler_row``: (in,) fp32, the running mean over *sequences* of ``sum_t x_t^2``;
+    ``nsamples``: the number of sequences seen.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None):
+        self.in_features = in_features
+        self.scaler_row = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.nsamples = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        """x: (B, T, in) or (T, in) (counts as B = 1), any float dtype."""
+        batch = 1 if x.dim() == 2 else x.shape[0]
+        rows = x.reshape(-1, x.shape[-1]).t().to(self.scaler_row.device)
+        self.scaler_row *= self.nsamples / (self.nsamples + batch)
+        self.nsamples += batch
+        self.scaler_row += torch.norm(rows.float(), p=2, dim=1) ** 2 / self.nsamples
+
+
+def wanda_score(weight: torch.Tensor, stats: WandaStats | torch.Tensor) -> torch.Tensor:
+    """weight: (out, in); stats: ``WandaStats`` or its (in,) fp32 ``scaler_row``. Returns (out, in) fp32."""
+    scaler_row = stats.scaler_row if isinstance(stats, WandaStats) else stats
+    return torch.abs(weight) * torch.sqrt(scaler_row.to(weight.device).reshape((1, -1)))
