@@ -127,10 +127,9 @@ def run(argv: list[str] | None = None) -> dict:
     if args.pattern.strip().lower() == "unstructured" and args.sparsity is None:
         args.sparsity = pattern.sparsity
     device = _resolve_device(args.device)
-    if args.quiet:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # our per-block bars are the ones that tell the user something
     max_shard = parse_size(args.max_shard_size)
     times: dict[str, float] = {}
     embedded_tmp = None

@@ -141,3 +141,19 @@ def test_embedded_default_runs(tmp_path, capsys):
     assert summary["modules_pruned"] == 28 and summary["bytes_after"] < summary["bytes_before"]
     assert "sparsity" in capsys.readouterr().out
     assert isinstance(atv_sparse.load(tmp_path / "demo").model.layers[0].mlp.up_proj, SparseLinear)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_checkpoint(dtype, calib_txt, tmp_path):
+    from conftest import write_tiny_model
+
+    ckpt = write_tiny_model(tmp_path / "half", "llama", dtype=dtype)
+    convert(ckpt, tmp_path / "packed", "--method", "wanda", "--calib", str(calib_txt))
+    convert(ckpt, tmp_path / "dense", "--method", "wanda", "--calib", str(calib_txt), "--format", "dense")
+    values = load_file(tmp_path / "packed" / "model.safetensors")["model.layers.0.mlp.up_proj.weight_values"]
+    assert values.dtype == dtype and values.shape == (128, 32)
+    sparse_model, dense_model = atv_sparse.load(tmp_path / "packed"), AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert dense_model.dtype == dtype
+    ids = torch.randint(0, 500, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(sparse_model(ids).logits, dense_model(ids).logits)
