@@ -9,7 +9,6 @@ loaded like any checkpoint) and writes to a new temp dir, so it needs nothing el
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -124,8 +123,6 @@ def run(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     pattern = parse_pattern(args.pattern, args.sparsity)
     _check_args(args)
-    if args.pattern.strip().lower() == "unstructured" and args.sparsity is None:
-        args.sparsity = pattern.sparsity
     device = _resolve_device(args.device)
     from transformers.utils import logging as hf_logging
 
@@ -204,20 +201,22 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
                                         list(args.ignore) + sorted(plan.skipped), __version__)
     report = {"method": args.method, "pattern": str(pattern), "sparsity": pattern.sparsity, "settings": settings,
               "source": str(ckpt) if not embedded else "<embedded tiny llama>", "architecture": adapter.architecture,
-              "version": __version__, "timings_s": dict(times), "blocks": result.blocks,
+              "version": __version__, "blocks": result.blocks,
               "skipped": plan.skipped}
     t0 = time.perf_counter()
+
+    def final_report():
+        times["write"] = time.perf_counter() - t0
+        return {**report, "timings_s": dict(times)}
+
     written = write_checkpoint(model, out, source_dir=ckpt, bitmasks=result.bitmasks,
                                patterns={name: pattern for name in targets}, packed=args.format == "packed",
                                quantization_config=qconfig,
-                               extra_json={"sparsity.json": sparsity_json, "prune_report.json": report},
+                               extra_json={"sparsity.json": sparsity_json, "prune_report.json": final_report},
                                max_shard_size=max_shard, overwrite=args.overwrite)
     times["write"] = time.perf_counter() - t0
-    # The report on disk gets the write time too (rewritten in place: it is not a weight file).
-    report["timings_s"] = dict(times)
-    (out / "prune_report.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    summary = _summary(args, ckpt, out, adapter, plan, model, result, tensors, written, times, embedded)
+    summary = _summary(args, ckpt, out, adapter, plan, model, result, pattern, written, times, embedded)
     _print_summary(summary)
     return summary
 
@@ -296,14 +295,14 @@ def _print_dry_run(args, ckpt, adapter, plan, pattern, est) -> None:
           "(one block + its statistics)")
 
 
-def _summary(args, ckpt, out, adapter, plan, model, result, tensors, written, times, embedded) -> dict:
+def _summary(args, ckpt, out, adapter, plan, model, result, pattern, written, times, embedded) -> dict:
     pruned_zero = sum(unpack_bitmask(bm, model.get_submodule(n).in_features).logical_not().sum().item()
                       for n, bm in result.bitmasks.items())
     target_numel = sum(model.get_submodule(n).weight.numel() for n in result.bitmasks)
     total_numel = sum(p.numel() for p in model.parameters())
     src_bytes = sum(f.stat().st_size for f in checkpoint_files(ckpt))
     return {"source": "embedded tiny llama" if embedded else str(ckpt), "out": str(out), "method": args.method,
-            "pattern": str(parse_pattern(args.pattern, args.sparsity)), "format": args.format,
+            "pattern": str(pattern), "format": args.format,
             "architecture": adapter.architecture, "modules_pruned": len(result.bitmasks),
             "modules_skipped": len(plan.skipped), "sparsity_targets": pruned_zero / max(target_numel, 1),
             "sparsity_model": pruned_zero / max(total_numel, 1), "timings_s": dict(times),

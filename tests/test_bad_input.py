@@ -99,6 +99,9 @@ def test_incompatible_layer(capsys, tmp_path):
     (["--seqlen", "0"], "--seqlen"),
     (["--max-shard-size", "lots"], "size 'lots'"),
     (["--ignore", "re:("], "not a valid regular expression"),
+    pytest.param(["--device", "cuda"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    (["--device", "warp-drive"], "not a torch device"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_bad_arguments(capsys, work, argv, needle):
     root, ckpt = work

@@ -44,7 +44,7 @@ def reference_sequential(model, samples, method, n=None, m=None, sparsity=None):
         subset = {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
         stats = {name: (RefWandaStats if method == "wanda" else RefHessianStats)(mod.in_features)
                  for name, mod in subset.items()}
-        handles = [mod.register_forward_hook(lambda mod, inp, out, name=name: stats[name].add_batch(inp[0].data))
+        handles = [mod.register_forward_hook(lambda mod, inp, out, st=stats[name]: st.add_batch(inp[0].data))
                    for name, mod in subset.items()]
         for j in range(len(inps)):
             forward(layer, j)

@@ -93,7 +93,8 @@ def write_checkpoint(model: nn.Module, out_dir: Path, *, source_dir: Path | None
 
     bitmasks: module name -> packed keep-mask; patterns: module name -> Pattern. ``packed``
     writes bitmask + values for those modules and ``quantization_config`` into config.json;
-    otherwise dense weights with zeros. ``extra_json``: file name -> content (sparsity.json, ...).
+    otherwise dense weights with zeros. ``extra_json``: file name -> content, or a function returning it called just before the
+    directory is moved into place (so a report can include the write time).
     Auxiliary files of ``source_dir`` (tokenizer, processor, generation config) are copied.
     """
     out_dir = Path(out_dir)
@@ -112,6 +113,7 @@ def write_checkpoint(model: nn.Module, out_dir: Path, *, source_dir: Path | None
         if getattr(model, "generation_config", None) is not None and not (tmp / "generation_config.json").exists():
             model.generation_config.save_pretrained(tmp)
         for fname, content in extra_json.items():
+            content = content() if callable(content) else content
             (tmp / fname).write_text(json.dumps(content, indent=2) + "\n")
         _move_into_place(tmp, out_dir, overwrite)
     except BaseException as e:

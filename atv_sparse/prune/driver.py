@@ -111,7 +111,7 @@ def _same(a, b) -> bool:
     if torch.is_tensor(a) and torch.is_tensor(b):
         return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
     if isinstance(a, tuple) and isinstance(b, tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return a is b or (not torch.is_tensor(a) and not torch.is_tensor(b) and a == b)
 
 
@@ -188,7 +188,6 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
     selector = selector or AllTokens()
     timings = {"capture": 0.0, "calibrate": 0.0, "prune": 0.0, "propagate": 0.0}
     result = PruneResult({}, [], timings)
-    n, m, s = pattern.n, pattern.m, pattern.sparsity
     calibrated = method in CALIBRATED_METHODS
     if calibrated:
         if not samples:
@@ -204,63 +203,21 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
         report = {"block": b, "modules": len(block_targets)}
         label = f"({b + 1}/{num_blocks})"
         block.to(device)
-
-        def run(j):
-            return _block_output(block(hidden[j].to(device), **_to(kwargs[j], device)))
+        run = _BlockRunner(block, hidden, kwargs, device) if calibrated else None
 
         stats = {}
         if calibrated and block_targets:
             t0 = time.perf_counter()
-            report.update(selector.begin_block(b, lambda j: (hidden[j], run(j)), len(samples)))
-            make = WandaStats if method == "wanda" else HessianStats
-            stats = {name: make(mod.in_features, device=device) for name, mod in block_targets.items()}
-            tokens = [0]
-
-            def hook_for(name):
-                def hook(module, args, output):
-                    x = args[0]
-                    pos = selector.positions(current[0])
-                    if pos is not None:
-                        x = x[:, pos.to(x.device)]
-                    stats[name].update(x)
-                return hook
-
-            current = [0]
-            handles = [mod.register_forward_hook(hook_for(name)) for name, mod in block_targets.items()]
-            try:
-                for j in tqdm(range(len(samples)), desc=f"{label}: Calibrating", disable=not progress, leave=False):
-                    current[0] = j
-                    pos = selector.positions(j)
-                    tokens[0] += hidden[j].shape[0] * hidden[j].shape[1] if pos is None else len(pos)
-                    run(j)
-            finally:
-                for h in handles:
-                    h.remove()
-            for name, st in stats.items():
-                values = st.scaler_row if method == "wanda" else st.hessian
-                if not torch.isfinite(values).all():
-                    raise AtvSparseError(f"layer {name}: NaN or Inf in the calibration statistics; the model "
-                                         "overflows on this data (try --dtype float32 or bfloat16)")
-            report["tokens"] = tokens[0]
+            report.update(selector.begin_block(b, run.with_input, len(samples)))
+            stats, report["tokens"] = _collect_stats(run, block_targets, method, selector, len(samples), device,
+                                                     f"{label}: Calibrating", progress)
             report["time_calibrate_s"] = time.perf_counter() - t0
             timings["calibrate"] += report["time_calibrate_s"]
 
         t0 = time.perf_counter()
         for name, mod in tqdm(block_targets.items(), desc=f"{label}: Pruning", disable=not progress, leave=False):
-            weight = mod.weight.data
-            if method == "magnitude":
-                keep = magnitude_mask(weight, **_mask_args(pattern))
-                weight.masked_fill_(~keep, 0)
-            elif method == "wanda":
-                keep = pattern_mask(wanda_score(weight, stats.pop(name)), **_mask_args(pattern))
-                weight.masked_fill_(~keep, 0)
-            else:
-                hessian = stats.pop(name).hessian
-                pruned, keep = sparsegpt_prune(weight, hessian, sparsity=None if m else s, n=n, m=m,
-                                               blocksize=blocksize, percdamp=percdamp)
-                del hessian
-                weight.copy_(pruned)
-            result.bitmasks[name] = pack_bitmask(keep).cpu()
+            result.bitmasks[name] = pack_bitmask(_prune_linear(mod, method, pattern, stats.pop(name, None),
+                                                               blocksize, percdamp)).cpu()
         report["time_prune_s"] = time.perf_counter() - t0
         timings["prune"] += report["time_prune_s"]
 
@@ -273,6 +230,73 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
         block.to("cpu")
         result.blocks.append(report)
     return result
+
+
+class _BlockRunner:
+    """``run(j)``: block output for sample j's current inputs, on the compute device."""
+
+    def __init__(self, block, hidden, kwargs, device):
+        self.block, self.hidden, self.kwargs, self.device = block, hidden, kwargs, device
+
+    def __call__(self, j: int) -> torch.Tensor:
+        out = self.block(self.hidden[j].to(self.device), **_to(self.kwargs[j], self.device))
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def with_input(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_in, x_out) of sample j: what a token selector compares."""
+        return self.hidden[j], self(j)
+
+
+def _collect_stats(run, block_targets, method, selector, num_samples, device, desc, progress):
+    """Statistics pass: the dense block on every sample with hooks on its target linears.
+
+    Returns ({name: WandaStats | HessianStats}, tokens used per linear).
+    """
+    make = WandaStats if method == "wanda" else HessianStats
+    stats = {name: make(mod.in_features, device=device) for name, mod in block_targets.items()}
+    positions = None
+
+    def hook(module, args, output):
+        x = args[0]
+        if positions is not None:
+            x = x[:, positions.to(x.device)]
+        stats[module_names[module]].update(x)
+
+    module_names = {mod: name for name, mod in block_targets.items()}
+    handles = [mod.register_forward_hook(hook) for mod in block_targets.values()]
+    tokens = 0
+    try:
+        for j in tqdm(range(num_samples), desc=desc, disable=not progress, leave=False):
+            positions = selector.positions(j)
+            x = run.hidden[j]
+            tokens += x.shape[0] * x.shape[1] if positions is None else len(positions)
+            run(j)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, st in stats.items():
+        values = st.scaler_row if method == "wanda" else st.hessian
+        if not torch.isfinite(values).all():
+            raise AtvSparseError(f"layer {name}: NaN or Inf in the calibration statistics; the model "
+                                 "overflows on this data (try --dtype float32 or bfloat16)")
+    return stats, tokens
+
+
+def _prune_linear(mod: nn.Linear, method: str, pattern: Pattern, stats, blocksize: int,
+                  percdamp: float) -> torch.Tensor:
+    """Prune ``mod.weight`` in place; return its keep-mask (out, in) bool."""
+    weight = mod.weight.data
+    if method == "magnitude":
+        keep = magnitude_mask(weight, **_mask_args(pattern))
+    elif method == "wanda":
+        keep = pattern_mask(wanda_score(weight, stats), **_mask_args(pattern))
+    else:
+        pruned, keep = sparsegpt_prune(weight, stats.hessian, blocksize=blocksize, percdamp=percdamp,
+                                       **_mask_args(pattern))
+        weight.copy_(pruned)
+        return keep
+    weight.masked_fill_(~keep, 0)
+    return keep
 
 
 def _mask_args(pattern: Pattern) -> dict:
