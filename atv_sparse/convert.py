@@ -230,7 +230,8 @@ def _calibration_samples(args, ckpt: Path) -> list[torch.Tensor]:
     except (OSError, ValueError) as e:
         raise AtvSparseError(f"{ckpt}: cannot load its tokenizer ({str(e).splitlines()[0]}); copy the tokenizer "
                              "files into the checkpoint directory") from None
-    return text_windows(tokenizer, text, args.nsamples, args.seqlen, args.seed, args.calib or DEFAULT_CALIBRATION)
+    windows = text_windows(tokenizer, text, args.nsamples, args.seqlen, args.seed, args.calib or DEFAULT_CALIBRATION)
+    return [{"input_ids": ids} for ids in windows]
 
 
 def _sparsity_json(targets, bitmasks, pattern, skipped) -> dict:

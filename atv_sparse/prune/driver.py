@@ -27,6 +27,7 @@ from ..formats.bitmask import pack_bitmask
 from ..patterns import Pattern
 from .magnitude import magnitude_mask
 from .masks import pattern_mask
+from .selectors import MixedTokens
 from .sparsegpt import HessianStats, sparsegpt_prune
 from .wanda import WandaStats, wanda_score
 
@@ -35,7 +36,7 @@ CALIBRATED_METHODS = ("wanda", "sparsegpt")
 
 
 class TokenSelector(Protocol):
-    """The hook point "which token positions feed the statistics of this block".
+    """The hook point "which token positions feed the statistics of this block" (see selectors.py).
 
     ``begin_block`` is called once per block before its statistics pass, with
     ``run_block(j) -> (x_in, x_out)``, which runs the still-dense block on sample j's current
@@ -49,18 +50,6 @@ class TokenSelector(Protocol):
                     num_samples: int) -> dict: ...
 
     def positions(self, sample_index: int) -> torch.Tensor | None: ...
-
-
-class AllTokens:
-    """Every position of every sample (Wanda's and SparseGPT's default)."""
-
-    name = "all"
-
-    def begin_block(self, block_index, run_block, num_samples) -> dict:
-        return {}
-
-    def positions(self, sample_index):
-        return None
 
 
 @dataclasses.dataclass
@@ -132,9 +121,13 @@ def storage_device(device: torch.device, nbytes: int) -> torch.device:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[torch.Tensor],
+def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[dict],
                          device: torch.device, progress: bool = True) -> tuple[list, list, torch.device]:
     """Run the model up to block 0 for each sample; return (hidden states, kwargs, storage device).
+
+    samples: model inputs per sample (``input_ids`` (1, T) and, for a vision-language model, its
+    image inputs), passed to ``model(**sample)``, so vision towers and projectors run densely
+    and 3-D M-RoPE positions come out exactly as the model computes them.
 
     Everything but the blocks visits ``device`` for the capture; block 0 is swapped for a catcher
     that records ``hidden_states`` and the keyword arguments the model passes its layers.
@@ -149,9 +142,9 @@ def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[
     store = None
     try:
         model.to(device)
-        for input_ids in tqdm(samples, desc="Capturing block-0 inputs", disable=not progress, leave=False):
+        for sample in tqdm(samples, desc="Capturing block-0 inputs", disable=not progress, leave=False):
             try:
-                model(input_ids=input_ids.to(device), use_cache=False)
+                model(**_to(sample, device), use_cache=False)
             except _StopForward:
                 pass
             h, kw = catcher_sink.pop()
@@ -175,17 +168,19 @@ def _block_output(out):
 
 @torch.no_grad()
 def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, targets: dict[str, nn.Linear],
-                 method: str, pattern: Pattern, samples: list[torch.Tensor] | None, device: torch.device,
+                 method: str, pattern: Pattern, samples: list[dict] | None, device: torch.device,
                  selector: TokenSelector | None = None, blocksize: int = 128, percdamp: float = 0.01,
                  progress: bool = True) -> PruneResult:
     """Prune ``targets`` (full module names -> linears inside ``layers``) in place, block by block.
 
-    method: "magnitude" (no samples needed), "wanda" or "sparsegpt" (``samples``: list of (1, T)
-    int64 input ids). The model stays on the CPU; each block visits ``device`` in turn.
+    method: "magnitude" (no samples needed), "wanda" or "sparsegpt" (``samples``: model inputs
+    per sample, at least ``input_ids`` (1, T) int64). ``selector`` picks the positions feeding each
+    block's statistics (default: all). The model stays on the CPU; each block visits ``device``
+    in turn.
     """
     if method not in METHODS:
         raise AtvSparseError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    selector = selector or AllTokens()
+    selector = selector or MixedTokens()
     timings = {"capture": 0.0, "calibrate": 0.0, "prune": 0.0, "propagate": 0.0}
     result = PruneResult({}, [], timings)
     calibrated = method in CALIBRATED_METHODS
