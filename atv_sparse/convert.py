@@ -27,12 +27,16 @@ from .formats.safetensors_io import checkpoint_files, checkpoint_tensors
 from .formats.spec import build_quantization_config
 from .models import adapter_for, read_config
 from .patterns import check_sparsity, parse_pattern
-from .prune.driver import CALIBRATED_METHODS, METHODS, prune_blocks
+from .prune.driver import prune_blocks
+from .prune.selectors import BUDGET_RULES, CALIB_TOKENS, SampleTokens, make_selector
 from .prune.targets import resolve_targets
 
 NSAMPLES, SEQLEN = 128, 2048
 # The embedded model is a demo that must finish in seconds on a laptop CPU.
 EMBEDDED_NSAMPLES, EMBEDDED_SEQLEN = 32, 256
+# CLI method -> (score / update rule run by the driver, default token selector).
+METHODS = {"magnitude": ("magnitude", None), "wanda": ("wanda", "mixed"), "sparsegpt": ("sparsegpt", "mixed"),
+           "atv": ("wanda", "atv")}
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -46,12 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("ckpt", nargs="?", metavar="CKPT",
                    help="local Hugging Face model directory (safetensors); omit it to run on the embedded tiny model")
-    p.add_argument("--method", choices=METHODS, default="wanda", help="pruning method")
+    p.add_argument("--method", choices=tuple(METHODS), default="wanda",
+                   help="pruning method; atv = Wanda scores over ATV's text + block-adaptive visual tokens")
     p.add_argument("--pattern", default="2:4", help="2:4, 4:8, any N:M (keep N of every M input columns), or unstructured")
     p.add_argument("--sparsity", type=float, default=None,
                    help="fraction of weights removed per layer, in (0, 1); unstructured only (default 0.5)")
     p.add_argument("--calib", metavar="FILE", default=None,
-                   help="calibration text: .txt, or .jsonl with {\"text\": ...} per line (default: embedded text)")
+                   help="calibration data. Text models: .txt, or .jsonl with {\"text\": ...} per line. Vision-language "
+                        "models: ShareGPT4V .json / .jsonl ({\"image\", \"conversations\"}) or .jsonl {\"image\", \"text\"}, "
+                        "or .txt for text only. Default: an embedded text / synthetic image set")
+    p.add_argument("--calib-tokens", choices=CALIB_TOKENS, default=None,
+                   help="positions feeding the statistics of Wanda / SparseGPT (vision-language models): mixed (all), "
+                        "text, visual, atv, random (ATV's budget, random positions); default mixed, atv for --method atv")
+    p.add_argument("--alpha", type=float, default=1.0, help="ATV budget scale alpha >= 0 (0 = text-only calibration)")
+    p.add_argument("--budget-rule", choices=BUDGET_RULES, default="code",
+                   help="ATV budget: code = min(n_img, round(min(1, alpha*s_bar)*n_text)); paper = floor, no clamp")
+    p.add_argument("--plot", action="store_true",
+                   help="also draw prune_report.png: mean visual drift and visual tokens selected per block (matplotlib)")
     p.add_argument("--nsamples", type=int, default=None,
                    help=f"calibration windows (default {NSAMPLES}; {EMBEDDED_NSAMPLES} for the embedded model)")
     p.add_argument("--seqlen", type=int, default=None,
@@ -102,6 +117,16 @@ def _check_args(args) -> None:
         raise AtvSparseError(f"--blocksize must be at least 1, got {args.blocksize}")
     if not 0 <= args.percdamp:
         raise AtvSparseError(f"--percdamp must be >= 0, got {args.percdamp}")
+    if args.alpha < 0:
+        raise AtvSparseError(f"--alpha must be >= 0, got {args.alpha}")
+    score_method, default_tokens = METHODS[args.method]
+    if args.calib_tokens is not None:
+        if score_method == "magnitude":
+            raise AtvSparseError("--calib-tokens does not apply to --method magnitude (it uses no calibration data)")
+        if args.method == "atv" and args.calib_tokens != "atv":
+            raise AtvSparseError(f"--method atv selects tokens itself; use --method wanda --calib-tokens "
+                                 f"{args.calib_tokens} instead")
+    args.score_method, args.tokens = score_method, args.calib_tokens or default_tokens
     if args.ckpt is not None and args.out is None and not args.dry_run:
         raise AtvSparseError("--out DIR is required when a checkpoint is given")
 
@@ -173,10 +198,11 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
         return {"dry_run": True, "targets": list(plan.targets), "skipped": plan.skipped, **estimate}
     del skeleton
 
-    samples = None
-    if args.method in CALIBRATED_METHODS:
+    samples, selector = None, None
+    if args.tokens is not None:
         t0 = time.perf_counter()
-        samples = _calibration_samples(args, ckpt)
+        samples, tokens = _calibration_samples(args, ckpt, adapter)
+        selector = make_selector(args.tokens, tokens, args.alpha, args.budget_rule, args.seed)
         times["calibration data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -184,17 +210,20 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
     times["load"] = time.perf_counter() - t0
     layers = adapter.decoder_layers(model)
     targets = {name: model.get_submodule(name) for name in plan.targets}
-    result = prune_blocks(model, layers, adapter.layers_prefix(model), targets, args.method, pattern, samples, device,
-                          blocksize=args.blocksize, percdamp=args.percdamp, progress=not args.quiet)
+    result = prune_blocks(model, layers, adapter.layers_prefix(model), targets, args.score_method, pattern, samples,
+                          device, selector=selector, blocksize=args.blocksize, percdamp=args.percdamp,
+                          progress=not args.quiet)
     times.update({k: v for k, v in result.timings.items() if v})
 
     sparsity_json = _sparsity_json(targets, result.bitmasks, pattern, plan.skipped)
     settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
                 "calibration": args.calib or DEFAULT_CALIBRATION, "dtype": str(next(model.parameters()).dtype),
-                "device": str(device), "tokens": "all"}
-    if args.method == "sparsegpt":
+                "device": str(device), "calib_tokens": args.tokens}
+    if args.tokens in ("atv", "random"):
+        settings.update(alpha=args.alpha, budget_rule=args.budget_rule)
+    if args.score_method == "sparsegpt":
         settings.update(blocksize=args.blocksize, percdamp=args.percdamp)
-    if args.method == "magnitude":
+    if args.score_method == "magnitude":
         settings = {"dtype": settings["dtype"], "device": settings["device"]}
     targets_cfg = args.targets or [f"re:{adapter.layers_prefix(model).replace('.', '[.]')}[.][0-9]+[.].*"]
     qconfig = build_quantization_config(pattern, args.method, settings, targets_cfg,
@@ -221,7 +250,10 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
     return summary
 
 
-def _calibration_samples(args, ckpt: Path) -> list[torch.Tensor]:
+def _calibration_samples(args, ckpt: Path, adapter) -> tuple[list[dict], list[SampleTokens] | None]:
+    """Model inputs per calibration sample, and (vision-language models) their visual / text positions."""
+    if adapter.multimodal and not (args.calib or "").endswith(".txt"):
+        return _multimodal_samples(args, ckpt, adapter)
     from transformers import AutoTokenizer
 
     text = read_calibration_text(args.calib) if args.calib else default_calibration_text()
@@ -231,7 +263,36 @@ def _calibration_samples(args, ckpt: Path) -> list[torch.Tensor]:
         raise AtvSparseError(f"{ckpt}: cannot load its tokenizer ({str(e).splitlines()[0]}); copy the tokenizer "
                              "files into the checkpoint directory") from None
     windows = text_windows(tokenizer, text, args.nsamples, args.seqlen, args.seed, args.calib or DEFAULT_CALIBRATION)
-    return [{"input_ids": ids} for ids in windows]
+    samples = [{"input_ids": ids} for ids in windows]
+    if not adapter.multimodal:
+        return samples, None
+    return samples, [SampleTokens.from_inputs(s["input_ids"], None, None) for s in samples]
+
+
+def _multimodal_samples(args, ckpt: Path, adapter):
+    """Conversations (a file, or the embedded synthetic set) through the checkpoint's own processor."""
+    import random
+
+    from transformers import AutoConfig
+
+    from .calib.multimodal import build_sample, read_multimodal_file
+    from .calib.synthetic import synthetic_conversations
+    from .models.processors import load_processor
+
+    processor = load_processor(ckpt)
+    image_token_id = adapter.image_token_id(AutoConfig.from_pretrained(ckpt))
+    if args.calib:
+        conversations = read_multimodal_file(args.calib)
+        if len(conversations) > args.nsamples:
+            conversations = random.Random(args.seed).sample(conversations, args.nsamples)
+        elif len(conversations) < args.nsamples:
+            print(f"warning: {args.calib} holds {len(conversations)} samples, fewer than --nsamples "
+                  f"{args.nsamples}; using them all", file=sys.stderr)
+    else:
+        conversations = synthetic_conversations(args.nsamples, seed=args.seed)
+    samples = [build_sample(processor, conv, image_token_id) for conv in conversations]
+    tokens = [SampleTokens.from_inputs(s["input_ids"], s.get("attention_mask"), image_token_id) for s in samples]
+    return samples, tokens
 
 
 def _sparsity_json(targets, bitmasks, pattern, skipped) -> dict:
@@ -264,12 +325,12 @@ def _estimate(args, skeleton, adapter, plan, tensors, pattern) -> dict:
     layers = adapter.decoder_layers(skeleton)
     block_bytes = max(sum(p.numel() * element for p in block.parameters()) for block in layers)
     hidden = skeleton.config.get_text_config().hidden_size
-    acts = args.nsamples * args.seqlen * hidden * element if args.method in CALIBRATED_METHODS else 0
+    acts = args.nsamples * args.seqlen * hidden * element if args.tokens is not None else 0
     prefix = adapter.layers_prefix(skeleton) + ".0."
     block0 = [lin for name, lin in plan.targets.items() if name.startswith(prefix)] or list(plan.targets.values())
-    if args.method == "sparsegpt":
+    if args.score_method == "sparsegpt":
         stats = sum(lin.in_features ** 2 * 4 for lin in block0)
-    elif args.method == "wanda":
+    elif args.score_method == "wanda":
         stats = sum(lin.in_features * 4 for lin in block0)
     else:
         stats = 0

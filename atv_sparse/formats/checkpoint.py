@@ -107,8 +107,12 @@ def write_checkpoint(model: nn.Module, out_dir: Path, *, source_dir: Path | None
             _copy_aux_files(Path(source_dir), tmp)
         config = model.config.to_dict()
         config.pop("quantization_config", None)
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"].pop("quantization_config", None)
         if packed:
             config["quantization_config"] = quantization_config
+            if isinstance(config.get("text_config"), dict):  # where VLM language models read it
+                config["text_config"]["quantization_config"] = quantization_config
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None and not (tmp / "generation_config.json").exists():
             model.generation_config.save_pretrained(tmp)

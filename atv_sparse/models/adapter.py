@@ -1,8 +1,10 @@
-"""Adapters for the text models (LLaMA / Llama-3, Qwen2) through their ``transformers`` classes.
+"""Adapters for the supported ``transformers`` classes: text models (LLaMA / Llama-3, Qwen2) and
+vision-language models (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL).
 
 An adapter answers the questions the block driver asks of a model: which class loads it, where
-its decoder blocks are and what they are called. The driver itself never re-implements a
-block's forward; it runs the real modules.
+the language model's decoder blocks are, and which input id marks an image position. The
+driver itself never re-implements a block's forward; it runs the real modules, and the vision
+tower and projector run densely inside the model's own forward.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..errors import AtvSparseError
 @dataclasses.dataclass(frozen=True)
 class ModelAdapter:
     architecture: str
+    multimodal: bool = False
 
     @property
     def model_class(self) -> type:
@@ -38,6 +41,18 @@ class ModelAdapter:
                 return name
         raise AssertionError("decoder layers are not a submodule of the model")
 
+    def image_token_id(self, config) -> int | None:
+        """The input id whose positions carry image features (None for a text model)."""
+        if not self.multimodal:
+            return None
+        token_id = getattr(config, "image_token_id", None)
+        if token_id is None:
+            token_id = getattr(config, "image_token_index", None)
+        if token_id is None:
+            raise AtvSparseError(f"{self.architecture}: the config has no image_token_id; cannot tell image "
+                                 "positions from text")
+        return int(token_id)
+
     def load(self, model_dir: Path, dtype: str | torch.dtype = "auto") -> nn.Module:
         """The dense model on the CPU, in the checkpoint's dtype unless ``dtype`` says otherwise."""
         model = self.model_class.from_pretrained(model_dir, dtype=dtype)
@@ -52,7 +67,13 @@ class ModelAdapter:
             return self.model_class._from_config(config, dtype=dtype)
 
 
-SUPPORTED_ARCHITECTURES = {name: ModelAdapter(name) for name in ("LlamaForCausalLM", "Qwen2ForCausalLM")}
+SUPPORTED_ARCHITECTURES = {
+    **{name: ModelAdapter(name) for name in ("LlamaForCausalLM", "Qwen2ForCausalLM")},
+    **{name: ModelAdapter(name, multimodal=True) for name in (
+        "LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+        "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+        "Qwen2_5_VLForConditionalGeneration")},
+}
 
 
 def read_config(model_dir: Path) -> dict:
