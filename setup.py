@@ -62,7 +62,8 @@ setup(
         "safetensors>=0.4",
         "tqdm",
         "numpy",
+        "pillow",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "matplotlib"], "plot": ["matplotlib"]},
     cmdclass={"build_py": BuildPy},
 )

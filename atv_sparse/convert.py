@@ -9,6 +9,7 @@ loaded like any checkpoint) and writes to a new temp dir, so it needs nothing el
 from __future__ import annotations
 
 import argparse
+import shutil
 import math
 import sys
 import tempfile
@@ -216,8 +217,9 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
     times.update({k: v for k, v in result.timings.items() if v})
 
     sparsity_json = _sparsity_json(targets, result.bitmasks, pattern, plan.skipped)
+    default_calib = "<embedded synthetic image set>" if adapter.multimodal else DEFAULT_CALIBRATION
     settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
-                "calibration": args.calib or DEFAULT_CALIBRATION, "dtype": str(next(model.parameters()).dtype),
+                "calibration": args.calib or default_calib, "dtype": str(next(model.parameters()).dtype),
                 "device": str(device), "calib_tokens": args.tokens}
     if args.tokens in ("atv", "random"):
         settings.update(alpha=args.alpha, budget_rule=args.budget_rule)
@@ -238,11 +240,24 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
         times["write"] = time.perf_counter() - t0
         return {**report, "timings_s": dict(times)}
 
-    written = write_checkpoint(model, out, source_dir=ckpt, bitmasks=result.bitmasks,
-                               patterns={name: pattern for name in targets}, packed=args.format == "packed",
-                               quantization_config=qconfig,
-                               extra_json={"sparsity.json": sparsity_json, "prune_report.json": final_report},
-                               max_shard_size=max_shard, overwrite=args.overwrite)
+    extra = {"sparsity.json": sparsity_json, "prune_report.json": final_report}
+    if args.plot:
+        from .plot import plot_blocks
+
+        plot_dir = Path(tempfile.mkdtemp(prefix="atv-sparse-plot-"))
+        extra_files = {"prune_report.png": plot_blocks(result.blocks, plot_dir / "prune_report.png",
+                                                       f"{args.method} {pattern}: {adapter.architecture}")}
+    else:
+        plot_dir, extra_files = None, {}
+    try:
+        written = write_checkpoint(model, out, source_dir=ckpt, bitmasks=result.bitmasks,
+                                   patterns={name: pattern for name in targets}, packed=args.format == "packed",
+                                   quantization_config=qconfig,
+                                   extra_json=extra, extra_files=extra_files,
+                                   max_shard_size=max_shard, overwrite=args.overwrite)
+    finally:
+        if plot_dir is not None:
+            shutil.rmtree(plot_dir, ignore_errors=True)
     times["write"] = time.perf_counter() - t0
 
     summary = _summary(args, ckpt, out, adapter, plan, model, result, pattern, written, times, embedded)
@@ -271,8 +286,6 @@ def _calibration_samples(args, ckpt: Path, adapter) -> tuple[list[dict], list[Sa
 
 def _multimodal_samples(args, ckpt: Path, adapter):
     """Conversations (a file, or the embedded synthetic set) through the checkpoint's own processor."""
-    import random
-
     from transformers import AutoConfig
 
     from .calib.multimodal import build_sample, read_multimodal_file
@@ -281,11 +294,16 @@ def _multimodal_samples(args, ckpt: Path, adapter):
 
     processor = load_processor(ckpt)
     image_token_id = adapter.image_token_id(AutoConfig.from_pretrained(ckpt))
+    token = getattr(processor, "image_token", None)
+    processor_id = getattr(processor, "image_token_id", None)
+    if processor_id is None and token is not None:
+        processor_id = processor.tokenizer.convert_tokens_to_ids(token)
+    if processor_id is not None and processor_id != image_token_id:
+        raise AtvSparseError(f"{ckpt / 'config.json'}: image token id {image_token_id} is not the processor's image "
+                             f"token {token!r} (id {processor_id}); set image_token_id in config.json")
     if args.calib:
-        conversations = read_multimodal_file(args.calib)
-        if len(conversations) > args.nsamples:
-            conversations = random.Random(args.seed).sample(conversations, args.nsamples)
-        elif len(conversations) < args.nsamples:
+        conversations = read_multimodal_file(args.calib, limit=args.nsamples)
+        if len(conversations) < args.nsamples:
             print(f"warning: {args.calib} holds {len(conversations)} samples, fewer than --nsamples "
                   f"{args.nsamples}; using them all", file=sys.stderr)
     else:

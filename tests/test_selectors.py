@@ -47,8 +47,12 @@ def make_tokens(visual_rows):
             for v in visual_rows]
 
 
-def fake_runner(samples):
-    return lambda j: samples[j]
+class fake_runner:
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def pair(self, j):
+        return self.pairs[j]
 
 
 def test_atv_selects_text_plus_top_k_with_pooled_s_bar():

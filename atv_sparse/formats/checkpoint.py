@@ -88,13 +88,14 @@ def _packed(module_name: str, weight: torch.Tensor, bitmask: torch.Tensor, patte
 
 def write_checkpoint(model: nn.Module, out_dir: Path, *, source_dir: Path | None, bitmasks: dict[str, torch.Tensor],
                      patterns: dict, packed: bool, quantization_config: dict | None, extra_json: dict[str, dict],
-                     max_shard_size: int, overwrite: bool) -> dict:
+                     max_shard_size: int, overwrite: bool, extra_files: dict[str, Path] | None = None) -> dict:
     """Write ``model`` (pruned in place) to ``out_dir``; return {"files": [...], "bytes": total}.
 
     bitmasks: module name -> packed keep-mask; patterns: module name -> Pattern. ``packed``
     writes bitmask + values for those modules and ``quantization_config`` into config.json;
     otherwise dense weights with zeros. ``extra_json``: file name -> content, or a function returning it called just before the
-    directory is moved into place (so a report can include the write time).
+    directory is moved into place (so a report can include the write time). ``extra_files``:
+    file name -> a finished file to move in (a plot).
     Auxiliary files of ``source_dir`` (tokenizer, processor, generation config) are copied.
     """
     out_dir = Path(out_dir)
@@ -119,6 +120,8 @@ def write_checkpoint(model: nn.Module, out_dir: Path, *, source_dir: Path | None
         for fname, content in extra_json.items():
             content = content() if callable(content) else content
             (tmp / fname).write_text(json.dumps(content, indent=2) + "\n")
+        for fname, src in (extra_files or {}).items():
+            shutil.move(src, tmp / fname)
         _move_into_place(tmp, out_dir, overwrite)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -38,16 +38,17 @@ CALIBRATED_METHODS = ("wanda", "sparsegpt")
 class TokenSelector(Protocol):
     """The hook point "which token positions feed the statistics of this block" (see selectors.py).
 
-    ``begin_block`` is called once per block before its statistics pass, with
-    ``run_block(j) -> (x_in, x_out)``, which runs the still-dense block on sample j's current
-    inputs; it returns a dict merged into the block's report. ``positions(j)`` gives the
+    ``begin_block`` is called once per block before its statistics pass with a ``BlockRunner``
+    (``runner.pair(j) -> (x_in, x_out)`` runs the still-dense block on sample j's current
+    inputs); it returns a dict merged into the block's report. ``positions(j)`` gives the
     positions (1-D int64) of sample j that feed the statistics, or ``None`` for all of them.
+    A selector that chooses per linear (TAMP) also has ``linear_positions(j, name, output)``,
+    called from the hook of linear ``name`` with its output; the driver then uses that instead.
     """
 
     name: str
 
-    def begin_block(self, block_index: int, run_block: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-                    num_samples: int) -> dict: ...
+    def begin_block(self, block_index: int, runner: "BlockRunner", num_samples: int) -> dict: ...
 
     def positions(self, sample_index: int) -> torch.Tensor | None: ...
 
@@ -198,12 +199,12 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
         report = {"block": b, "modules": len(block_targets)}
         label = f"({b + 1}/{num_blocks})"
         block.to(device)
-        run = _BlockRunner(block, hidden, kwargs, device) if calibrated else None
+        run = BlockRunner(block, hidden, kwargs, device) if calibrated else None
 
         stats = {}
         if calibrated and block_targets:
             t0 = time.perf_counter()
-            report.update(selector.begin_block(b, run.with_input, len(samples)))
+            report.update(selector.begin_block(b, run, len(samples)))
             stats, report["tokens"] = _collect_stats(run, block_targets, method, selector, len(samples), device,
                                                      f"{label}: Calibrating", progress)
             report["time_calibrate_s"] = time.perf_counter() - t0
@@ -227,17 +228,25 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
     return result
 
 
-class _BlockRunner:
-    """``run(j)``: block output for sample j's current inputs, on the compute device."""
+class BlockRunner:
+    """One block on the compute device with every sample's current inputs.
+
+    ``runner(j)``: the block's output for sample j, (1, T, H) on the device; ``pair(j)``: (x_in,
+    x_out); ``block``, ``hidden[j]`` and ``kwargs[j]`` (as the model passes them) for selectors that
+    need the block's internals.
+    """
 
     def __init__(self, block, hidden, kwargs, device):
         self.block, self.hidden, self.kwargs, self.device = block, hidden, kwargs, device
 
+    def device_kwargs(self, j: int) -> dict:
+        return _to(self.kwargs[j], self.device)
+
     def __call__(self, j: int) -> torch.Tensor:
-        out = self.block(self.hidden[j].to(self.device), **_to(self.kwargs[j], self.device))
+        out = self.block(self.hidden[j].to(self.device), **self.device_kwargs(j))
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    def with_input(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_in, x_out) of sample j: what a token selector compares."""
         return self.hidden[j], self(j)
 

@@ -1,6 +1,6 @@
 """Token selectors: which positions of each calibration sample feed a block's statistics.
 
-The block driver calls ``begin_block(b, run_block, tokens)`` once per block before its
+The block driver calls ``begin_block(b, runner, num_samples)`` once per block before its
 statistics pass and ``positions(j)`` for each sample during it (DESIGN.md 4.5):
 
 - ``mixed``: every position (Wanda's default); ``text``: the text positions; ``visual``: the
@@ -54,7 +54,7 @@ class MixedTokens:
     def __init__(self, tokens: list[SampleTokens] | None = None):
         self.tokens = tokens
 
-    def begin_block(self, block_index, run_block, num_samples) -> dict:
+    def begin_block(self, block_index, runner, num_samples) -> dict:
         return {}
 
     def positions(self, j):
@@ -128,13 +128,13 @@ class AtvTokens:
         self.tokens, self.alpha, self.rule = tokens, alpha, budget_rule
         self._positions: list[torch.Tensor] = []
 
-    def begin_block(self, block_index, run_block, num_samples) -> dict:
+    def begin_block(self, block_index, runner, num_samples) -> dict:
         t0 = time.perf_counter()
         drifts = []
         for j in range(num_samples):
             t = self.tokens[j]
             if t.visual.any():
-                x_in, x_out = run_block(j)
+                x_in, x_out = runner.pair(j)
                 drifts.append(visual_drift(x_in, x_out, t.visual).cpu())
             else:
                 drifts.append(torch.zeros(0))
@@ -176,9 +176,9 @@ class RandomTokens(AtvTokens):
         self.seed = seed
         self._block = 0
 
-    def begin_block(self, block_index, run_block, num_samples) -> dict:
+    def begin_block(self, block_index, runner, num_samples) -> dict:
         self._block = block_index
-        return super().begin_block(block_index, run_block, num_samples)
+        return super().begin_block(block_index, runner, num_samples)
 
     def _choose(self, j, drift, k):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._block * 10_007 + j)
