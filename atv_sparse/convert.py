@@ -37,7 +37,7 @@ NSAMPLES, SEQLEN = 128, 2048
 EMBEDDED_NSAMPLES, EMBEDDED_SEQLEN = 32, 256
 # CLI method -> (score / update rule run by the driver, default token selector).
 METHODS = {"magnitude": ("magnitude", None), "wanda": ("wanda", "mixed"), "sparsegpt": ("sparsegpt", "mixed"),
-           "atv": ("wanda", "atv")}
+           "atv": ("wanda", "atv"), "tamp": ("tamp", "tamp")}
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -52,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", nargs="?", metavar="CKPT",
                    help="local Hugging Face model directory (safetensors); omit it to run on the embedded tiny model")
     p.add_argument("--method", choices=tuple(METHODS), default="wanda",
-                   help="pruning method; atv = Wanda scores over ATV's text + block-adaptive visual tokens")
+                   help="pruning method; atv = Wanda scores over ATV's text + block-adaptive visual tokens; "
+                        "tamp = Wanda scores over TAMP's AMIA tokens (vision-language models)")
+    p.add_argument("--das", action="store_true",
+                   help="TAMP only, unstructured only: layer-wise sparsities from DAS (mean sparsity unchanged)")
     p.add_argument("--pattern", default="2:4", help="2:4, 4:8, any N:M (keep N of every M input columns), or unstructured")
     p.add_argument("--sparsity", type=float, default=None,
                    help="fraction of weights removed per layer, in (0, 1); unstructured only (default 0.5)")
@@ -124,9 +127,11 @@ def _check_args(args) -> None:
     if args.calib_tokens is not None:
         if score_method == "magnitude":
             raise AtvSparseError("--calib-tokens does not apply to --method magnitude (it uses no calibration data)")
-        if args.method == "atv" and args.calib_tokens != "atv":
-            raise AtvSparseError(f"--method atv selects tokens itself; use --method wanda --calib-tokens "
-                                 f"{args.calib_tokens} instead")
+        if args.method in ("atv", "tamp") and args.calib_tokens != args.method:
+            raise AtvSparseError(f"--method {args.method} selects tokens itself; use --method wanda "
+                                 f"--calib-tokens {args.calib_tokens} instead")
+    if args.das and (args.method != "tamp" or args.pattern.strip().lower() != "unstructured"):
+        raise AtvSparseError("--das applies to --method tamp with --pattern unstructured only")
     args.score_method, args.tokens = score_method, args.calib_tokens or default_tokens
     if args.ckpt is not None and args.out is None and not args.dry_run:
         raise AtvSparseError("--out DIR is required when a checkpoint is given")
@@ -211,9 +216,17 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
     times["load"] = time.perf_counter() - t0
     layers = adapter.decoder_layers(model)
     targets = {name: model.get_submodule(name) for name in plan.targets}
+    sparsities = None
+    if args.das:
+        from .prune.tamp_tokens import das_sparsities
+
+        t0 = time.perf_counter()
+        sparsities, _ = das_sparsities(model, layers, adapter.layers_prefix(model), targets, samples, selector.tokens,
+                                       device, pattern.sparsity, progress=not args.quiet)
+        times["DAS pre-pass"] = time.perf_counter() - t0
     result = prune_blocks(model, layers, adapter.layers_prefix(model), targets, args.score_method, pattern, samples,
                           device, selector=selector, blocksize=args.blocksize, percdamp=args.percdamp,
-                          progress=not args.quiet)
+                          sparsities=sparsities, progress=not args.quiet)
     times.update({k: v for k, v in result.timings.items() if v})
 
     sparsity_json = _sparsity_json(targets, result.bitmasks, pattern, plan.skipped)
@@ -223,6 +236,8 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
                 "device": str(device), "calib_tokens": args.tokens}
     if args.tokens in ("atv", "random"):
         settings.update(alpha=args.alpha, budget_rule=args.budget_rule)
+    if args.das:
+        settings.update(das=True)
     if args.score_method == "sparsegpt":
         settings.update(blocksize=args.blocksize, percdamp=args.percdamp)
     if args.score_method == "magnitude":

@@ -64,7 +64,7 @@ def test_atv_selects_text_plus_top_k_with_pooled_s_bar():
     report = sel.begin_block(0, fake_runner(pairs), 3)
     # Independent: pooled mean of 1 - cos over every visual position of every sample.
     drifts = []
-    for (x_in, x_out), v in zip(pairs, visual_rows):
+    for (x_in, x_out), v in zip(pairs, visual_rows, strict=True):
         drifts.append([1 - torch.nn.functional.cosine_similarity(x_in[0, p], x_out[0, p], dim=0).item()
                        for p in range(10) if v[p]])
     pooled = [d for ds in drifts for d in ds]
@@ -95,7 +95,8 @@ def test_random_uses_atv_budget_and_is_seeded():
     tokens = make_tokens([[0] + [1] * 12 + [0] * 6])
     pairs = [(torch.randn(1, 19, 8), torch.randn(1, 19, 8))]
     a, b = RandomTokens(tokens, seed=3), RandomTokens(tokens, seed=3)
-    ra, rb = a.begin_block(2, fake_runner(pairs), 1), b.begin_block(2, fake_runner(pairs), 1)
+    ra = a.begin_block(2, fake_runner(pairs), 1)
+    b.begin_block(2, fake_runner(pairs), 1)
     atv = AtvTokens(tokens).begin_block(2, fake_runner(pairs), 1)
     assert ra["k"] == atv["k"] and torch.equal(a.positions(0), b.positions(0))
     assert len(a.positions(0)) == 7 + atv["k"][0]

@@ -40,7 +40,7 @@ def dense_state(out):
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8", "unstructured"])
-@pytest.mark.parametrize("method", ["atv", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["atv", "wanda", "sparsegpt", "tamp"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_method_pattern(vlm_dirs, family, method, pattern, tmp_path):
     ckpt = vlm_dirs[family]
@@ -204,3 +204,24 @@ def test_plot(vlm_dirs, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main([str(vlm_dirs["llava_next"]), "--method", "wanda", "--plot", "--out", str(tmp_path / "o2"),
                  *QUICK]) == 2
+
+
+def test_tamp_das_layerwise_sparsity(vlm_dirs, tmp_path):
+    ckpt = vlm_dirs["llava_onevision"]
+    run([str(ckpt), "--method", "tamp", "--pattern", "unstructured", "--sparsity", "0.6", "--das",
+         "--out", str(tmp_path / "o"), *QUICK])
+    modules = json.loads((tmp_path / "o" / "sparsity.json").read_text())["modules"]
+    got = {n: e["sparsity"] for n, e in modules.items()}
+    sizes = {n: e["shape"][0] * e["shape"][1] for n, e in modules.items()}
+    assert len(set(round(v, 3) for v in got.values())) > 1  # layer-wise, not uniform
+    assert all(v <= 0.7 + 1e-9 for v in got.values())  # s_max = s + 0.1
+    mean = sum(got[n] * sizes[n] for n in got) / sum(sizes.values())
+    assert abs(mean - 0.6) < 0.02  # per-row truncation moves it slightly
+    report = json.loads((tmp_path / "o" / "prune_report.json").read_text())
+    assert report["settings"]["das"] and report["blocks"][0]["tamp_selected"]
+    assert main([str(ckpt), "--method", "tamp", "--pattern", "2:4", "--das", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_tamp_needs_images(tiny_llama, tmp_path, capsys):
+    assert main([str(tiny_llama), "--method", "tamp", "--out", str(tmp_path / "o"), *QUICK]) == 2
+    assert "vision-language" in capsys.readouterr().err

@@ -29,10 +29,13 @@ from .magnitude import magnitude_mask
 from .masks import pattern_mask
 from .selectors import MixedTokens
 from .sparsegpt import HessianStats, sparsegpt_prune
+from .tamp import TampStats
 from .wanda import WandaStats, wanda_score
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
-CALIBRATED_METHODS = ("wanda", "sparsegpt")
+# Score / update rules: Wanda's statistics over sequences, TAMP's over selected tokens (then the
+# Wanda score), SparseGPT's Hessian, or no calibration at all.
+METHODS = ("magnitude", "wanda", "sparsegpt", "tamp")
+CALIBRATED_METHODS = ("wanda", "sparsegpt", "tamp")
 
 
 class TokenSelector(Protocol):
@@ -171,12 +174,13 @@ def _block_output(out):
 def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, targets: dict[str, nn.Linear],
                  method: str, pattern: Pattern, samples: list[dict] | None, device: torch.device,
                  selector: TokenSelector | None = None, blocksize: int = 128, percdamp: float = 0.01,
-                 progress: bool = True) -> PruneResult:
+                 sparsities: dict[str, float] | None = None, progress: bool = True) -> PruneResult:
     """Prune ``targets`` (full module names -> linears inside ``layers``) in place, block by block.
 
     method: "magnitude" (no samples needed), "wanda" or "sparsegpt" (``samples``: model inputs
     per sample, at least ``input_ids`` (1, T) int64). ``selector`` picks the positions feeding each
-    block's statistics (default: all). The model stays on the CPU; each block visits ``device``
+    block's statistics (default: all). ``sparsities`` overrides an unstructured pattern's
+    sparsity per module (TAMP's DAS). The model stays on the CPU; each block visits ``device``
     in turn.
     """
     if method not in METHODS:
@@ -212,7 +216,8 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
 
         t0 = time.perf_counter()
         for name, mod in tqdm(block_targets.items(), desc=f"{label}: Pruning", disable=not progress, leave=False):
-            result.bitmasks[name] = pack_bitmask(_prune_linear(mod, method, pattern, stats.pop(name, None),
+            layer_pattern = Pattern(None, None, sparsities[name]) if sparsities and name in sparsities else pattern
+            result.bitmasks[name] = pack_bitmask(_prune_linear(mod, method, layer_pattern, stats.pop(name, None),
                                                                blocksize, percdamp)).cpu()
         report["time_prune_s"] = time.perf_counter() - t0
         timings["prune"] += report["time_prune_s"]
@@ -256,22 +261,24 @@ def _collect_stats(run, block_targets, method, selector, num_samples, device, de
 
     Returns ({name: WandaStats | HessianStats}, tokens used per linear).
     """
-    make = WandaStats if method == "wanda" else HessianStats
+    make = {"wanda": WandaStats, "tamp": TampStats, "sparsegpt": HessianStats}[method]
     stats = {name: make(mod.in_features, device=device) for name, mod in block_targets.items()}
-    positions = None
+    positions, sample = None, 0
+    per_linear = getattr(selector, "linear_positions", None)
 
     def hook(module, args, output):
-        x = args[0]
-        if positions is not None:
-            x = x[:, positions.to(x.device)]
-        stats[module_names[module]].update(x)
+        x, name = args[0], module_names[module]
+        pos = per_linear(sample, name, output) if per_linear is not None else positions
+        if pos is not None:
+            x = x[:, pos.to(x.device)]
+        stats[name].update(x)
 
     module_names = {mod: name for name, mod in block_targets.items()}
     handles = [mod.register_forward_hook(hook) for mod in block_targets.values()]
     tokens = 0
     try:
         for j in tqdm(range(num_samples), desc=desc, disable=not progress, leave=False):
-            positions = selector.positions(j)
+            positions, sample = selector.positions(j), j
             x = run.hidden[j]
             tokens += x.shape[0] * x.shape[1] if positions is None else len(positions)
             run(j)
@@ -279,7 +286,7 @@ def _collect_stats(run, block_targets, method, selector, num_samples, device, de
         for h in handles:
             h.remove()
     for name, st in stats.items():
-        values = st.scaler_row if method == "wanda" else st.hessian
+        values = st.hessian if method == "sparsegpt" else st.scaler_row
         if not torch.isfinite(values).all():
             raise AtvSparseError(f"layer {name}: NaN or Inf in the calibration statistics; the model "
                                  "overflows on this data (try --dtype float32 or bfloat16)")
@@ -292,7 +299,7 @@ def _prune_linear(mod: nn.Linear, method: str, pattern: Pattern, stats, blocksiz
     weight = mod.weight.data
     if method == "magnitude":
         keep = magnitude_mask(weight, **_mask_args(pattern))
-    elif method == "wanda":
+    elif method in ("wanda", "tamp"):
         keep = pattern_mask(wanda_score(weight, stats), **_mask_args(pattern))
     else:
         pruned, keep = sparsegpt_prune(weight, stats.hessian, blocksize=blocksize, percdamp=percdamp,

@@ -187,11 +187,11 @@ class RandomTokens(AtvTokens):
 
 def make_selector(name: str, tokens: list[SampleTokens] | None, alpha: float = 1.0, budget_rule: str = "code",
                   seed: int = 0):
-    """The selector called ``name`` (one of ``CALIB_TOKENS``)."""
+    """The selector called ``name`` (one of ``CALIB_TOKENS``, or ``tamp`` for TAMP's AMIA)."""
     if name == "mixed":
         return MixedTokens(tokens)
     if tokens is None:
-        raise AtvSparseError(f"--calib-tokens {name} needs a vision-language model with image calibration data")
+        raise AtvSparseError(f"{name} token selection needs a vision-language model with image calibration data")
     if name == "text":
         return TextTokens(tokens)
     if name == "visual":
@@ -200,4 +200,8 @@ def make_selector(name: str, tokens: list[SampleTokens] | None, alpha: float = 1
         return AtvTokens(tokens, alpha, budget_rule)
     if name == "random":
         return RandomTokens(tokens, alpha, budget_rule, seed)
+    if name == "tamp":
+        from .tamp_tokens import TampTokens
+
+        return TampTokens(tokens)
     raise AtvSparseError(f"--calib-tokens {name!r}: choose one of {', '.join(CALIB_TOKENS)}")

@@ -1,0 +1,122 @@
+"""TAMP's token selection in the block driver (DESIGN.md 4.6): AMIA per linear, DAS sparsities.
+
+``TampTokens`` is a per-linear selector: before a block's statistics pass it computes each
+sample's attention contribution ``a_j`` from the block's own q_proj / k_proj with the model's
+RoPE; during the pass, each linear's hook asks ``linear_positions(j, name, output)`` for AMIA's
+positions chosen from that linear's output rows. ``das_sparsities`` is DAS's dense pre-pass.
+The maths lives in ``tamp.py``; this module only wires it to the running model.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import AtvSparseError
+from .selectors import SampleTokens
+from .tamp import amia_select, attention_contribution, das_allocation, das_score, modality_similarity
+
+
+def _rope(attn: nn.Module):
+    """The ``apply_rotary_pos_emb`` of the attention module's own modelling file."""
+    rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+    if rope is None:
+        raise AtvSparseError(f"TAMP: {type(attn).__name__} has no apply_rotary_pos_emb to rebuild q and k")
+    return rope
+
+
+class TampTokens:
+    """AMIA's selection for every linear of a block, from that linear's own output rows."""
+
+    name = "tamp"
+
+    def __init__(self, tokens: list[SampleTokens]):
+        self.tokens = tokens
+        self.scores: list[torch.Tensor] = []
+        self._selected: dict[str, int] = {}
+
+    def begin_block(self, block_index, runner, num_samples) -> dict:
+        t0 = time.perf_counter()
+        attn = runner.block.self_attn
+        rope = _rope(attn)
+        captured = {}
+        hooks = [attn.q_proj.register_forward_hook(lambda m, i, o: captured.__setitem__("q", o)),
+                 attn.k_proj.register_forward_hook(lambda m, i, o: captured.__setitem__("k", o))]
+        self.scores = []
+        try:
+            with torch.no_grad():
+                for j in range(num_samples):
+                    runner(j)
+                    d = attn.head_dim
+                    q = captured["q"].view(1, captured["q"].shape[1], -1, d).transpose(1, 2)
+                    k = captured["k"].view(1, captured["k"].shape[1], -1, d).transpose(1, 2)
+                    cos, sin = runner.device_kwargs(j)["position_embeddings"]
+                    q, k = rope(q, k, cos, sin)
+                    real = self.tokens[j].text | self.tokens[j].visual
+                    last = int(real.nonzero().max())
+                    self.scores.append(attention_contribution(q[0], k[0], last, key_mask=real.to(q.device)).cpu())
+        finally:
+            for h in hooks:
+                h.remove()
+        self._selected = {}
+        return {"time_attention_s": time.perf_counter() - t0, "tamp_selected": self._selected}
+
+    def positions(self, j):
+        return None
+
+    def linear_positions(self, j: int, name: str, output: torch.Tensor) -> torch.Tensor:
+        """output: (1, T, out) of linear ``name`` on sample j -> AMIA's positions (int64)."""
+        t = self.tokens[j]
+        chosen = amia_select(output[0].float(), self.scores[j].to(output.device), t.visual.to(output.device),
+                             sample=f"calibration sample {j} at {name}")
+        short = name.rsplit(".", 1)[-1]
+        self._selected[short] = self._selected.get(short, 0) + len(chosen)
+        return chosen
+
+
+@torch.no_grad()
+def das_sparsities(model, layers, layers_prefix: str, targets: dict[str, nn.Linear], samples: list[dict],
+                   tokens: list[SampleTokens], device: torch.device, sparsity: float,
+                   progress: bool = True) -> tuple[dict[str, float], dict[str, float]]:
+    """DAS: a dense pass over every block; per target linear, m_vv, m_ll, m_vl of its output rows
+    averaged over samples give ``score_l = 3 - m_vv - m_ll - m_vl``, then ``das_allocation``.
+
+    Returns (sparsity per module name, score per module name).
+    """
+    from .driver import BlockRunner, capture_block_inputs
+
+    hidden, kwargs, store = capture_block_inputs(model, layers, samples, device, progress)
+    sums: dict[str, list[float]] = {name: [0.0, 0.0, 0.0] for name in targets}
+    current = [0]
+
+    def hook_for(name):
+        def hook(module, args, output):
+            sims = modality_similarity(output[0].float(), tokens[current[0]].visual.to(output.device),
+                                       sample=f"calibration sample {current[0]} at {name}")
+            acc = sums[name]
+            acc[0], acc[1], acc[2] = acc[0] + sims.m_vv, acc[1] + sims.m_ll, acc[2] + sims.m_vl
+        return hook
+
+    for b, block in enumerate(layers):
+        block.to(device)
+        runner = BlockRunner(block, hidden, kwargs, device)
+        prefix = f"{layers_prefix}.{b}."
+        handles = [mod.register_forward_hook(hook_for(name)) for name, mod in targets.items()
+                   if name.startswith(prefix)]
+        try:
+            for j in tqdm(range(len(samples)), desc=f"({b + 1}/{len(layers)}): DAS dense pass",
+                          disable=not progress, leave=False):
+                current[0] = j
+                hidden[j] = runner(j).to(store)
+        finally:
+            for h in handles:
+                h.remove()
+        block.to("cpu")
+    n = len(samples)
+    scores = {name: das_score(*(v / n for v in acc)) for name, acc in sums.items()}
+    numels = {name: mod.weight.numel() for name, mod in targets.items()}
+    return das_allocation(scores, numels, sparsity), scores
