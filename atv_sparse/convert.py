@@ -9,6 +9,7 @@ loaded like any checkpoint) and writes to a new temp dir, so it needs nothing el
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import math
 import sys
@@ -65,10 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "or .txt for text only. Default: an embedded text / synthetic image set")
     p.add_argument("--calib-tokens", choices=CALIB_TOKENS, default=None,
                    help="positions feeding the statistics of Wanda / SparseGPT (vision-language models): mixed (all), "
-                        "text, visual, atv, random (ATV's budget, random positions); default mixed, atv for --method atv")
+                        "text, visual, atv, random (ATV's budget, random positions), and the paper's ablations abs "
+                        "(attention), dbs (diversity), drift-fixed (one K for all blocks), each scaled to ATV's total "
+                        "budget; default mixed, atv for --method atv")
     p.add_argument("--alpha", type=float, default=1.0, help="ATV budget scale alpha >= 0 (0 = text-only calibration)")
     p.add_argument("--budget-rule", choices=BUDGET_RULES, default="code",
                    help="ATV budget: code = min(n_img, round(min(1, alpha*s_bar)*n_text)); paper = floor, no clamp")
+    p.add_argument("--budget-from", metavar="REPORT", default=None,
+                   help="abs / dbs / drift-fixed: prune_report.json of an ATV run on the same data whose total "
+                        "visual-token budget to match (default: the drift rule's total on a dense pass)")
     p.add_argument("--plot", action="store_true",
                    help="also draw prune_report.png: mean visual drift and visual tokens selected per block (matplotlib)")
     p.add_argument("--nsamples", type=int, default=None,
@@ -216,6 +222,12 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
     times["load"] = time.perf_counter() - t0
     layers = adapter.decoder_layers(model)
     targets = {name: model.get_submodule(name) for name in plan.targets}
+    if args.tokens in ("abs", "dbs", "drift-fixed"):
+        t0 = time.perf_counter()
+        settings_budget = _calibrate_ablation(args, model, layers, samples, selector, device)
+        times["budget dense pass"] = time.perf_counter() - t0
+    else:
+        settings_budget = {}
     sparsities = None
     if args.das:
         from .prune.tamp_tokens import das_sparsities
@@ -238,6 +250,9 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
         settings.update(alpha=args.alpha, budget_rule=args.budget_rule)
     if args.das:
         settings.update(das=True)
+    settings.update(settings_budget)
+    if settings_budget:
+        settings["budget_selected"] = sum(b.get("visual_tokens", 0) for b in result.blocks)
     if args.score_method == "sparsegpt":
         settings.update(blocksize=args.blocksize, percdamp=args.percdamp)
     if args.score_method == "magnitude":
@@ -326,6 +341,28 @@ def _multimodal_samples(args, ckpt: Path, adapter):
     samples = [build_sample(processor, conv, image_token_id) for conv in conversations]
     tokens = [SampleTokens.from_inputs(s["input_ids"], s.get("attention_mask"), image_token_id) for s in samples]
     return samples, tokens
+
+
+def _calibrate_ablation(args, model, layers, samples, selector, device) -> dict:
+    """Set the ablation selector's scale c so its total budget matches ATV's (DESIGN.md 4.5)."""
+    from .prune.ablation_tokens import calibrate_scale, dense_saliencies
+
+    s_bars, drift_total = dense_saliencies(model, layers, samples, selector, device, args.alpha, args.budget_rule,
+                                           progress=not args.quiet)
+    if args.budget_from:
+        path = Path(args.budget_from)
+        try:
+            report = json.loads(path.read_text())
+            target = sum(b["visual_tokens"] for b in report["blocks"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise AtvSparseError(f"--budget-from {path}: not a prune_report.json of an ATV run "
+                                 "(needs blocks[].visual_tokens)") from None
+        source = str(path)
+    else:
+        target, source = drift_total, "drift rule on a dense pass"
+    selector.scale = calibrate_scale(selector, s_bars, target)
+    return {"budget_target": target, "budget_source": source, "scale_c": selector.scale,
+            "dense_s_bar": s_bars}
 
 
 def _sparsity_json(targets, bitmasks, pattern, skipped) -> dict:

@@ -8,6 +8,7 @@ statistics pass and ``positions(j)`` for each sample during it (DESIGN.md 4.5):
 - ``atv``: all text positions plus, per sample, the K_j visual positions that drift most through
   the still-dense block, K_j from the block saliency s_bar (Eq. 4-7).
 - ``random``: the same K_j as ``atv``, positions drawn with a seeded generator.
+- ``abs``, ``dbs``, ``drift-fixed``: the paper's ablations (ablation_tokens.py).
 
 Positions are returned sorted ascending, so a selection of every position reads exactly the rows
 ``mixed`` reads, in the same order.
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import AtvSparseError
 
-CALIB_TOKENS = ("mixed", "text", "visual", "atv", "random")
+CALIB_TOKENS = ("mixed", "text", "visual", "atv", "random", "abs", "dbs", "drift-fixed")
 BUDGET_RULES = ("code", "paper")
 
 
@@ -130,15 +131,8 @@ class AtvTokens:
 
     def begin_block(self, block_index, runner, num_samples) -> dict:
         t0 = time.perf_counter()
-        drifts = []
-        for j in range(num_samples):
-            t = self.tokens[j]
-            if t.visual.any():
-                x_in, x_out = runner.pair(j)
-                drifts.append(visual_drift(x_in, x_out, t.visual).cpu())
-            else:
-                drifts.append(torch.zeros(0))
-        pooled = torch.cat(drifts)
+        signals = self.block_signals(runner, num_samples)
+        pooled = torch.cat(signals)
         if pooled.numel() == 0:
             if block_index == 0:
                 warnings.warn("no calibration sample has an image: ATV selects no visual token (K = 0)",
@@ -146,12 +140,27 @@ class AtvTokens:
             s_bar = 0.0
         else:
             s_bar = pooled.mean().item()
-        ks = [atv_budget(s_bar, int(t.visual.sum()), int(t.text.sum()), self.alpha, self.rule) for t in self.tokens]
-        self._positions = [self._select(j, drifts[j], k) for j, k in enumerate(ks)]
+        ks = [self._budget(s_bar, int(t.visual.sum()), int(t.text.sum())) for t in self.tokens]
+        self._positions = [self._select(j, signals[j], k) for j, k in enumerate(ks)]
         return {"s_bar": s_bar, "k_mean": sum(ks) / len(ks), "k_min": min(ks), "k_max": max(ks),
                 "text_tokens": sum(int(t.text.sum()) for t in self.tokens), "visual_tokens": sum(ks),
                 "samples_without_image": sum(1 for t in self.tokens if not t.visual.any()),
                 "time_drift_s": time.perf_counter() - t0, "k": ks}
+
+    def block_signals(self, runner, num_samples) -> list[torch.Tensor]:
+        """Per sample, the saliency s_v of each visual position (n_visual,) fp32 on the CPU: the drift."""
+        signals = []
+        for j in range(num_samples):
+            t = self.tokens[j]
+            if t.visual.any():
+                x_in, x_out = runner.pair(j)
+                signals.append(visual_drift(x_in, x_out, t.visual).cpu())
+            else:
+                signals.append(torch.zeros(0))
+        return signals
+
+    def _budget(self, s_bar: float, n_img: int, n_text: int) -> int:
+        return atv_budget(s_bar, n_img, n_text, self.alpha, self.rule)
 
     def _select(self, j: int, drift: torch.Tensor, k: int) -> torch.Tensor:
         t = self.tokens[j]
@@ -204,4 +213,8 @@ def make_selector(name: str, tokens: list[SampleTokens] | None, alpha: float = 1
         from .tamp_tokens import TampTokens
 
         return TampTokens(tokens)
+    if name in ("abs", "dbs", "drift-fixed"):
+        from .ablation_tokens import ABLATION_SELECTORS
+
+        return ABLATION_SELECTORS[name](tokens)
     raise AtvSparseError(f"--calib-tokens {name!r}: choose one of {', '.join(CALIB_TOKENS)}")
