@@ -73,13 +73,14 @@ def test_generate_with_image_after_load(vlm_dirs, family, tmp_path):
     assert out.shape[1] == sample["input_ids"].shape[1] + 4
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
-def test_alpha_zero_is_text_only_calibration(vlm_dirs, family, tmp_path):
+@pytest.mark.parametrize("family,method", [("llava", "wanda"), ("qwen2_5_vl", "wanda"), ("llava_next", "sparsegpt")])
+def test_alpha_zero_is_text_only_calibration(vlm_dirs, family, method, tmp_path):
     ckpt = vlm_dirs[family]
-    run([str(ckpt), "--method", "atv", "--alpha", "0", "--out", str(tmp_path / "atv"), "--format", "dense", *QUICK])
-    run([str(ckpt), "--method", "wanda", "--calib-tokens", "text", "--out", str(tmp_path / "text"),
+    run([str(ckpt), "--method", method, "--calib-tokens", "atv", "--alpha", "0", "--out", str(tmp_path / "atv"),
          "--format", "dense", *QUICK])
-    run([str(ckpt), "--method", "wanda", "--out", str(tmp_path / "mixed"), "--format", "dense", *QUICK])
+    run([str(ckpt), "--method", method, "--calib-tokens", "text", "--out", str(tmp_path / "text"),
+         "--format", "dense", *QUICK])
+    run([str(ckpt), "--method", method, "--out", str(tmp_path / "mixed"), "--format", "dense", *QUICK])
     atv, text, mixed = (dense_state(tmp_path / n) for n in ("atv", "text", "mixed"))
     assert all(torch.equal(atv[k], text[k]) for k in atv)
     assert not all(torch.equal(atv[k], mixed[k]) for k in atv)  # the visual tokens do matter here
