@@ -133,7 +133,33 @@ def test_targets_and_ignore(tiny_llama, tmp_path):
     assert sorted({t.rsplit(".", 1)[1] for t in summary["targets"]}) == ["k_proj", "o_proj", "v_proj"]
     summary = run([str(tiny_llama), "--dry-run", "--targets", "model.layers.1.mlp.up_proj"])
     assert summary["targets"] == ["model.layers.1.mlp.up_proj"]
-    assert main([str(tiny_llama), "--dry-run", "--targets", "lm_head"]) == 2
+    assert run([str(tiny_llama), "--dry-run", "--targets", "lm_head"])["targets"] == ["lm_head"]
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
+def test_lm_head_targeted_explicitly(tiny_llama, calib_txt, tmp_path, method):
+    args = ["--method", method, "--calib", str(calib_txt), "--targets", "re:.*mlp.*", "lm_head"]
+    summary = convert(tiny_llama, tmp_path / "packed", *args)
+    convert(tiny_llama, tmp_path / "dense", *args, "--format", "dense")
+    assert summary["modules_pruned"] == 7
+    sparse_model = atv_sparse.load(tmp_path / "packed")
+    assert isinstance(sparse_model.lm_head, SparseLinear) and isinstance(sparse_model.model.layers[0].mlp.up_proj,
+                                                                           SparseLinear)
+    keep = unpack_bitmask(sparse_model.lm_head.weight_bitmask, 64)
+    assert (keep.reshape(-1, 16, 4).sum(-1) == 2).all()
+    ids = torch.randint(0, 500, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(sparse_model(ids).logits,
+                           AutoModelForCausalLM.from_pretrained(tmp_path / "dense")(ids).logits)
+
+
+def test_tied_lm_head_is_refused(tmp_path, capsys):
+    from conftest import write_tiny_model
+
+    ckpt = write_tiny_model(tmp_path / "tied", "qwen2", tie_word_embeddings=True)
+    capsys.readouterr()
+    assert main([str(ckpt), "--dry-run", "--targets", "lm_head"]) == 2
+    assert "tied to the input embeddings" in capsys.readouterr().err
 
 
 def test_embedded_default_runs(tmp_path, capsys):

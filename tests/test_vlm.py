@@ -226,3 +226,20 @@ def test_tamp_das_layerwise_sparsity(vlm_dirs, tmp_path):
 def test_tamp_needs_images(tiny_llama, tmp_path, capsys):
     assert main([str(tiny_llama), "--method", "tamp", "--out", str(tmp_path / "o"), *QUICK]) == 2
     assert "vision-language" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family,vision", [("llava", "re:model[.](vision_tower|multi_modal_projector)[.].*"),
+                                           ("qwen2_vl", "re:model[.]visual[.].*")])
+def test_vision_tower_targeted_explicitly(vlm_dirs, family, vision, tmp_path):
+    ckpt = vlm_dirs[family]
+    args = [str(ckpt), "--method", "wanda", "--targets", vision, "re:model[.]language_model[.]layers[.]0[.]mlp[.].*",
+            *QUICK]
+    summary = run([*args, "--out", str(tmp_path / "packed")])
+    run([*args, "--out", str(tmp_path / "dense"), "--format", "dense"])
+    sparse, dense = atv_sparse.load(tmp_path / "packed"), atv_sparse.load(tmp_path / "dense")
+    names = [n for n, m in sparse.named_modules() if isinstance(m, SparseLinear)]
+    assert len(names) == summary["modules_pruned"] and sum(".language_model.layers.0.mlp." in n for n in names) == 3
+    assert any("vision" in n or "visual" in n for n in names)
+    sample = image_sample(ckpt)
+    with torch.no_grad():
+        assert torch.equal(sparse(**sample).logits, dense(**sample).logits)

@@ -175,13 +175,18 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
                  method: str, pattern: Pattern, samples: list[dict] | None, device: torch.device,
                  selector: TokenSelector | None = None, blocksize: int = 128, percdamp: float = 0.01,
                  sparsities: dict[str, float] | None = None, progress: bool = True) -> PruneResult:
-    """Prune ``targets`` (full module names -> linears inside ``layers``) in place, block by block.
+    """Prune ``targets`` (full module names -> linears) in place, block by block.
 
-    method: "magnitude" (no samples needed), "wanda" or "sparsegpt" (``samples``: model inputs
-    per sample, at least ``input_ids`` (1, T) int64). ``selector`` picks the positions feeding each
-    block's statistics (default: all). ``sparsities`` overrides an unstructured pattern's
-    sparsity per module (TAMP's DAS). The model stays on the CPU; each block visits ``device``
-    in turn.
+    method: "magnitude" (no samples needed), "wanda", "sparsegpt" or "tamp" (``samples``: model
+    inputs per sample, at least ``input_ids`` (1, T) int64). ``selector`` picks the positions
+    feeding each block's statistics (default: all). ``sparsities`` overrides an unstructured
+    pattern's sparsity per module (TAMP's DAS). The model stays on the CPU; each block visits
+    ``device`` in turn.
+
+    Targets outside the decoder blocks (named explicitly by the user) are pruned where they run:
+    linears that run before block 0 (vision tower, projector) from statistics over all their
+    input rows gathered while block-0 inputs are captured, which are then captured again through
+    the pruned linears; ``lm_head`` last, from the final norm of the last block's outputs.
     """
     if method not in METHODS:
         raise AtvSparseError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -189,17 +194,36 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
     timings = {"capture": 0.0, "calibrate": 0.0, "prune": 0.0, "propagate": 0.0}
     result = PruneResult({}, [], timings)
     calibrated = method in CALIBRATED_METHODS
-    if calibrated:
+    in_blocks = {n: m for n, m in targets.items() if n.startswith(layers_prefix + ".")}
+    outside = {n: m for n, m in targets.items() if n not in in_blocks}
+    after_blocks = {}
+
+    def prune_into_result(name, mod, stats):
+        layer_pattern = Pattern(None, None, sparsities[name]) if sparsities and name in sparsities else pattern
+        result.bitmasks[name] = pack_bitmask(_prune_linear(mod, method, layer_pattern, stats, blocksize,
+                                                           percdamp)).cpu()
+
+    if not calibrated:
+        for name, mod in outside.items():
+            prune_into_result(name, mod, None)
+    else:
         if not samples:
             raise AtvSparseError(f"method {method} needs calibration samples (--nsamples >= 1)")
         t0 = time.perf_counter()
+        before = {}
+        if outside:
+            before = _stats_while(model, outside, method, device,
+                                  lambda: capture_block_inputs(model, layers, samples, device, progress))
+            for name, st in before.items():
+                prune_into_result(name, outside[name], st)
+            after_blocks = {n: m for n, m in outside.items() if n not in before}
         hidden, kwargs, store = capture_block_inputs(model, layers, samples, device, progress)
         timings["capture"] = time.perf_counter() - t0
 
     num_blocks = len(layers)
     for b, block in enumerate(layers):
         prefix = f"{layers_prefix}.{b}."
-        block_targets = {name: mod for name, mod in targets.items() if name.startswith(prefix)}
+        block_targets = {name: mod for name, mod in in_blocks.items() if name.startswith(prefix)}
         report = {"block": b, "modules": len(block_targets)}
         label = f"({b + 1}/{num_blocks})"
         block.to(device)
@@ -216,13 +240,11 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
 
         t0 = time.perf_counter()
         for name, mod in tqdm(block_targets.items(), desc=f"{label}: Pruning", disable=not progress, leave=False):
-            layer_pattern = Pattern(None, None, sparsities[name]) if sparsities and name in sparsities else pattern
-            result.bitmasks[name] = pack_bitmask(_prune_linear(mod, method, layer_pattern, stats.pop(name, None),
-                                                               blocksize, percdamp)).cpu()
+            prune_into_result(name, mod, stats.pop(name, None))
         report["time_prune_s"] = time.perf_counter() - t0
         timings["prune"] += report["time_prune_s"]
 
-        if calibrated and b + 1 < num_blocks:
+        if calibrated and (b + 1 < num_blocks or after_blocks):
             t0 = time.perf_counter()
             for j in tqdm(range(len(samples)), desc=f"{label}: Propagating", disable=not progress, leave=False):
                 hidden[j] = run(j).to(store)
@@ -230,7 +252,57 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
             timings["propagate"] += report["time_propagate_s"]
         block.to("cpu")
         result.blocks.append(report)
+    if after_blocks:
+        t0 = time.perf_counter()
+        _prune_output_head(model, after_blocks, hidden, method, device, prune_into_result)
+        timings["prune"] += time.perf_counter() - t0
     return result
+
+
+_STATS = {"wanda": WandaStats, "tamp": TampStats, "sparsegpt": HessianStats}
+
+
+def _check_finite(name: str, st) -> None:
+    values = st.hessian if isinstance(st, HessianStats) else st.scaler_row
+    if not torch.isfinite(values).all():
+        raise AtvSparseError(f"layer {name}: NaN or Inf in the calibration statistics; the model "
+                             "overflows on this data (try --dtype float32 or bfloat16)")
+
+
+def _stats_while(model, linears: dict[str, nn.Linear], method: str, device, work) -> dict:
+    """Statistics of every input row of ``linears`` while ``work()`` runs; only those that ran."""
+    stats = {name: _STATS[method](mod.in_features, device=device) for name, mod in linears.items()}
+    handles = [mod.register_forward_hook(lambda m, args, out, st=stats[name]: st.update(args[0]))
+               for name, mod in linears.items()]
+    try:
+        work()
+    finally:
+        for h in handles:
+            h.remove()
+    ran = {name: st for name, st in stats.items() if st.nsamples > 0}
+    for name, st in ran.items():
+        _check_finite(name, st)
+    return ran
+
+
+def _prune_output_head(model, linears: dict[str, nn.Linear], hidden: list, method: str, device, prune) -> None:
+    """Prune ``lm_head`` from the final norm of the last block's outputs (all positions)."""
+    head = model.get_output_embeddings()
+    for name, mod in linears.items():
+        if mod is not head:
+            raise AtvSparseError(f"target {name} never ran while the model processed the calibration samples, "
+                                 "so it has no statistics; remove it from --targets")
+    norm = model.get_decoder().norm
+    norm.to(device)
+    head.to(device)
+    try:
+        stats = _stats_while(model, linears, method, device,
+                             lambda: [head(norm(h.to(device))) for h in hidden])
+    finally:
+        norm.to("cpu")
+        head.to("cpu")
+    for name, mod in linears.items():
+        prune(name, mod, stats[name])
 
 
 class BlockRunner:
@@ -261,8 +333,7 @@ def _collect_stats(run, block_targets, method, selector, num_samples, device, de
 
     Returns ({name: WandaStats | HessianStats}, tokens used per linear).
     """
-    make = {"wanda": WandaStats, "tamp": TampStats, "sparsegpt": HessianStats}[method]
-    stats = {name: make(mod.in_features, device=device) for name, mod in block_targets.items()}
+    stats = {name: _STATS[method](mod.in_features, device=device) for name, mod in block_targets.items()}
     positions, sample = None, 0
     per_linear = getattr(selector, "linear_positions", None)
 
@@ -286,10 +357,7 @@ def _collect_stats(run, block_targets, method, selector, num_samples, device, de
         for h in handles:
             h.remove()
     for name, st in stats.items():
-        values = st.hessian if method == "sparsegpt" else st.scaler_row
-        if not torch.isfinite(values).all():
-            raise AtvSparseError(f"layer {name}: NaN or Inf in the calibration statistics; the model "
-                                 "overflows on this data (try --dtype float32 or bfloat16)")
+        _check_finite(name, st)
     return stats, tokens
 
 

@@ -35,9 +35,10 @@ def resolve_targets(model: nn.Module, blocks_prefix: str, pattern: Pattern, targ
                     ignore: list[str] = (), skip_incompatible: bool = False) -> TargetPlan:
     """Resolve the linears to prune inside the decoder blocks under ``blocks_prefix``.
 
-    Default targets: every ``nn.Linear`` of the decoder blocks (so never ``lm_head`` or the
-    embeddings). A target or ignore pattern that matches nothing gives a warning; a target outside
-    the blocks, an invalid regex, or an N:M-incompatible shape (without ``skip_incompatible``) an error.
+    Default targets: every ``nn.Linear`` of the decoder blocks (so never ``lm_head``, the
+    embeddings, a vision tower or a projector unless named in ``targets``). A target or ignore
+    pattern that matches nothing gives a warning; an invalid regex, a tied ``lm_head``, or an
+    N:M-incompatible shape (without ``skip_incompatible``) an error.
     """
     for p in list(targets or []) + list(ignore):
         if p.startswith("re:"):
@@ -53,12 +54,13 @@ def resolve_targets(model: nn.Module, blocks_prefix: str, pattern: Pattern, targ
             hits = [name for name, m in linears.items() if matches(name, m, p)]
             if not hits:
                 warnings.warn(f"target {p!r} matches no linear layer", stacklevel=2)
-            outside = [name for name in hits if name not in in_blocks]
-            if outside:
-                raise AtvSparseError(f"target {p!r} matches {outside[0]}, which is outside the decoder blocks "
-                                     f"({blocks_prefix}); only decoder-block linears can be pruned")
-            chosen.update({name: in_blocks[name] for name in hits})
-        candidates = {name: m for name, m in in_blocks.items() if name in chosen}
+            chosen.update({name: linears[name] for name in hits})
+        candidates = {name: m for name, m in linears.items() if name in chosen}
+        head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+        for name, m in candidates.items():
+            if m is head and embeddings is not None and m.weight is embeddings.weight:
+                raise AtvSparseError(f"target {name} is tied to the input embeddings (tie_word_embeddings); "
+                                     "pruning it would prune the embeddings too")
     else:
         candidates = in_blocks
     for p in ignore:
