@@ -95,6 +95,10 @@ def test_full_budget_is_mixed_calibration(vlm_dirs, family, tmp_path):
          "--format", "dense", *QUICK])
     report = json.loads((tmp_path / "atv" / "prune_report.json").read_text())
     assert all(b["visual_tokens"] > 0 and b["k_min"] > 0 for b in report["blocks"])
+    mixed_report = json.loads((tmp_path / "mixed" / "prune_report.json").read_text())
+    for ours, theirs in zip(report["blocks"], mixed_report["blocks"], strict=True):
+        assert ours["visual_tokens_used"] == theirs["visual_tokens_used"] > 0
+        assert ours["text_tokens_used"] == theirs["text_tokens_used"] == ours["text_tokens"]
     atv, mixed = dense_state(tmp_path / "atv"), dense_state(tmp_path / "mixed")
     assert all(torch.equal(atv[k], mixed[k]) for k in atv)
 

@@ -233,8 +233,9 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
         if calibrated and block_targets:
             t0 = time.perf_counter()
             report.update(selector.begin_block(b, run, len(samples)))
-            stats, report["tokens"] = _collect_stats(run, block_targets, method, selector, len(samples), device,
-                                                     f"{label}: Calibrating", progress)
+            stats, counts = _collect_stats(run, block_targets, method, selector, len(samples), device,
+                                           f"{label}: Calibrating", progress)
+            report.update(counts)
             report["time_calibrate_s"] = time.perf_counter() - t0
             timings["calibrate"] += report["time_calibrate_s"]
 
@@ -331,7 +332,8 @@ class BlockRunner:
 def _collect_stats(run, block_targets, method, selector, num_samples, device, desc, progress):
     """Statistics pass: the dense block on every sample with hooks on its target linears.
 
-    Returns ({name: WandaStats | HessianStats}, tokens used per linear).
+    Returns ({name: stats}, {"tokens": positions used per linear, and for vision-language models
+    "text_tokens_used" / "visual_tokens_used"}).
     """
     stats = {name: _STATS[method](mod.in_features, device=device) for name, mod in block_targets.items()}
     positions, sample = None, 0
@@ -346,19 +348,26 @@ def _collect_stats(run, block_targets, method, selector, num_samples, device, de
 
     module_names = {mod: name for name, mod in block_targets.items()}
     handles = [mod.register_forward_hook(hook) for mod in block_targets.values()]
-    tokens = 0
+    counts = {"tokens": 0}
+    kinds = getattr(selector, "tokens", None)  # SampleTokens per sample, for vision-language models
+    if kinds is not None and not per_linear:
+        counts.update(text_tokens_used=0, visual_tokens_used=0)
     try:
         for j in tqdm(range(num_samples), desc=desc, disable=not progress, leave=False):
             positions, sample = selector.positions(j), j
             x = run.hidden[j]
-            tokens += x.shape[0] * x.shape[1] if positions is None else len(positions)
+            counts["tokens"] += x.shape[0] * x.shape[1] if positions is None else len(positions)
+            if "text_tokens_used" in counts:
+                used = slice(None) if positions is None else positions
+                counts["text_tokens_used"] += int(kinds[j].text[used].sum())
+                counts["visual_tokens_used"] += int(kinds[j].visual[used].sum())
             run(j)
     finally:
         for h in handles:
             h.remove()
     for name, st in stats.items():
         _check_finite(name, st)
-    return stats, tokens
+    return stats, counts
 
 
 def _prune_linear(mod: nn.Linear, method: str, pattern: Pattern, stats, blocksize: int,
