@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .attention import roped_qk
 from .selectors import AtvTokens, atv_budget
 
 
@@ -70,30 +71,10 @@ class AbsTokens(_ScaledTokens):
     name = "abs"
 
     def block_signals(self, runner, num_samples):
-        import sys
-
-        attn = runner.block.self_attn
-        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        captured = {}
-        hooks = [attn.q_proj.register_forward_hook(lambda m, i, o: captured.__setitem__("q", o)),
-                 attn.k_proj.register_forward_hook(lambda m, i, o: captured.__setitem__("k", o))]
-        signals = []
-        try:
-            for j in range(num_samples):
-                t = self.tokens[j]
-                if not t.visual.any():
-                    signals.append(torch.zeros(0))
-                    continue
-                runner(j)
-                d = attn.head_dim
-                q = captured["q"].view(1, captured["q"].shape[1], -1, d).transpose(1, 2)
-                k = captured["k"].view(1, captured["k"].shape[1], -1, d).transpose(1, 2)
-                cos, sin = runner.device_kwargs(j)["position_embeddings"]
-                q, k = rope(q, k, cos, sin)
-                signals.append(visual_attention(q[0], k[0], t.visual, t.text))
-        finally:
-            for h in hooks:
-                h.remove()
+        with_image = [j for j in range(num_samples) if self.tokens[j].visual.any()]
+        signals = [torch.zeros(0) for _ in range(num_samples)]
+        for j, q, k in roped_qk(runner, with_image):
+            signals[j] = visual_attention(q, k, self.tokens[j].visual, self.tokens[j].text)
         return signals
 
 

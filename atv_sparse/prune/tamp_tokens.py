@@ -1,32 +1,22 @@
 """TAMP's token selection in the block driver (DESIGN.md 4.6): AMIA per linear, DAS sparsities.
 
 ``TampTokens`` is a per-linear selector: before a block's statistics pass it computes each
-sample's attention contribution ``a_j`` from the block's own q_proj / k_proj with the model's
-RoPE; during the pass, each linear's hook asks ``linear_positions(j, name, output)`` for AMIA's
+sample's attention contribution ``a_j`` from the block's own queries and keys (``roped_qk``); during the pass, each linear's hook asks ``linear_positions(j, name, output)`` for AMIA's
 positions chosen from that linear's output rows. ``das_sparsities`` is DAS's dense pre-pass.
 The maths lives in ``tamp.py``; this module only wires it to the running model.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import AtvSparseError
+from .attention import roped_qk
 from .selectors import SampleTokens
 from .tamp import amia_select, attention_contribution, das_allocation, das_score, modality_similarity
-
-
-def _rope(attn: nn.Module):
-    """The ``apply_rotary_pos_emb`` of the attention module's own modelling file."""
-    rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
-    if rope is None:
-        raise AtvSparseError(f"TAMP: {type(attn).__name__} has no apply_rotary_pos_emb to rebuild q and k")
-    return rope
 
 
 class TampTokens:
@@ -41,27 +31,11 @@ class TampTokens:
 
     def begin_block(self, block_index, runner, num_samples) -> dict:
         t0 = time.perf_counter()
-        attn = runner.block.self_attn
-        rope = _rope(attn)
-        captured = {}
-        hooks = [attn.q_proj.register_forward_hook(lambda m, i, o: captured.__setitem__("q", o)),
-                 attn.k_proj.register_forward_hook(lambda m, i, o: captured.__setitem__("k", o))]
         self.scores = []
-        try:
-            with torch.no_grad():
-                for j in range(num_samples):
-                    runner(j)
-                    d = attn.head_dim
-                    q = captured["q"].view(1, captured["q"].shape[1], -1, d).transpose(1, 2)
-                    k = captured["k"].view(1, captured["k"].shape[1], -1, d).transpose(1, 2)
-                    cos, sin = runner.device_kwargs(j)["position_embeddings"]
-                    q, k = rope(q, k, cos, sin)
-                    real = self.tokens[j].text | self.tokens[j].visual
-                    last = int(real.nonzero().max())
-                    self.scores.append(attention_contribution(q[0], k[0], last, key_mask=real.to(q.device)).cpu())
-        finally:
-            for h in hooks:
-                h.remove()
+        for j, q, k in roped_qk(runner, range(num_samples)):
+            real = self.tokens[j].text | self.tokens[j].visual
+            last = int(real.nonzero().max())
+            self.scores.append(attention_contribution(q, k, last, key_mask=real.to(q.device)).cpu())
         self._selected = {}
         return {"time_attention_s": time.perf_counter() - t0, "tamp_selected": self._selected}
 
