@@ -1,5 +1,5 @@
 """Triton kernels of atv-sparse, installed as ``atv_sparse.kernels``.
 
-Empty until the sparse-execution work lands: ``SparseLinear`` runs on the reference backend
-(decompress + ``F.linear``) meanwhile.
+- ``nm_layout``: the N:M kernel layout (checkpoint values + bitmask read through a position table).
+- ``nm_gemv``: the skinny N:M sparse GEMM for decode-sized token counts.
 """

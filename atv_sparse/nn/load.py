@@ -16,12 +16,13 @@ from .sparse_linear import SparseLinear
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         backend: str = "reference"):
+         backend: str = "auto"):
     """Load ``path`` with every pruned linear as a ``SparseLinear`` running on ``backend``.
 
     The class comes from config.json's ``architectures``; tensors are validated (popcounts, N:M
     groups, shapes) and a corrupt or truncated file is refused with a message naming it.
-    dtype: None keeps the checkpoint's dtype.
+    dtype: None keeps the checkpoint's dtype. backend: see ``atv_sparse.ops`` (``auto`` is the
+    reference backend on a CPU).
     """
     register()
     path = Path(path)

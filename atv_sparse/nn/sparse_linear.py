@@ -20,7 +20,7 @@ class SparseLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, pattern: Pattern, bias: bool = False,
-                 num_values: int | None = None, device=None, dtype=None, backend: str = "reference"):
+                 num_values: int | None = None, device=None, dtype=None, backend: str = "auto"):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.pattern = pattern
@@ -58,7 +58,7 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_linear(x, self.weight_bitmask, self.weight_values, self.in_features, self.bias,
-                             backend=self.backend)
+                             backend=self.backend, n=self.pattern.n, m=self.pattern.m)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern}, "
