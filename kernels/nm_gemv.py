@@ -1,5 +1,7 @@
 """Skinny N:M sparse GEMM for decode (few tokens): ``out = x @ W^T + bias``, W given as n:m values
-plus bitmask (the layout of ``nm_layout.py``), streamed once, activations gathered.
+plus bitmask (the layout of ``nm_layout.py``), streamed once, activations gathered. With GATED,
+a second weight U (the MLP's up projection, W being the gate) is streamed alongside and the
+kernel returns ``silu(x @ W^T) * (x @ U^T)``, the LLaMA / Qwen2 MLP's first half, in one pass.
 
 Memory-bound at small M, so the kernel reads each kept value and its metadata exactly once:
 
@@ -17,10 +19,12 @@ Arguments (pointers / sizes / strides / meta-parameters):
     x_ptr       (M, K) activations, fp16 / bf16, strides (stride_xm, stride_xk)
     values_ptr  (N, KV) kept weights, KV = K * NKEEP / GROUP, row stride stride_vn, unit column stride
     mask_ptr    (N, ceil(K / 8)) uint8 bitmask, row stride stride_bn
+    up_values_ptr, up_mask_ptr   the second weight when GATED (same shapes and strides), else unused
     lut_ptr     (2^GROUP,) int32 position table
     bias_ptr    (N,) or unused when HAS_BIAS is False
     out_ptr     (M, N) output in x's dtype, strides (stride_om, stride_on)
     M, N, KV    tokens, output features, kept values per row
+    GATED       silu(first) * second instead of first (no bias then)
     HAS_BIAS    add bias_ptr; OUT_BF16: round the fp32 accumulator to bf16 explicitly (see below)
     NKEEP, GROUP, POS_BITS   n, m and log2(m) of the pattern
     BLOCK_M, BLOCK_N, BLOCK_V  tile sizes
@@ -38,11 +42,31 @@ _LUTS: dict = {}
 
 
 @triton.jit
+def _nm_chunk(x_ptr, values_ptr, mask_ptr, lut_ptr, rm, rn, rv, nv, M, stride_xm, stride_xk, stride_vn, stride_bn,
+              NKEEP: tl.constexpr, GROUP: tl.constexpr, POS_BITS: tl.constexpr):
+    """sum over one chunk of kept values of x[tokens, col] * value: (BLOCK_M, BLOCK_N) fp32."""
+    vals = tl.load(values_ptr + rn[:, None] * stride_vn + rv[None, :], mask=nv, other=0.0)
+    g = rv // NKEEP
+    r = rv % NKEEP
+    if GROUP == 8:
+        bits = tl.load(mask_ptr + rn[:, None] * stride_bn + g[None, :], mask=nv, other=0).to(tl.int32)
+    else:  # two groups of 4 per byte, the first in the low nibble
+        bits = tl.load(mask_ptr + rn[:, None] * stride_bn + (g // 2)[None, :], mask=nv, other=0).to(tl.int32)
+        bits = (bits >> ((g % 2) * 4)[None, :]) & 0xF
+    packed = tl.load(lut_ptr + bits)
+    col = g[None, :] * GROUP + ((packed >> (r * POS_BITS)[None, :]) & (GROUP - 1))
+    xg = tl.load(x_ptr + rm[:, None, None] * stride_xm + col[None, :, :] * stride_xk,
+                 mask=(rm[:, None, None] < M) & nv[None, :, :], other=0.0)
+    return tl.sum(xg.to(tl.float32) * vals[None, :, :].to(tl.float32), axis=2)
+
+
+@triton.jit
 def _nm_gemv_kernel(
-    x_ptr, values_ptr, mask_ptr, lut_ptr, bias_ptr, out_ptr,
+    x_ptr, values_ptr, mask_ptr, up_values_ptr, up_mask_ptr, lut_ptr, bias_ptr, out_ptr,
     M, N, KV,
     stride_xm, stride_xk, stride_vn, stride_bn, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr, NKEEP: tl.constexpr, GROUP: tl.constexpr, POS_BITS: tl.constexpr,
+    GATED: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr,
+    NKEEP: tl.constexpr, GROUP: tl.constexpr, POS_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -50,22 +74,17 @@ def _nm_gemv_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for v0 in range(0, KV, BLOCK_V):
         rv = v0 + tl.arange(0, BLOCK_V)
         nv = (rn[:, None] < N) & (rv[None, :] < KV)
-        vals = tl.load(values_ptr + rn[:, None] * stride_vn + rv[None, :], mask=nv, other=0.0)
-        g = rv // NKEEP
-        r = rv % NKEEP
-        if GROUP == 8:
-            bits = tl.load(mask_ptr + rn[:, None] * stride_bn + g[None, :], mask=nv, other=0).to(tl.int32)
-        else:  # two groups of 4 per byte, the first in the low nibble
-            bits = tl.load(mask_ptr + rn[:, None] * stride_bn + (g // 2)[None, :], mask=nv, other=0).to(tl.int32)
-            bits = (bits >> ((g % 2) * 4)[None, :]) & 0xF
-        packed = tl.load(lut_ptr + bits)
-        col = g[None, :] * GROUP + ((packed >> (r * POS_BITS)[None, :]) & (GROUP - 1))
-        xg = tl.load(x_ptr + rm[:, None, None] * stride_xm + col[None, :, :] * stride_xk,
-                     mask=(rm[:, None, None] < M) & nv[None, :, :], other=0.0)
-        acc += tl.sum(xg.to(tl.float32) * vals[None, :, :].to(tl.float32), axis=2)
+        acc += _nm_chunk(x_ptr, values_ptr, mask_ptr, lut_ptr, rm, rn, rv, nv, M, stride_xm, stride_xk,
+                         stride_vn, stride_bn, NKEEP, GROUP, POS_BITS)
+        if GATED:
+            acc_up += _nm_chunk(x_ptr, up_values_ptr, up_mask_ptr, lut_ptr, rm, rn, rv, nv, M, stride_xm,
+                                stride_xk, stride_vn, stride_bn, NKEEP, GROUP, POS_BITS)
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if OUT_BF16:
@@ -79,14 +98,20 @@ def _nm_gemv_kernel(
 
 
 def nm_gemv(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, n: int, m: int,
-            bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+            bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+            up: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x: (M, K) fp16 / bf16; values: (N, K * n / m) same dtype; bitmask: (N, ceil(K / 8)) uint8.
-    Returns (M, N) in x's dtype (written into ``out`` when given)."""
+    up: optional (values, bitmask) of a second weight of the same shape: then the result is
+    ``silu(x W^T) * (x U^T)`` (bias must be None). Returns (M, N) in x's dtype (into ``out`` if given)."""
     M, K = x.shape
     N, KV = values.shape
     if K % m or KV != K * n // m or bitmask.shape != (N, -(-K // 8)):
         raise ValueError(f"Problem (M={M}, N={N}, K={K}) not compatible with values {tuple(values.shape)} and "
                          f"bitmask {tuple(bitmask.shape)} for pattern {n}:{m}")
+    if up is not None and (up[0].shape != values.shape or up[1].shape != bitmask.shape
+                           or up[0].stride() != values.stride() or up[1].stride() != bitmask.stride()
+                           or bias is not None):
+        raise ValueError("the up weight must match the gate weight's shapes and strides, with no bias")
     if values.stride(1) != 1 or bitmask.stride(1) != 1:
         raise ValueError("values and bitmask must have unit column stride")
     key = (n, m, x.device)
@@ -94,14 +119,15 @@ def nm_gemv(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, n: int
         _LUTS[key] = position_lut(n, m, x.device)
     if out is None:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    up_values, up_mask = up if up is not None else (values, bitmask)
     block_m = min(16, triton.next_power_of_2(M))
     block_n, block_v = 32, 64
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
     _nm_gemv_kernel[grid](
-        x, values, bitmask, _LUTS[key], bias if bias is not None else values, out,
+        x, values, bitmask, up_values, up_mask, _LUTS[key], bias if bias is not None else values, out,
         M, N, KV,
         x.stride(0), x.stride(1), values.stride(0), bitmask.stride(0), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, OUT_BF16=out.dtype == torch.bfloat16, NKEEP=n, GROUP=m, POS_BITS=m.bit_length() - 1,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_V=block_v,
+        GATED=up is not None, HAS_BIAS=bias is not None, OUT_BF16=out.dtype == torch.bfloat16, NKEEP=n,
+        GROUP=m, POS_BITS=m.bit_length() - 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_V=block_v,
     )
     return out

@@ -109,3 +109,26 @@ def test_custom_op_opcheck():
     bitmask, values = compress(torch.randn(16, 32, generator=gen).half(), nm_keep(16, 32, 2, 4, gen), 2, 4)
     x = torch.randn(3, 32, generator=gen).half()
     torch.library.opcheck(nm_linear, (x.to(DEVICE), values.to(DEVICE), bitmask.to(DEVICE), 2, 4, None))
+
+
+@pytest.mark.parametrize("tokens", TOKENS, ids=lambda t: f"M{t}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)], ids=str)
+def test_fused_gate_up_error_bound(n, m, dtype, tokens):
+    from atv_sparse.kernels.nm_gemv import nm_gemv
+
+    gen = torch.Generator().manual_seed(hash((n, m, str(dtype), tokens, "gated")) % 2**31)
+    out_f, in_f = 40, 136
+    gate, up = (compress(torch.randn(out_f, in_f, generator=gen).to(dtype), nm_keep(out_f, in_f, n, m, gen), n, m)
+                for _ in range(2))
+    x = torch.randn(tokens, in_f, generator=gen).to(dtype)
+    wg, wu = decompress(*gate, in_f), decompress(*up, in_f)
+    g64, u64 = x.double() @ wg.double().T, x.double() @ wu.double().T
+    ref = torch.nn.functional.silu(g64) * u64
+    plain = torch.nn.functional.silu(torch.nn.functional.linear(x, wg)) * torch.nn.functional.linear(x, wu)
+    out = torch.full((tokens, out_f), float("nan"), dtype=dtype, device=DEVICE)
+    nm_gemv(x.to(DEVICE), gate[1].to(DEVICE), gate[0].to(DEVICE), n, m, out=out,
+            up=(up[1].to(DEVICE), up[0].to(DEVICE)))
+    kernel_err = (out.cpu().double() - ref).abs().max().item()
+    torch_err = (plain.double() - ref).abs().max().item()
+    assert torch.isfinite(out).all() and kernel_err <= 2 * torch_err, (kernel_err, torch_err)
