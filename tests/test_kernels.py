@@ -41,11 +41,19 @@ def test_position_lut_worked_example():
     assert position_lut(2, 4)[0x7].item() == 0  # not a 2-of-4 mask
 
 
+def kernel(name):
+    from atv_sparse.kernels.nm_gemm import nm_gemm
+    from atv_sparse.kernels.nm_gemv import nm_gemv
+
+    return {"gemv": nm_gemv, "gemm": nm_gemm}[name]
+
+
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("tokens", TOKENS, ids=lambda t: f"M{t}")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n,m", PATTERNS, ids=str)
-def test_triton_kernel_error_bound(n, m, dtype, tokens, bias):
+@pytest.mark.parametrize("which", ["gemv", "gemm"])
+def test_triton_kernel_error_bound(which, n, m, dtype, tokens, bias):
     gen = torch.Generator().manual_seed(hash((n, m, str(dtype), tokens, bias)) % 2**31)
     for out_f, in_f in SHAPES:
         w = torch.randn(out_f, in_f, generator=gen).to(dtype)
@@ -55,10 +63,8 @@ def test_triton_kernel_error_bound(n, m, dtype, tokens, bias):
         dense = decompress(bitmask, values, in_f)
         ref = x.double() @ dense.double().T + (b.double() if bias else 0)
         plain = torch.nn.functional.linear(x, dense, b)
-        from atv_sparse.kernels.nm_gemv import nm_gemv
-
         out = torch.full((tokens, out_f), float("nan"), dtype=dtype, device=DEVICE)  # poisoned
-        nm_gemv(x.to(DEVICE), values.to(DEVICE), bitmask.to(DEVICE), n, m, None if b is None else b.to(DEVICE),
+        kernel(which)(x.to(DEVICE), values.to(DEVICE), bitmask.to(DEVICE), n, m, None if b is None else b.to(DEVICE),
                 out=out)
         assert torch.isfinite(out).all()
         kernel_err = (out.cpu().double() - ref).abs().max().item()
@@ -73,6 +79,11 @@ def test_sparse_linear_backends_and_errors():
     bitmask, values = compress(w, keep, 2, 4)
     x = torch.randn(2, 5, 64, generator=gen).half()
     ref = sparse_linear(x, bitmask, values, 64, backend="reference", n=2, m=4)
+    big = torch.randn(70, 64, generator=gen).half()  # > 64 tokens: the tl.dot GEMM
+    big_tri = sparse_linear(big.to(DEVICE), bitmask.to(DEVICE), values.to(DEVICE), 64, backend="triton", n=2, m=4)
+    big_ref = big.double() @ decompress(bitmask, values, 64).double().T
+    big_plain = sparse_linear(big, bitmask, values, 64, backend="reference", n=2, m=4)
+    assert (big_tri.cpu().double() - big_ref).abs().max() <= 2 * (big_plain.double() - big_ref).abs().max()
     auto = sparse_linear(x, bitmask, values, 64, backend="auto", n=2, m=4)
     if DEVICE == "cpu":
         assert torch.equal(auto, ref)  # auto is the reference backend on a CPU

@@ -2,8 +2,9 @@
 
 - ``reference``: decompress the bitmask + values to a dense weight and call ``F.linear``; any
   device, dtype and pattern; the oracle in tests.
-- ``triton``: the skinny N:M kernel of ``atv_sparse.kernels.nm_gemv`` (m in {4, 8}, fp16 / bf16),
-  registered as the custom op ``atv_sparse::nm_linear`` (with a fake implementation, so
+- ``triton``: the N:M kernels of ``atv_sparse.kernels`` (m in {4, 8}, fp16 / bf16): ``nm_gemv``
+  up to 64 tokens, ``nm_gemm`` (tiles decompressed in registers, ``tl.dot``) above, registered as
+  the custom op ``atv_sparse::nm_linear`` (with a fake implementation, so
   ``torch.compile`` traces it). Runs on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
 - ``auto``: on CUDA, ``triton`` for up to 64 tokens where it applies; otherwise ``reference``
   (on a CPU always ``reference``: the interpreter is for tests, not speed).
@@ -27,10 +28,12 @@ TRITON_MAX_TOKENS = 64
 def nm_linear(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, n: int, m: int,
               bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: (..., K) fp16 / bf16; values: (N, K * n / m); bitmask: (N, ceil(K / 8)) uint8 -> (..., N)."""
+    from ..kernels.nm_gemm import nm_gemm
     from ..kernels.nm_gemv import nm_gemv
 
     rows = x.reshape(-1, x.shape[-1])
-    return nm_gemv(rows, values, bitmask, n, m, bias).reshape(*x.shape[:-1], values.shape[0])
+    kernel = nm_gemv if rows.shape[0] <= TRITON_MAX_TOKENS else nm_gemm
+    return kernel(rows, values, bitmask, n, m, bias).reshape(*x.shape[:-1], values.shape[0])
 
 
 @nm_linear.register_fake

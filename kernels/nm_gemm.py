@@ -1,0 +1,103 @@
+"""N:M sparse GEMM for larger token counts: weight tiles decompressed in registers, then ``tl.dot``.
+
+The path for 4:8 at medium and large M (no 4:8 tensor-core instruction exists) and the fallback
+for 2:4 where cuSPARSELt is missing. Same layout as ``nm_gemv`` (``nm_layout.py``):
+
+    for each (BLOCK_M tokens x BLOCK_N rows) output tile:
+        acc = 0                                             (fp32, tl.dot's accumulator)
+        for each BLOCK_K slice of input columns k:
+            g, p  = k // m, k % m                           group and place within it
+            mask  = bitmask byte (m = 8) or nibble (m = 4) of group g
+            kept  = (mask >> p) & 1
+            rank  = popcount(mask & ((1 << p) - 1))         kept values before p in the group
+            W     = kept ? values[rows, g * n + rank] : 0   (BLOCK_N, BLOCK_K), in registers
+            acc  += x[tokens, k] @ W^T
+        out = acc (+ bias)
+
+Arguments: as ``nm_gemv``'s (x_ptr (M, K), values_ptr (N, K n / m), mask_ptr (N, ceil(K / 8)),
+bias_ptr, out_ptr (M, N), their strides), plus K and the tile sizes BLOCK_M, BLOCK_N, BLOCK_K
+(each >= 16 for tl.dot). DOT_FP32 upcasts the tiles before tl.dot: set only for bf16 under
+Triton's interpreter, whose bf16 tl.dot returns garbage (GPUs use the native bf16 dot).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _popcount8(v):
+    v = v - ((v >> 1) & 0x55)
+    v = (v & 0x33) + ((v >> 2) & 0x33)
+    return (v + (v >> 4)) & 0x0F
+
+
+@triton.jit
+def _nm_gemm_kernel(
+    x_ptr, values_ptr, mask_ptr, bias_ptr, out_ptr,
+    M, N, K, KV,
+    stride_xm, stride_xk, stride_vn, stride_bn, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr, DOT_FP32: tl.constexpr, NKEEP: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        nk = (rn[:, None] < N) & (rk[None, :] < K)
+        g = rk // GROUP
+        p = rk % GROUP
+        if GROUP == 8:
+            bits = tl.load(mask_ptr + rn[:, None] * stride_bn + g[None, :], mask=nk, other=0).to(tl.int32)
+        else:  # two groups of 4 per byte, the first in the low nibble
+            bits = tl.load(mask_ptr + rn[:, None] * stride_bn + (g // 2)[None, :], mask=nk, other=0).to(tl.int32)
+            bits = (bits >> ((g % 2) * 4)[None, :]) & 0xF
+        kept = ((bits >> p[None, :]) & 1) != 0
+        rank = _popcount8(bits & ((1 << p[None, :]) - 1))
+        w = tl.load(values_ptr + rn[:, None] * stride_vn + g[None, :] * NKEEP + rank, mask=nk & kept, other=0.0)
+        xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        if DOT_FP32:
+            xt, w = xt.to(tl.float32), w.to(tl.float32)
+        acc += tl.dot(xt, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if OUT_BF16:
+        # Round to nearest even by hand (Triton's interpreter truncates fp32 -> bf16; see nm_gemv).
+        ibits = acc.to(tl.int32, bitcast=True)
+        ibits = (ibits + 0x7FFF + ((ibits >> 16) & 1)) & -65536
+        acc = ibits.to(tl.float32, bitcast=True)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def nm_gemm(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, n: int, m: int,
+            bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x: (M, K) fp16 / bf16; values: (N, K * n / m); bitmask: (N, ceil(K / 8)) uint8 -> (M, N)."""
+    M, K = x.shape
+    N, KV = values.shape
+    if m not in (4, 8) or K % m or KV != K * n // m or bitmask.shape != (N, -(-K // 8)):
+        raise ValueError(f"Problem (M={M}, N={N}, K={K}) not compatible with values {tuple(values.shape)} and "
+                         f"bitmask {tuple(bitmask.shape)} for pattern {n}:{m}")
+    if values.stride(1) != 1 or bitmask.stride(1) != 1:
+        raise ValueError("values and bitmask must have unit column stride")
+    if out is None:
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    block_m, block_n, block_k = 32, 32, 32
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+    _nm_gemm_kernel[grid](
+        x, values, bitmask, bias if bias is not None else values, out,
+        M, N, K, KV,
+        x.stride(0), x.stride(1), values.stride(0), bitmask.stride(0), out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, OUT_BF16=out.dtype == torch.bfloat16,
+        DOT_FP32=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1", NKEEP=n, GROUP=m,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return out
