@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .nm_common import check_problem, load_group_masks, store_output
+
 
 @triton.jit
 def _popcount8(v):
@@ -54,11 +56,7 @@ def _nm_gemm_kernel(
         nk = (rn[:, None] < N) & (rk[None, :] < K)
         g = rk // GROUP
         p = rk % GROUP
-        if GROUP == 8:
-            bits = tl.load(mask_ptr + rn[:, None] * stride_bn + g[None, :], mask=nk, other=0).to(tl.int32)
-        else:  # two groups of 4 per byte, the first in the low nibble
-            bits = tl.load(mask_ptr + rn[:, None] * stride_bn + (g // 2)[None, :], mask=nk, other=0).to(tl.int32)
-            bits = (bits >> ((g % 2) * 4)[None, :]) & 0xF
+        bits = load_group_masks(mask_ptr, rn, g, stride_bn, nk, GROUP)
         kept = ((bits >> p[None, :]) & 1) != 0
         rank = _popcount8(bits & ((1 << p[None, :]) - 1))
         w = tl.load(values_ptr + rn[:, None] * stride_vn + g[None, :] * NKEEP + rank, mask=nk & kept, other=0.0)
@@ -67,27 +65,14 @@ def _nm_gemm_kernel(
         if DOT_FP32:
             xt, w = xt.to(tl.float32), w.to(tl.float32)
         acc += tl.dot(xt, tl.trans(w))
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    if OUT_BF16:
-        # Round to nearest even by hand (Triton's interpreter truncates fp32 -> bf16; see nm_gemv).
-        ibits = acc.to(tl.int32, bitcast=True)
-        ibits = (ibits + 0x7FFF + ((ibits >> 16) & 1)) & -65536
-        acc = ibits.to(tl.float32, bitcast=True)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    store_output(out_ptr, acc, rm, rn, M, N, stride_om, stride_on, bias_ptr, HAS_BIAS, OUT_BF16)
 
 
 def nm_gemm(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, n: int, m: int,
             bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x: (M, K) fp16 / bf16; values: (N, K * n / m); bitmask: (N, ceil(K / 8)) uint8 -> (M, N)."""
-    M, K = x.shape
-    N, KV = values.shape
-    if m not in (4, 8) or K % m or KV != K * n // m or bitmask.shape != (N, -(-K // 8)):
-        raise ValueError(f"Problem (M={M}, N={N}, K={K}) not compatible with values {tuple(values.shape)} and "
-                         f"bitmask {tuple(bitmask.shape)} for pattern {n}:{m}")
-    if values.stride(1) != 1 or bitmask.stride(1) != 1:
-        raise ValueError("values and bitmask must have unit column stride")
+    check_problem(x, values, bitmask, n, m)
+    (M, K), (N, KV) = x.shape, values.shape
     if out is None:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     block_m, block_n, block_k = 32, 32, 32

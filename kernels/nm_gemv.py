@@ -25,7 +25,7 @@ Arguments (pointers / sizes / strides / meta-parameters):
     out_ptr     (M, N) output in x's dtype, strides (stride_om, stride_on)
     M, N, KV    tokens, output features, kept values per row
     GATED       silu(first) * second instead of first (no bias then)
-    HAS_BIAS    add bias_ptr; OUT_BF16: round the fp32 accumulator to bf16 explicitly (see below)
+    HAS_BIAS    add bias_ptr; OUT_BF16: round the fp32 accumulator to bf16 explicitly (nm_common.store_output)
     NKEEP, GROUP, POS_BITS   n, m and log2(m) of the pattern
     BLOCK_M, BLOCK_N, BLOCK_V  tile sizes
 """
@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .nm_common import check_problem, load_group_masks, store_output
 from .nm_layout import position_lut
 
 _LUTS: dict = {}
@@ -48,11 +49,7 @@ def _nm_chunk(x_ptr, values_ptr, mask_ptr, lut_ptr, rm, rn, rv, nv, M, stride_xm
     vals = tl.load(values_ptr + rn[:, None] * stride_vn + rv[None, :], mask=nv, other=0.0)
     g = rv // NKEEP
     r = rv % NKEEP
-    if GROUP == 8:
-        bits = tl.load(mask_ptr + rn[:, None] * stride_bn + g[None, :], mask=nv, other=0).to(tl.int32)
-    else:  # two groups of 4 per byte, the first in the low nibble
-        bits = tl.load(mask_ptr + rn[:, None] * stride_bn + (g // 2)[None, :], mask=nv, other=0).to(tl.int32)
-        bits = (bits >> ((g % 2) * 4)[None, :]) & 0xF
+    bits = load_group_masks(mask_ptr, rn, g, stride_bn, nv, GROUP)
     packed = tl.load(lut_ptr + bits)
     col = g[None, :] * GROUP + ((packed >> (r * POS_BITS)[None, :]) & (GROUP - 1))
     xg = tl.load(x_ptr + rm[:, None, None] * stride_xm + col[None, :, :] * stride_xk,
@@ -85,16 +82,7 @@ def _nm_gemv_kernel(
                                 stride_xk, stride_vn, stride_bn, NKEEP, GROUP, POS_BITS)
     if GATED:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    if OUT_BF16:
-        # Round to nearest even by hand: Triton's interpreter (how CI runs this) truncates
-        # fp32 -> bf16 and ignores fp_downcast_rounding; on a GPU the cast below is then exact.
-        bits = acc.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        acc = bits.to(tl.float32, bitcast=True)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    store_output(out_ptr, acc, rm, rn, M, N, stride_om, stride_on, bias_ptr, HAS_BIAS, OUT_BF16)
 
 
 def nm_gemv(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, n: int, m: int,
@@ -103,17 +91,12 @@ def nm_gemv(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, n: int
     """x: (M, K) fp16 / bf16; values: (N, K * n / m) same dtype; bitmask: (N, ceil(K / 8)) uint8.
     up: optional (values, bitmask) of a second weight of the same shape: then the result is
     ``silu(x W^T) * (x U^T)`` (bias must be None). Returns (M, N) in x's dtype (into ``out`` if given)."""
-    M, K = x.shape
-    N, KV = values.shape
-    if K % m or KV != K * n // m or bitmask.shape != (N, -(-K // 8)):
-        raise ValueError(f"Problem (M={M}, N={N}, K={K}) not compatible with values {tuple(values.shape)} and "
-                         f"bitmask {tuple(bitmask.shape)} for pattern {n}:{m}")
+    check_problem(x, values, bitmask, n, m)
+    M, N, KV = x.shape[0], values.shape[0], values.shape[1]
     if up is not None and (up[0].shape != values.shape or up[1].shape != bitmask.shape
                            or up[0].stride() != values.stride() or up[1].stride() != bitmask.stride()
                            or bias is not None):
         raise ValueError("the up weight must match the gate weight's shapes and strides, with no bias")
-    if values.stride(1) != 1 or bitmask.stride(1) != 1:
-        raise ValueError("values and bitmask must have unit column stride")
     key = (n, m, x.device)
     if key not in _LUTS:
         _LUTS[key] = position_lut(n, m, x.device)

@@ -41,7 +41,7 @@ class AtvSparseHfQuantizer(HfQuantizer):
         if not checkpoint_files:
             raise AtvSparseError("atv_sparse checkpoints load from local safetensors files only")
         tensors = checkpoint_tensors(checkpoint_files)
-        self.sparse_modules = replace_sparse_linears(model, tensors, pattern)
+        replace_sparse_linears(model, tensors, pattern)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for name, module in model.named_modules():

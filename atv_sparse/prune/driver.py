@@ -167,6 +167,7 @@ def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[
 
 
 def _block_output(out):
+    """A decoder layer returns a tensor (transformers 5) or a tuple starting with it (older)."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -321,8 +322,7 @@ class BlockRunner:
         return _to(self.kwargs[j], self.device)
 
     def __call__(self, j: int) -> torch.Tensor:
-        out = self.block(self.hidden[j].to(self.device), **self.device_kwargs(j))
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return _block_output(self.block(self.hidden[j].to(self.device), **self.device_kwargs(j)))
 
     def pair(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_in, x_out) of sample j: what a token selector compares."""

@@ -1,0 +1,46 @@
+"""Pieces shared by the N:M Triton kernels: reading group masks, the epilogue, the shape check."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_group_masks(mask_ptr, rn, g, stride_bn, valid, GROUP: tl.constexpr):
+    """The m-bit mask of group g of rows rn, (len(rn), len(g)) int32: a byte for m = 8, a nibble
+    (the first group of a byte in the low nibble) for m = 4."""
+    if GROUP == 8:
+        bits = tl.load(mask_ptr + rn[:, None] * stride_bn + g[None, :], mask=valid, other=0).to(tl.int32)
+    else:
+        bits = tl.load(mask_ptr + rn[:, None] * stride_bn + (g // 2)[None, :], mask=valid, other=0).to(tl.int32)
+        bits = (bits >> ((g % 2) * 4)[None, :]) & 0xF
+    return bits
+
+
+@triton.jit
+def store_output(out_ptr, acc, rm, rn, M, N, stride_om, stride_on, bias_ptr,
+                 HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr):
+    """out[rm, rn] = acc (+ bias), cast to the output dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if OUT_BF16:
+        # Round to nearest even by hand: Triton's interpreter (how CI runs the kernels) truncates
+        # fp32 -> bf16 and ignores fp_downcast_rounding; on a GPU the cast below is then exact.
+        bits = acc.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        acc = bits.to(tl.float32, bitcast=True)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def check_problem(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, n: int, m: int) -> None:
+    """Shapes and strides the kernels need, with an error naming the sizes."""
+    M, K = x.shape
+    N, KV = values.shape
+    if m not in (4, 8) or K % m or KV != K * n // m or bitmask.shape != (N, -(-K // 8)):
+        raise ValueError(f"Problem (M={M}, N={N}, K={K}) not compatible with values {tuple(values.shape)} and "
+                         f"bitmask {tuple(bitmask.shape)} for pattern {n}:{m}")
+    if values.stride(1) != 1 or bitmask.stride(1) != 1:
+        raise ValueError("values and bitmask must have unit column stride")
