@@ -54,7 +54,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["atv_sparse", "atv_sparse.*"]) + ["atv_sparse.kernels"],
     package_dir={"atv_sparse.kernels": "kernels"},
-    package_data={"atv_sparse.calib": ["default_calib.txt"]},
+    package_data={"atv_sparse.calib": ["default_calib.txt"], "atv_sparse": ["assets/*/*"]},
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux'",
@@ -65,5 +65,7 @@ setup(
         "pillow",
     ],
     extras_require={"test": ["pytest>=8", "matplotlib"], "plot": ["matplotlib"]},
+    # vLLM loads this in every process it starts; the module imports vllm lazily.
+    entry_points={"vllm.general_plugins": ["atv_sparse = atv_sparse.vllm_plugin:register"]},
     cmdclass={"build_py": BuildPy},
 )
