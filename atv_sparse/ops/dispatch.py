@@ -1,0 +1,200 @@
+"""Which backend runs a sparse linear, per token count (DESIGN.md 7.1).
+
+Backends: ``cuda`` (csrc decode kernels, few tokens), ``triton`` (skinny kernel up to 64 tokens,
+tile GEMM above), ``cusparselt`` (2:4 sparse tensor cores, large M), ``reference`` (decompress +
+``F.linear``: any device, dtype and pattern), and, inside a plan only, ``dense`` (a dense copy of
+the weight through cuBLAS, kept only where it measured faster than every sparse kernel).
+
+A ``Plan`` holds one backend (and cuSPARSELt algorithm id) per token bucket: a call with M
+tokens uses the entry of the smallest bucket >= M. Plans come from a per-shape table measured
+once on the device (``atv_sparse.nn.autotune``) and cached in a JSON file, or from
+``heuristic_plan`` when nothing was measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+KERNEL_BACKENDS = ("cuda", "triton", "cusparselt")
+BACKENDS = ("auto", *KERNEL_BACKENDS, "reference")
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192)
+TOKEN_LIMITS = {"cuda": 16}
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def bucket_index(tokens: int) -> int:
+    """Index of the smallest bucket >= tokens (the last bucket for anything larger).
+
+    A plain loop rather than ``bisect``: torch.compile traces it (and guards on the bucket)."""
+    for i, upper in enumerate(BUCKETS):
+        if tokens <= upper:
+            return i
+    return len(BUCKETS) - 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """backends[i] (and alg_ids[i] for cuSPARSELt, else -1) serve token counts in bucket i."""
+
+    backends: tuple[str, ...]
+    alg_ids: tuple[int, ...]
+
+    @classmethod
+    def uniform(cls, backend: str) -> "Plan":
+        return cls((backend,) * len(BUCKETS), (-1,) * len(BUCKETS))
+
+    def pick(self, tokens: int) -> tuple[str, int]:
+        i = bucket_index(tokens)
+        return self.backends[i], self.alg_ids[i]
+
+    def summary(self) -> str:
+        """e.g. ``triton<=64,cusparselt>64``."""
+        parts, start = [], 0
+        for i in range(1, len(BUCKETS) + 1):
+            if i == len(BUCKETS) or self.backends[i] != self.backends[start]:
+                if i == len(BUCKETS):
+                    parts.append(self.backends[start] + (f">{BUCKETS[start - 1]}" if start else ""))
+                else:
+                    parts.append(f"{self.backends[start]}<={BUCKETS[i - 1]}")
+                start = i
+        return ",".join(parts)
+
+
+def triton_machine_status(device: torch.device) -> str | None:
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"Triton runs on CUDA (or on the CPU only under TRITON_INTERPRET=1), not {device}"
+
+
+def machine_status(backend: str, device: torch.device) -> str | None:
+    """None when ``backend`` can run on ``device`` on this machine, else why not."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        return triton_machine_status(device)
+    if backend == "cusparselt":
+        from .cusparselt import cusparselt_status
+
+        return cusparselt_status(device)
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the CUDA kernels need a CUDA device, not {device}"
+        from .cuda_lib import cuda_library_status
+
+        return cuda_library_status()
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def layer_status(backend: str, n: int | None, m: int | None, dtype: torch.dtype, out_features: int,
+                 in_features: int) -> str | None:
+    """None when a layer of this pattern, dtype and shape suits ``backend``, else why not."""
+    if backend == "reference":
+        return None
+    if m is None:
+        return f"backend '{backend}' runs N:M patterns, not unstructured sparsity"
+    if dtype not in KERNEL_DTYPES:
+        return f"backend '{backend}' takes float16 / bfloat16 weights, not {dtype}"
+    if backend == "triton":
+        return None if m in (4, 8) else f"the Triton kernels handle n:4 and n:8 patterns, not {n}:{m}"
+    if backend == "cusparselt":
+        from .cusparselt import cusparselt_applies
+
+        return cusparselt_applies(n, m, dtype, out_features, in_features)
+    if backend == "cuda":
+        from .cuda_lib import cuda_layer_status
+
+        return cuda_layer_status(n, m, dtype, out_features, in_features)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def usable_backends(device: torch.device, n: int | None, m: int | None, dtype: torch.dtype,
+                    out_features: int, in_features: int) -> list[str]:
+    """Kernel backends that can run this layer on ``device``, in preference order."""
+    return [b for b in KERNEL_BACKENDS if machine_status(b, device) is None
+            and layer_status(b, n, m, dtype, out_features, in_features) is None]
+
+
+def heuristic_plan(usable: list[str], dense_fallback: bool) -> Plan:
+    """What to run when nothing was measured: decode kernels for few tokens, cuSPARSELt (2:4) for
+    many, else dense cuBLAS (if allowed) or the Triton GEMM."""
+    backends = []
+    for tokens in BUCKETS:
+        if "cuda" in usable and tokens <= TOKEN_LIMITS["cuda"]:
+            backends.append("cuda")
+        elif "triton" in usable and tokens <= 64:
+            backends.append("triton")
+        elif "cusparselt" in usable:
+            backends.append("cusparselt")
+        elif usable and dense_fallback:
+            backends.append("dense")
+        elif "triton" in usable:
+            backends.append("triton")
+        else:
+            backends.append("reference")
+    return Plan(tuple(backends), tuple(0 if b == "cusparselt" else -1 for b in backends))
+
+
+# --- the measured table: one JSON file per device and software stack -------------------------------
+
+def table_key(n: int, m: int, dtype: torch.dtype, out_features: int, in_features: int, gated: bool) -> str:
+    return f"{n}:{m}|{str(dtype).removeprefix('torch.')}|{out_features}x{in_features}|{'gated' if gated else 'linear'}"
+
+
+def default_table_path(device: torch.device) -> Path:
+    """``$ATV_SPARSE_DISPATCH_TABLE`` if set, else a file per GPU model and torch / triton version
+    under ``~/.cache/atv_sparse``."""
+    override = os.environ.get("ATV_SPARSE_DISPATCH_TABLE")
+    if override:
+        return Path(override)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    stem = re.sub(r"[^A-Za-z0-9.]+", "-", f"{name}-torch{torch.__version__}-triton{triton_version}")
+    return Path.home() / ".cache" / "atv_sparse" / f"dispatch-{stem}.json"
+
+
+def read_table(path: Path) -> dict:
+    """The entries of a table file ({} when it does not exist)."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        entries = data["entries"]
+        assert isinstance(entries, dict)
+    except (ValueError, KeyError, AssertionError) as exc:
+        from ..errors import AtvSparseError
+
+        raise AtvSparseError(f"{path}: not a dispatch table ({exc}); delete it to measure again") from None
+    return entries
+
+
+def write_table(path: Path, entries: dict, device_name: str) -> None:
+    """Write atomically (temp file + rename), so a concurrent reader never sees half a table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "buckets": list(BUCKETS),
+                               "entries": entries}, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def plan_from_entry(entry: dict, usable: list[str]) -> Plan | None:
+    """The plan a table entry records, or None if it is stale (other buckets, or a backend this
+    machine no longer has)."""
+    if entry.get("buckets") != list(BUCKETS):
+        return None
+    backends, alg_ids = tuple(entry["choice"]), tuple(entry["alg_ids"])
+    if any(b not in usable and b not in ("dense", "reference") for b in backends):
+        return None
+    return Plan(backends, alg_ids)
