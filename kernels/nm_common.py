@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+# Token-count buckets the autotuners key on: the dispatcher's buckets (atv_sparse.ops.dispatch),
+# so measuring a plan also tunes every kernel configuration later calls use.
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192)
+
+
+def m_bucket(tokens: int) -> int:
+    for upper in M_BUCKETS:
+        if tokens <= upper:
+            return upper
+    return M_BUCKETS[-1]
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter (how CI runs the kernels): one config, no tuning."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit

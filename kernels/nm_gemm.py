@@ -16,19 +16,17 @@ for 2:4 where cuSPARSELt is missing. Same layout as ``nm_gemv`` (``nm_layout.py`
 
 Arguments: as ``nm_gemv``'s (x_ptr (M, K), values_ptr (N, K n / m), mask_ptr (N, ceil(K / 8)),
 bias_ptr, out_ptr (M, N), their strides), plus K and the tile sizes BLOCK_M, BLOCK_N, BLOCK_K
-(each >= 16 for tl.dot). DOT_FP32 upcasts the tiles before tl.dot: set only for bf16 under
+(each >= 16 for tl.dot) chosen by @triton.autotune, keyed on the token bucket M_BUCKET and (N, K). DOT_FP32 upcasts the tiles before tl.dot: set only for bf16 under
 Triton's interpreter, whose bf16 tl.dot returns garbage (GPUs use the native bf16 dot).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .nm_common import check_problem, load_group_masks, store_output
+from .nm_common import check_problem, interpreting, load_group_masks, m_bucket, store_output
 
 
 @triton.jit
@@ -38,10 +36,21 @@ def _popcount8(v):
     return (v + (v >> 4)) & 0x0F
 
 
+def _configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the usual fp16 tensor-core tiles, small M first
+    shapes = [(16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 32, 4, 4), (64, 128, 32, 4, 3),
+              (128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 256, 32, 8, 3)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _nm_gemm_kernel(
     x_ptr, values_ptr, mask_ptr, bias_ptr, out_ptr,
-    M, N, K, KV,
+    M, N, K, KV, M_BUCKET,
     stride_xm, stride_xk, stride_vn, stride_bn, stride_om, stride_on,
     HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr, DOT_FP32: tl.constexpr, NKEEP: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -75,14 +84,15 @@ def nm_gemm(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, n: int
     (M, K), (N, KV) = x.shape, values.shape
     if out is None:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    block_m, block_n, block_k = 32, 32, 32
-    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))
+
     _nm_gemm_kernel[grid](
         x, values, bitmask, bias if bias is not None else values, out,
-        M, N, K, KV,
+        M, N, K, KV, m_bucket(M),
         x.stride(0), x.stride(1), values.stride(0), bitmask.stride(0), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, OUT_BF16=out.dtype == torch.bfloat16,
-        DOT_FP32=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1", NKEEP=n, GROUP=m,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_FP32=x.dtype == torch.bfloat16 and interpreting(), NKEEP=n, GROUP=m,
     )
     return out

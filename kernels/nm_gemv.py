@@ -27,7 +27,11 @@ Arguments (pointers / sizes / strides / meta-parameters):
     GATED       silu(first) * second instead of first (no bias then)
     HAS_BIAS    add bias_ptr; OUT_BF16: round the fp32 accumulator to bf16 explicitly (nm_common.store_output)
     NKEEP, GROUP, POS_BITS   n, m and log2(m) of the pattern
-    BLOCK_M, BLOCK_N, BLOCK_V  tile sizes
+    BLOCK_M, BLOCK_N, BLOCK_V  tile sizes: BLOCK_M = min(16, next_pow2(M)) from the host, BLOCK_N and
+                BLOCK_V (and warps) from @triton.autotune, keyed on the token bucket M_BUCKET and (N, KV)
+
+Parallelism at decode comes from many narrow row tiles (BLOCK_N down to 8 rows: 512 programs for
+N = 4096), not from split-K, which would need a zeroed fp32 workspace (an extra allocation).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .nm_common import check_problem, load_group_masks, store_output
+from .nm_common import check_problem, interpreting, load_group_masks, m_bucket, store_output
 from .nm_layout import position_lut
 
 _LUTS: dict = {}
@@ -57,10 +61,25 @@ def _nm_chunk(x_ptr, values_ptr, mask_ptr, lut_ptr, rm, rn, rv, nv, M, stride_xm
     return tl.sum(xg.to(tl.float32) * vals[None, :, :].to(tl.float32), axis=2)
 
 
+def _configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_V": 64}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_V": bv}, num_warps=w)
+            for bn in (8, 16, 32) for bv in (64, 128, 256) for w in (4, 8)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles whose (BLOCK_M, BLOCK_N, BLOCK_V) gather would spill registers (> 16K fp32)."""
+    block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
+    kept = [c for c in configs if block_m * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"] <= 16384]
+    return kept or configs[:1]
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "KV"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _nm_gemv_kernel(
     x_ptr, values_ptr, mask_ptr, up_values_ptr, up_mask_ptr, lut_ptr, bias_ptr, out_ptr,
-    M, N, KV,
+    M, N, KV, M_BUCKET,
     stride_xm, stride_xk, stride_vn, stride_bn, stride_om, stride_on,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr,
     NKEEP: tl.constexpr, GROUP: tl.constexpr, POS_BITS: tl.constexpr,
@@ -104,13 +123,15 @@ def nm_gemv(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, n: int
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     up_values, up_mask = up if up is not None else (values, bitmask)
     block_m = min(16, triton.next_power_of_2(M))
-    block_n, block_v = 32, 64
-    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m))
+
     _nm_gemv_kernel[grid](
         x, values, bitmask, up_values, up_mask, _LUTS[key], bias if bias is not None else values, out,
-        M, N, KV,
+        M, N, KV, m_bucket(M),
         x.stride(0), x.stride(1), values.stride(0), bitmask.stride(0), out.stride(0), out.stride(1),
         GATED=up is not None, HAS_BIAS=bias is not None, OUT_BF16=out.dtype == torch.bfloat16, NKEEP=n,
-        GROUP=m, POS_BITS=m.bit_length() - 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_V=block_v,
+        GROUP=m, POS_BITS=m.bit_length() - 1, BLOCK_M=block_m,
     )
     return out

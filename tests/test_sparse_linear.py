@@ -258,3 +258,10 @@ def test_table_file_is_json_with_buckets(tmp_path):
     write_table(path, {}, "GPU X")
     data = json.loads(path.read_text())
     assert data["buckets"] == list(BUCKETS) and data["device"] == "GPU X"
+
+
+def test_kernel_autotune_buckets_are_the_dispatch_buckets():
+    from atv_sparse.kernels.nm_common import M_BUCKETS, m_bucket
+
+    assert M_BUCKETS == BUCKETS
+    assert all(m_bucket(t) == BUCKETS[bucket_index(t)] for t in (1, 3, 9, 64, 65, 600, 9000))
