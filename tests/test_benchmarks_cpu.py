@@ -1,0 +1,69 @@
+"""The benchmark scripts on a CPU: latency.py exits 0 with a message, and the end-to-end decoder it
+times (benchmarks/llama_decode.py) computes what transformers' Llama computes, dense and sparse."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_latency_without_gpu_says_so_and_exits_zero():
+    run = subprocess.run([sys.executable, str(BENCH / "latency.py"), "--e2e"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and "no CUDA GPU" in run.stdout
+
+
+def tiny_hf_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_decoder_matches_transformers_prefill_and_cached_decode():
+    from llama_decode import from_hf, generate
+
+    hf = tiny_hf_llama()
+    mine = from_hf(hf).eval()
+    ids = torch.randint(0, 96, (1, 9))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = mine(ids, torch.arange(9))
+        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4)
+        tokens, _ = generate(mine, ids, 6, cuda_graph=False)
+        ref_tokens = hf.generate(ids, max_new_tokens=6, do_sample=False)[0, 9:]
+    assert torch.equal(tokens[0], ref_tokens)
+
+
+def test_sparsified_decoder_uses_sparse_linears_with_the_same_function():
+    from llama_decode import from_hf, sparsify
+
+    from atv_sparse.nn.sparse_linear import SparseLinear
+
+    mine = from_hf(tiny_hf_llama()).eval()
+    ids = torch.randint(0, 96, (1, 7))
+    pruned = {}
+    for i, block in enumerate(mine.layers):  # the expected result: dense linears with magnitude 2:4 zeros
+        for attr in ("wqkv", "wo", "w_gate_up", "w_down"):
+            w = getattr(block, attr).weight.data
+            groups = w.abs().reshape(w.shape[0], -1, 4)
+            keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, dim=-1).indices, True)
+            pruned[(i, attr)] = w * keep.reshape(w.shape)
+    with torch.no_grad():
+        for (i, attr), w in pruned.items():
+            getattr(mine.layers[i], attr).weight.copy_(w)
+        expected = mine(ids, torch.arange(7))
+        sparsify(mine, "2:4")
+        got = mine(ids, torch.arange(7))
+    assert all(isinstance(getattr(b, a), SparseLinear) for b in mine.layers for a in ("wqkv", "w_down"))
+    assert mine.layers[0].w_gate_up.gated
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
