@@ -34,7 +34,7 @@ def stack_rows(parts: list[SparseLinear], gated: bool = False, name: str = "fuse
                           for b, p in zip(biases, parts, strict=True)])
     return SparseLinear.from_packed(torch.cat([p.weight_bitmask for p in parts]),
                                     torch.cat([p.weight_values for p in parts]), first.in_features, first.pattern,
-                                    bias=bias, backend=first.backend, gated=gated, name=name)
+                                    bias=bias, backend=first.backend, gated=gated, name=name, validate=False)
 
 
 def _fusable(parts) -> bool:

@@ -85,11 +85,14 @@ class SparseLinear(nn.Module):
 
     @classmethod
     def from_packed(cls, bitmask: torch.Tensor, values: torch.Tensor, in_features: int, pattern: Pattern | str,
-                    bias: torch.Tensor | None = None, prepare: bool = False, **kwargs) -> "SparseLinear":
-        """Wrap an existing bitmask + values pair (shared, not copied); validated first."""
+                    bias: torch.Tensor | None = None, prepare: bool = False, validate: bool = True,
+                    **kwargs) -> "SparseLinear":
+        """Wrap an existing bitmask + values pair (shared, not copied); validated first unless
+        ``validate=False`` (for pairs already validated, e.g. right after loading)."""
         pattern = parse_pattern(pattern) if isinstance(pattern, str) else pattern
         name = kwargs.get("name", "SparseLinear")
-        validate_compressed(name, bitmask, values, bitmask.shape[0], in_features, pattern.n, pattern.m)
+        if validate:
+            validate_compressed(name, bitmask, values, bitmask.shape[0], in_features, pattern.n, pattern.m)
         module = cls(in_features, bitmask.shape[0], pattern, bias=bias is not None, num_values=values.numel(),
                      device="meta", dtype=values.dtype, **kwargs)
         module.weight_bitmask, module.weight_values = bitmask, values

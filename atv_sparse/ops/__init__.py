@@ -48,5 +48,5 @@ def sparse_linear(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, 
                              "atv_sparse.SparseLinear (SparseLinear.from_packed) instead of sparse_linear")
     pattern = Pattern(n, m, 1 - n / m if m else 1 - values.numel() / max(bitmask.shape[0] * in_features, 1))
     layer = SparseLinear.from_packed(bitmask, values, in_features, pattern, bias=bias, backend=backend,
-                                     prepare=False)
+                                     validate=False)
     return layer(x)
