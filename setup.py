@@ -1,48 +1,35 @@
 """atv-sparse: pip-installable package; builds the optional CUDA library from csrc/ with nvcc.
 
-The CUDA library is built only when csrc/ has sources, nvcc is on PATH and
-ATV_SPARSE_SKIP_CUDA_BUILD is not set; otherwise one log line says why it was skipped and the
-package installs without it. ATV_SPARSE_CUDA_ARCHS overrides the target architectures
-(default "80;86;89;90a").
+The build rules live in atv_sparse/ops/build_cuda.py (standard library only, loaded by path: torch
+may not be installed yet): it builds when nvcc and a CUDA GPU are present, or with
+ATV_SPARSE_FORCE_CUDA_BUILD=1; ATV_SPARSE_SKIP_CUDA_BUILD=1 skips; ATV_SPARSE_CUDA_ARCHS overrides
+the architectures (default "80;86;89;90a"). Otherwise one log line says why it skipped, and a failed
+compile is logged without failing the install.
 """
 
-import glob
+import importlib.util
 import os
-import shutil
-import subprocess
 
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-LIB_NAME = "libatv_sparse_cuda.so"
 
 
 def build_cuda_library(out_dir: str) -> None:
-    sources = sorted(glob.glob(os.path.join(HERE, "csrc", "*.cu")))
-    if os.environ.get("ATV_SPARSE_SKIP_CUDA_BUILD") == "1":
-        print("atv-sparse: ATV_SPARSE_SKIP_CUDA_BUILD=1, skipping the CUDA library")
-        return
-    if not sources:
-        print("atv-sparse: no CUDA sources in csrc/, skipping the CUDA library")
-        return
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        print("atv-sparse: nvcc not found, skipping the CUDA library (the Triton and reference backends still work)")
-        return
-    archs = os.environ.get("ATV_SPARSE_CUDA_ARCHS", "80;86;89;90a").split(";")
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
-    os.makedirs(out_dir, exist_ok=True)
-    cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *gencode, *sources,
-           "-o", os.path.join(out_dir, LIB_NAME)]
-    print("atv-sparse: building the CUDA library:", " ".join(cmd))
-    subprocess.check_call(cmd)
+    spec = importlib.util.spec_from_file_location("atv_sparse_build_cuda",
+                                                  os.path.join(HERE, "atv_sparse", "ops", "build_cuda.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.build_cuda_library(os.path.join(HERE, "csrc"), out_dir)
 
 
 class BuildPy(build_py):
     def run(self):
         super().run()
-        build_cuda_library(os.path.join(self.build_lib, "atv_sparse"))
+        # An editable install (PEP 660) imports atv_sparse from the source tree: the library goes there.
+        editable = getattr(self, "editable_mode", False)
+        build_cuda_library(os.path.join(HERE, "atv_sparse") if editable else os.path.join(self.build_lib, "atv_sparse"))
 
 
 setup(

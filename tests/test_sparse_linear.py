@@ -119,9 +119,9 @@ def test_plan_buckets_and_summary():
     assert bucket_index(1) == 0 and bucket_index(3) == BUCKETS.index(4) and bucket_index(64) == BUCKETS.index(64)
     assert bucket_index(65) == BUCKETS.index(128) and bucket_index(10**6) == len(BUCKETS) - 1
     plan = heuristic_plan(["cuda", "triton", "cusparselt"], dense_fallback=True)
-    assert plan.pick(16) == ("cuda", -1) and plan.pick(17)[0] == "triton" and plan.pick(64)[0] == "triton"
+    assert plan.pick(4) == ("cuda", -1) and plan.pick(5)[0] == "triton" and plan.pick(64)[0] == "triton"
     assert plan.pick(65) == ("cusparselt", 0)
-    assert plan.summary() == "cuda<=16,triton<=64,cusparselt>64"
+    assert plan.summary() == "cuda<=4,triton<=64,cusparselt>64"
     four_eight = heuristic_plan(["triton"], dense_fallback=True)  # no 4:8 tensor-core path
     assert four_eight.pick(4096)[0] == "dense" and heuristic_plan(["triton"], False).pick(4096)[0] == "triton"
     assert heuristic_plan([], True) == Plan.uniform("reference")

@@ -25,6 +25,9 @@ KERNEL_BACKENDS = ("cuda", "triton", "cusparselt")
 BACKENDS = ("auto", *KERNEL_BACKENDS, "reference")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192)
 TOKEN_LIMITS = {"cuda": 16}
+# Unmeasured, the CUDA decode kernels are trusted only where they are surely bandwidth-bound (by
+# instruction count they turn compute-bound above ~4 tokens); a measured table overrides this.
+HEURISTIC_CUDA_TOKENS = 4
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -127,7 +130,7 @@ def heuristic_plan(usable: list[str], dense_fallback: bool) -> Plan:
     many, else dense cuBLAS (if allowed) or the Triton GEMM."""
     backends = []
     for tokens in BUCKETS:
-        if "cuda" in usable and tokens <= TOKEN_LIMITS["cuda"]:
+        if "cuda" in usable and tokens <= HEURISTIC_CUDA_TOKENS:
             backends.append("cuda")
         elif "triton" in usable and tokens <= 64:
             backends.append("triton")
