@@ -51,7 +51,7 @@ setup(
         "numpy",
         "pillow",
     ],
-    extras_require={"test": ["pytest>=8", "matplotlib"], "plot": ["matplotlib"]},
+    extras_require={"test": ["pytest>=8", "matplotlib"], "plot": ["matplotlib"], "vllm": ["vllm>=0.32,<0.34"]},
     # vLLM loads this in every process it starts; the module imports vllm lazily.
     entry_points={"vllm.general_plugins": ["atv_sparse = atv_sparse.vllm_plugin:register"]},
     cmdclass={"build_py": BuildPy},

@@ -46,11 +46,16 @@ def compress(weight: torch.Tensor, keep: torch.Tensor, n: int | None = None,
 
 
 def decompress(bitmask: torch.Tensor, values: torch.Tensor, in_features: int) -> torch.Tensor:
-    """(bitmask, values) -> dense weight (out, in) in the values' dtype, zeros where pruned."""
+    """(bitmask, values) -> dense weight (out, in) in the values' dtype, zeros where pruned.
+
+    A gather by running popcount rather than boolean-mask assignment: no data-dependent shape, so
+    no host sync, and CUDA graphs can capture it (the reference backend runs this per call)."""
     keep = unpack_bitmask(bitmask, in_features)
-    dense = torch.zeros(keep.shape, dtype=values.dtype, device=values.device)
-    dense[keep] = values.reshape(-1)
-    return dense
+    if values.numel() == 0:
+        return torch.zeros(keep.shape, dtype=values.dtype, device=values.device)
+    position = (keep.reshape(-1).cumsum(0) - 1).clamp_(min=0)
+    gathered = values.reshape(-1)[position].view(keep.shape)
+    return torch.where(keep, gathered, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
 def expected_values_shape(out_features: int, in_features: int, n: int | None, m: int | None):
