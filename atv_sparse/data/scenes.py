@@ -1,0 +1,154 @@
+"""Scenes of coloured shapes on a 3 x 3 grid, optionally with a word, drawn with PIL.
+
+A :class:`Scene` is the content of an image (background, shapes and their cells, a word and its
+row); :meth:`Scene.key` names that content and decides which split the image belongs to, so two
+images with the same content never land in different splits. The pixels also depend on a render
+seed (each shape's size and small offsets, the word's offset), drawn from ``random.Random(seed)``:
+the same scene and seed give the same bytes.
+
+Cells are numbered row by row: 0 1 2 / 3 4 5 / 6 7 8 (0 = top left).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from PIL import Image, ImageDraw
+
+from .font import draw_word, word_size
+
+IMAGE_SIZE = 56
+GRID = 3
+COLOURS = {"red": (215, 35, 35), "green": (35, 165, 65), "blue": (40, 80, 225), "yellow": (235, 205, 25),
+           "purple": (140, 55, 175), "orange": (245, 135, 25)}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUNDS = {"white": (255, 255, 255), "grey": (205, 205, 205), "cream": (245, 235, 200)}
+WORD_COLOUR = (15, 15, 15)
+WORD_SCALE = 2  # 10 x 14 px glyphs: a 3-letter word spans about 5 x 2 patches of 7 px
+CELL_NAMES = ("top left", "top middle", "top right", "middle left", "centre", "middle right",
+              "bottom left", "bottom middle", "bottom right")
+ROW_NAMES = ("top row", "middle row", "bottom row")
+
+
+@dataclasses.dataclass(frozen=True)
+class Obj:
+    """One shape: its colour, kind and grid cell."""
+
+    colour: str
+    shape: str
+    cell: int
+
+    @property
+    def row(self) -> int:
+        return self.cell // GRID
+
+    @property
+    def col(self) -> int:
+        return self.cell % GRID
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    """The content of one image; ``objects`` are sorted by cell and occupy distinct cells."""
+
+    background: str
+    objects: tuple[Obj, ...]
+    word: str | None = None
+    word_row: int | None = None  # the word fills this row; no shape sits in it
+
+    def key(self) -> str:
+        """Canonical text of the content (offsets and sizes excluded): the unit of the split."""
+        objects = ",".join(f"{o.colour}-{o.shape}-{o.cell}" for o in self.objects)
+        word = f"|{self.word}@{self.word_row}" if self.word else ""
+        return f"{self.background}|{objects}{word}"
+
+    def render(self, seed: int, size: int = IMAGE_SIZE) -> Image.Image:
+        """The RGB image, ``size`` x ``size``; shape sizes and offsets come from ``seed``."""
+        image = Image.new("RGB", (size, size), BACKGROUNDS[self.background])
+        self._paint(ImageDraw.Draw(image), seed, size, lambda i, obj: COLOURS[obj.colour], WORD_COLOUR)
+        return image
+
+    def label_map(self, seed: int, size: int = IMAGE_SIZE) -> Image.Image:
+        """Which thing covers each pixel of :meth:`render` (same seed): a mode "L" image with 0 for
+        the background, 1 + i for ``objects[i]`` and 100 + k for the word's k-th letter."""
+        image = Image.new("L", (size, size), 0)
+        self._paint(ImageDraw.Draw(image), seed, size, lambda i, obj: 1 + i, lambda k, letter: 100 + k)
+        return image
+
+    def _paint(self, draw: ImageDraw.ImageDraw, seed: int, size: int, object_fill, word_fill) -> None:
+        rng = random.Random(seed)
+        cell = size / GRID
+        for i, obj in enumerate(self.objects):
+            r = rng.randint(5, 7) * size / IMAGE_SIZE
+            cx = (obj.col + 0.5) * cell + rng.uniform(-1.5, 1.5)
+            cy = (obj.row + 0.5) * cell + rng.uniform(-1.5, 1.5)
+            _draw_shape(draw, obj.shape, object_fill(i, obj), cx, cy, r)
+        if self.word:
+            width, height = word_size(self.word, WORD_SCALE)
+            x = rng.randint(1, max(1, size - width - 1))
+            y = int(self.word_row * cell + (cell - height) / 2) + rng.randint(-1, 1)
+            draw_word(draw, (x, max(0, y)), self.word, word_fill, WORD_SCALE)
+
+    # Queries used by the task definitions -------------------------------------------------
+    def with_shape(self, shape: str) -> list[Obj]:
+        return [o for o in self.objects if o.shape == shape]
+
+    def with_colour(self, colour: str) -> list[Obj]:
+        return [o for o in self.objects if o.colour == colour]
+
+    def has(self, colour: str, shape: str) -> bool:
+        return any(o.colour == colour and o.shape == shape for o in self.objects)
+
+    def unique_by_name(self) -> list[Obj]:
+        """Objects that no other object shares both colour and shape with."""
+        return [o for o in self.objects if sum(p.name == o.name for p in self.objects) == 1]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, fill, cx: float, cy: float, r: float) -> None:
+    box = [round(cx - r), round(cy - r), round(cx + r), round(cy + r)]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(round(cx), box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def random_scene(rng: random.Random, n_objects: int, word: str | None = None,
+                 colours: tuple[str, ...] | None = None) -> Scene:
+    """``n_objects`` shapes in distinct random cells (outside the word's row when there is a word)."""
+    word_row = rng.randrange(GRID) if word else None
+    free = [c for c in range(GRID * GRID) if word_row is None or c // GRID != word_row]
+    if n_objects > len(free):
+        raise ValueError(f"random_scene: {n_objects} shapes do not fit in {len(free)} free cells")
+    palette = colours or tuple(COLOURS)
+    cells = rng.sample(free, n_objects)
+    objects = tuple(sorted((Obj(rng.choice(palette), rng.choice(SHAPES), c) for c in cells), key=lambda o: o.cell))
+    return Scene(rng.choice(tuple(BACKGROUNDS)), objects, word, word_row)
+
+
+def a(word: str) -> str:
+    """``word`` with its indefinite article."""
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def caption(scene: Scene) -> str:
+    """A ShareGPT4V-style description: every shape in reading order, the background and the word."""
+    parts = [f"{a(o.name)} in the {CELL_NAMES[o.cell]}" for o in scene.objects]
+    if not parts:
+        text = "There are no shapes"
+    elif len(parts) == 1:
+        text = parts[0]
+    else:
+        text = ", ".join(parts[:-1]) + " and " + parts[-1]
+    text = f"{text[0].upper()}{text[1:]}, on {a(scene.background)} background."
+    if scene.word:
+        text += f" The word {scene.word} is written across the {ROW_NAMES[scene.word_row]}."
+    return text
