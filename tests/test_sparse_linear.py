@@ -265,3 +265,18 @@ def test_kernel_autotune_buckets_are_the_dispatch_buckets():
 
     assert M_BUCKETS == BUCKETS
     assert all(m_bucket(t) == BUCKETS[bucket_index(t)] for t in (1, 3, 9, 64, 65, 600, 9000))
+
+
+def test_loaded_model_holds_only_packed_weights(tmp_path):
+    import atv_sparse.convert  # noqa: F401
+
+    _, out = write_tiny(tmp_path, "llama", dtype="float16")
+    model = atv_sparse.load(out, fuse=True, progress=False)
+    sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert sparse and all(set(m.resident_bytes()) <= {"values", "bitmask", "bias"} for m in sparse)
+    names = set(model.state_dict())
+    # the fused groups replaced their parts: no per-projection copy of q/k/v or gate/up is left
+    assert not any(n.endswith(("q_proj.weight_values", "gate_proj.weight_values")) for n in names)
+    packed = sum(sum(m.resident_bytes().values()) for m in sparse)
+    dense = sum(m.in_features * m.out_features * 2 for m in sparse)
+    assert packed < 0.6 * dense  # 2:4 fp16: 1.125 of 2 bytes per weight
