@@ -42,6 +42,7 @@ import torch
 from .errors import AtvSparseError
 
 SCORERS = ("teacher-forced", "generate")
+DEFAULT_PER_TASK = 500
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ARTICLES = re.compile(r"^(a|an|the)\s+")
 _PUNCT_EDGES = re.compile(r"^[\s\"'.,;:!?()\[\]]+|[\s\"'.,;:!?()\[\]]+$")
@@ -331,7 +332,10 @@ def _generate_batch(model, processor, items: list[EvalItem], device, max_new_tok
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(_eos_ids(model, tokenizer)))
     new = out[:, batch["input_ids"].shape[1]:]
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-    forced = _teacher_forced_batch(model, processor, items, device)
+    try:
+        forced = _teacher_forced_batch(model, processor, items, device)
+    except AtvSparseError:  # the template cannot be teacher-forced: no NLL, greedy scores still stand
+        forced = [{"task": it.task, "key": it.key, "nll": float("nan")} for it in items]
     return [{**f, "correct": exact_match(text, it.answer), "prediction": text}
             for f, text, it in zip(forced, texts, items, strict=True)]
 
@@ -416,7 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense, dense-with-zeros or compressed checkpoint (default: the bundled tiny VLM)")
     p.add_argument("--data", metavar="FILE", help='JSONL of {"image", "question", "answer"[, "task"]} '
                                                   "(default: the synthetic test split)")
-    p.add_argument("--per-task", type=int, default=500, help="items per task (synthetic: generated; --data: first N)")
+    p.add_argument("--per-task", type=int, default=None,
+                   help=f"items per task (synthetic: generated, default {DEFAULT_PER_TASK}; --data: the first N, "
+                        "default all)")
     p.add_argument("--limit", type=int, default=None, help="at most this many items in total")
     p.add_argument("--tasks", nargs="+", default=None, help="synthetic tasks to run (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic test items")
@@ -513,7 +519,8 @@ def run(args) -> dict:
         from .data.synthetic import TASKS, describe_tasks
 
         n_tasks = len(args.tasks or TASKS)
-        per_task = args.per_task if args.limit is None else min(args.per_task, -(-args.limit // n_tasks))
+        per_task = args.per_task or DEFAULT_PER_TASK
+        per_task = per_task if args.limit is None else min(per_task, -(-args.limit // n_tasks))
         items = limit_items(synthetic_items(per_task, args.seed, tuple(args.tasks) if args.tasks else None),
                             None, args.limit)
         report["data"] = f"synthetic test split, {per_task} per task, seed {args.seed}"
