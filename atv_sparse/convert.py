@@ -2,8 +2,11 @@
 
     python -m atv_sparse.convert CKPT --method wanda --pattern 2:4 --out OUT
 
-With no CKPT it runs on the embedded default (a tiny random Llama written to a temp dir and
-loaded like any checkpoint) and writes to a new temp dir, so it needs nothing else.
+With no CKPT it runs on the embedded default, the bundled trained tiny vision-language model
+(``atv_sparse/assets/tiny_vlm``, see its model card) with the embedded calibration set (the
+synthetic tasks' calibration split), writes to a new temp dir and then scores the dense and the
+pruned model on a subset of the synthetic test split (``--eval-per-task``), so it needs nothing
+else.
 """
 
 from __future__ import annotations
@@ -29,13 +32,13 @@ from .formats.safetensors_io import checkpoint_files, checkpoint_tensors
 from .formats.spec import build_quantization_config
 from .models import adapter_for, read_config
 from .patterns import check_sparsity, parse_pattern
-from .prune.driver import prune_blocks
-from .prune.selectors import BUDGET_RULES, CALIB_TOKENS, SampleTokens, make_selector
+from .prune.pipeline import ABLATION_TOKENS, prune_model
+from .prune.selectors import BUDGET_RULES, CALIB_TOKENS, SampleTokens
 from .prune.targets import resolve_targets
 
 NSAMPLES, SEQLEN = 128, 2048
-# The embedded model is a demo that must finish in seconds on a laptop CPU.
-EMBEDDED_NSAMPLES, EMBEDDED_SEQLEN = 32, 256
+# The embedded model is a demo that must finish in about a minute on a laptop CPU.
+EMBEDDED_NSAMPLES, EMBEDDED_SEQLEN, EMBEDDED_EVAL_PER_TASK = 32, 256, 40
 # CLI method -> (score / update rule run by the driver, default token selector).
 METHODS = {"magnitude": ("magnitude", None), "wanda": ("wanda", "mixed"), "sparsegpt": ("sparsegpt", "mixed"),
            "atv": ("wanda", "atv"), "tamp": ("tamp", "tamp")}
@@ -63,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="FILE", default=None,
                    help="calibration data. Text models: .txt, or .jsonl with {\"text\": ...} per line. Vision-language "
                         "models: ShareGPT4V .json / .jsonl ({\"image\", \"conversations\"}) or .jsonl {\"image\", \"text\"}, "
-                        "or .txt for text only. Default: an embedded text / synthetic image set")
+                        "or .txt for text only. Default: an embedded text, or for vision-language models the "
+                        "ShareGPT4V-style conversations of the synthetic tasks' calibration split")
     p.add_argument("--calib-tokens", choices=CALIB_TOKENS, default=None,
                    help="positions feeding the statistics of Wanda / SparseGPT (vision-language models): mixed (all), "
                         "text, visual, atv, random (ATV's budget, random positions), and the paper's ablations abs "
@@ -100,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="resolve targets, check shapes, print the module table and estimates; write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--eval-per-task", type=int, default=None, metavar="N",
+                   help="vision-language models: after writing, score the dense and the pruned model on N items per "
+                        "task of the synthetic test split and print both (default "
+                        f"{EMBEDDED_EVAL_PER_TASK} for the embedded model, 0 = off otherwise)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -117,6 +125,10 @@ def _check_args(args) -> None:
         args.nsamples = EMBEDDED_NSAMPLES if embedded else NSAMPLES
     if args.seqlen is None:
         args.seqlen = EMBEDDED_SEQLEN if embedded else SEQLEN
+    if args.eval_per_task is None:
+        args.eval_per_task = EMBEDDED_EVAL_PER_TASK if embedded else 0
+    if args.eval_per_task < 0:
+        raise AtvSparseError(f"--eval-per-task must be >= 0, got {args.eval_per_task}")
     if args.sparsity is not None:
         check_sparsity(args.sparsity)
     if args.nsamples < 1:
@@ -166,23 +178,19 @@ def run(argv: list[str] | None = None) -> dict:
     hf_logging.disable_progress_bar()  # our per-block bars are the ones that tell the user something
     max_shard = parse_size(args.max_shard_size)
     times: dict[str, float] = {}
-    embedded_tmp = None
-    if args.ckpt is None:
-        from .tiny import build_tiny_llama
+    embedded = args.ckpt is None
+    if embedded:
+        from .tiny_vlm import bundled_model_dir
 
-        embedded_tmp = tempfile.TemporaryDirectory(prefix="atv-sparse-tiny-")
-        t0 = time.perf_counter()
-        ckpt = build_tiny_llama(Path(embedded_tmp.name) / "tiny-llama")
-        times["build embedded model"] = time.perf_counter() - t0
-        out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="atv-sparse-out-")) / "tiny-llama-pruned"
+        ckpt = bundled_model_dir()
+        out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="atv-sparse-out-")) / "tiny-vlm-pruned"
     else:
         ckpt = Path(args.ckpt)
         out = Path(args.out) if args.out else None
-    try:
-        return _convert(args, ckpt, out, pattern, device, max_shard, times, embedded=embedded_tmp is not None)
-    finally:
-        if embedded_tmp is not None:
-            embedded_tmp.cleanup()
+    summary = _convert(args, ckpt, out, pattern, device, max_shard, times, embedded=embedded)
+    if args.eval_per_task and not args.dry_run:
+        summary["accuracy"] = _accuracy_report(ckpt, summary["out"], args.eval_per_task, device, args.quiet)
+    return summary
 
 
 def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, times, embedded: bool) -> dict:
@@ -191,6 +199,9 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
         raise AtvSparseError(f"{ckpt}: already a compressed checkpoint ({config['quantization_config'].get('quant_method')}); "
                              "convert the dense model instead")
     adapter = adapter_for(config, ckpt)
+    if args.eval_per_task and not adapter.multimodal:
+        raise AtvSparseError(f"--eval-per-task: {ckpt} is a text-only model ({adapter.architecture}); the synthetic "
+                             "tasks ask about images (use python -m atv_sparse.evaluate --ppl FILE for text)")
     tensors = checkpoint_tensors(checkpoint_files(ckpt))
     if out is not None:
         check_output_dir(out, args.overwrite, ckpt)
@@ -210,39 +221,28 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
         return {"dry_run": True, "targets": list(plan.targets), "skipped": plan.skipped, **estimate}
     del skeleton
 
-    samples, selector = None, None
+    samples, tokens = None, None
     if args.tokens is not None:
         t0 = time.perf_counter()
         samples, tokens = _calibration_samples(args, ckpt, adapter)
-        selector = make_selector(args.tokens, tokens, args.alpha, args.budget_rule, args.seed)
         times["calibration data"] = time.perf_counter() - t0
+    budget_target, budget_source = _budget_from(args) if args.tokens in ABLATION_TOKENS else (None, None)
 
     t0 = time.perf_counter()
     model = adapter.load(ckpt, dtype)
     times["load"] = time.perf_counter() - t0
     layers = adapter.decoder_layers(model)
     targets = {name: model.get_submodule(name) for name in plan.targets}
-    if args.tokens in ("abs", "dbs", "drift-fixed"):
-        t0 = time.perf_counter()
-        settings_budget = _calibrate_ablation(args, model, layers, samples, selector, device)
-        times["budget dense pass"] = time.perf_counter() - t0
-    else:
-        settings_budget = {}
-    sparsities = None
-    if args.das:
-        from .prune.tamp_tokens import das_sparsities
-
-        t0 = time.perf_counter()
-        sparsities, _ = das_sparsities(model, layers, adapter.layers_prefix(model), targets, samples, selector.tokens,
-                                       device, pattern.sparsity, progress=not args.quiet)
-        times["DAS pre-pass"] = time.perf_counter() - t0
-    result = prune_blocks(model, layers, adapter.layers_prefix(model), targets, args.score_method, pattern, samples,
-                          device, selector=selector, blocksize=args.blocksize, percdamp=args.percdamp,
-                          sparsities=sparsities, progress=not args.quiet)
+    result, settings_budget, extra_times = prune_model(
+        model, layers, adapter.layers_prefix(model), targets, args.score_method, pattern, samples, tokens, device,
+        calib_tokens=args.tokens, alpha=args.alpha, budget_rule=args.budget_rule, seed=args.seed, das=args.das,
+        budget_target=budget_target, budget_source=budget_source, blocksize=args.blocksize, percdamp=args.percdamp,
+        progress=not args.quiet)
+    times.update(extra_times)
     times.update({k: v for k, v in result.timings.items() if v})
 
     sparsity_json = _sparsity_json(targets, result.bitmasks, pattern, plan.skipped)
-    default_calib = "<embedded synthetic image set>" if adapter.multimodal else DEFAULT_CALIBRATION
+    default_calib = "<synthetic tasks, calibration split>" if adapter.multimodal else DEFAULT_CALIBRATION
     settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
                 "calibration": args.calib or default_calib, "dtype": str(next(model.parameters()).dtype),
                 "device": str(device), "calib_tokens": args.tokens}
@@ -251,8 +251,6 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
     if args.das:
         settings.update(das=True)
     settings.update(settings_budget)
-    if settings_budget:
-        settings["budget_selected"] = sum(b.get("visual_tokens", 0) for b in result.blocks)
     if args.score_method == "sparsegpt":
         settings.update(blocksize=args.blocksize, percdamp=args.percdamp)
     if args.score_method == "magnitude":
@@ -261,7 +259,7 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
     qconfig = build_quantization_config(pattern, args.method, settings, targets_cfg,
                                         list(args.ignore) + sorted(plan.skipped), __version__)
     report = {"method": args.method, "pattern": str(pattern), "sparsity": pattern.sparsity, "settings": settings,
-              "source": str(ckpt) if not embedded else "<embedded tiny llama>", "architecture": adapter.architecture,
+              "source": str(ckpt) if not embedded else "<bundled tiny VLM>", "architecture": adapter.architecture,
               "version": __version__, "blocks": result.blocks,
               "skipped": plan.skipped}
     t0 = time.perf_counter()
@@ -319,7 +317,7 @@ def _multimodal_samples(args, ckpt: Path, adapter):
     from transformers import AutoConfig
 
     from .calib.multimodal import build_sample, read_multimodal_file
-    from .calib.synthetic import synthetic_conversations
+    from .data.synthetic import calibration_conversations
     from .models.processors import load_processor
 
     processor = load_processor(ckpt)
@@ -337,32 +335,24 @@ def _multimodal_samples(args, ckpt: Path, adapter):
             print(f"warning: {args.calib} holds {len(conversations)} samples, fewer than --nsamples "
                   f"{args.nsamples}; using them all", file=sys.stderr)
     else:
-        conversations = synthetic_conversations(args.nsamples, seed=args.seed)
+        conversations = calibration_conversations(args.nsamples, seed=args.seed)
     samples = [build_sample(processor, conv, image_token_id) for conv in conversations]
     tokens = [SampleTokens.from_inputs(s["input_ids"], s.get("attention_mask"), image_token_id) for s in samples]
     return samples, tokens
 
 
-def _calibrate_ablation(args, model, layers, samples, selector, device) -> dict:
-    """Set the ablation selector's scale c so its total budget matches ATV's (DESIGN.md 4.5)."""
-    from .prune.ablation_tokens import calibrate_scale, dense_saliencies
-
-    s_bars, drift_total = dense_saliencies(model, layers, samples, selector, device, args.alpha, args.budget_rule,
-                                           progress=not args.quiet)
-    if args.budget_from:
-        path = Path(args.budget_from)
-        try:
-            report = json.loads(path.read_text())
-            target = sum(b["visual_tokens"] for b in report["blocks"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise AtvSparseError(f"--budget-from {path}: not a prune_report.json of an ATV run "
-                                 "(needs blocks[].visual_tokens)") from None
-        source = str(path)
-    else:
-        target, source = drift_total, "drift rule on a dense pass"
-    selector.scale = calibrate_scale(selector, s_bars, target)
-    return {"budget_target": target, "budget_source": source, "scale_c": selector.scale,
-            "dense_s_bar": s_bars}
+def _budget_from(args) -> tuple[int | None, str | None]:
+    """ABS / DBS / drift-fixed: the total visual budget of --budget-from's ATV report (None: the
+    drift rule's total on a dense pass, DESIGN.md 4.5)."""
+    if not args.budget_from:
+        return None, None
+    path = Path(args.budget_from)
+    try:
+        report = json.loads(path.read_text())
+        return sum(b["visual_tokens"] for b in report["blocks"]), str(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise AtvSparseError(f"--budget-from {path}: not a prune_report.json of an ATV run "
+                             "(needs blocks[].visual_tokens)") from None
 
 
 def _sparsity_json(targets, bitmasks, pattern, skipped) -> dict:
@@ -433,7 +423,7 @@ def _summary(args, ckpt, out, adapter, plan, model, result, pattern, written, ti
     target_numel = sum(model.get_submodule(n).weight.numel() for n in result.bitmasks)
     total_numel = sum(p.numel() for p in model.parameters())
     src_bytes = sum(f.stat().st_size for f in checkpoint_files(ckpt))
-    return {"source": "embedded tiny llama" if embedded else str(ckpt), "out": str(out), "method": args.method,
+    return {"source": "bundled tiny VLM" if embedded else str(ckpt), "out": str(out), "method": args.method,
             "pattern": str(pattern), "format": args.format,
             "architecture": adapter.architecture, "modules_pruned": len(result.bitmasks),
             "modules_skipped": len(plan.skipped), "sparsity_targets": pruned_zero / max(target_numel, 1),
@@ -450,6 +440,35 @@ def _print_summary(s: dict) -> None:
     print(f"  weights        : {_human(s['bytes_before'])} -> {_human(s['bytes_after'])} "
           f"({s['bytes_after'] / max(s['bytes_before'], 1):.2f}x, {s['format']})")
     print(f"  output         : {s['out']}")
+
+
+def _accuracy_report(ckpt: Path, out: str, per_task: int, device, quiet: bool) -> dict:
+    """Dense (``ckpt``) vs pruned (``out``) accuracy on ``per_task`` synthetic test items per task,
+    printed as a table; returns {"per_task", "dense", "pruned", "average_retention", "tasks"}."""
+    from .evaluate import compare, evaluate_model, load_model_and_processor, prepare_items, synthetic_items
+
+    t0 = time.perf_counter()
+    items = synthetic_items(per_task, seed=0)
+    model, processor = load_model_and_processor(ckpt, device=str(device))
+    prepared = prepare_items(model, processor, items)  # the output has the same processor files
+    dense = evaluate_model(model, processor, prepared, progress=not quiet)
+    del model  # one model in memory at a time
+    model, _ = load_model_and_processor(Path(out), device=str(device))
+    result = compare(evaluate_model(model, processor, prepared, progress=not quiet), dense)
+    print(f"  accuracy       : synthetic test split, {per_task} items per task, teacher-forced exact match "
+          f"({time.perf_counter() - t0:.1f} s)")
+    width = max(len(t) for t in result["tasks"])
+    print(f"    {'task':<{width}}  dense  pruned  retention")
+    for task, s in result["tasks"].items():
+        ret = "-" if s["retention"] is None else f"{s['retention']:.1f}%"
+        print(f"    {task:<{width}}  {100 * s['baseline_accuracy']:5.1f}  {100 * s['accuracy']:6.1f}  {ret:>9}")
+    ret = result["average_retention"]
+    print(f"    {'average':<{width}}  {100 * result['baseline_average']:5.1f}  {100 * result['average']:6.1f}  "
+          f"{'-' if ret is None else f'{ret:.1f}%':>9}")
+    return {"per_task": per_task, "dense": result["baseline_average"], "pruned": result["average"],
+            "average_retention": ret,
+            "tasks": {t: {k: s[k] for k in ("baseline_accuracy", "accuracy", "retention")}
+                      for t, s in result["tasks"].items()}}
 
 
 def main(argv: list[str] | None = None) -> int:

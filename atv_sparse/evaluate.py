@@ -277,9 +277,9 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def _teacher_forced_batch(model, processor, items: list[EvalItem], device) -> list[dict]:
-    """Correctness and answer NLL of each item from one forward pass over prompt + answer."""
-    tokenizer = _tokenizer(processor)
+def _teacher_forced_inputs(processor, items: list[EvalItem], eos: set[int]) -> tuple[dict, list]:
+    """The processed prompt + answer batch of ``items`` and, per item, (row, first answer position,
+    answer ids up to and including the first end-of-turn id)."""
     prompts = [processor.apply_chat_template(_messages(it, False), add_generation_prompt=True, tokenize=False)
                for it in items]
     fulls = [processor.apply_chat_template(_messages(it, True), tokenize=False) for it in items]
@@ -289,8 +289,7 @@ def _teacher_forced_batch(model, processor, items: list[EvalItem], device) -> li
                                  "the answer; use --scorer generate")
     prompt_batch = _process(processor, items, prompts, "right")
     batch = _process(processor, items, fulls, "right")
-    eos = _eos_ids(model, tokenizer)
-    targets = []  # (row, first target position, target ids)
+    targets = []
     for i, it in enumerate(items):
         n_prompt = int(prompt_batch["attention_mask"][i].sum())
         n_full = int(batch["attention_mask"][i].sum())
@@ -304,8 +303,17 @@ def _teacher_forced_batch(model, processor, items: list[EvalItem], device) -> li
         if not target:
             raise AtvSparseError(f"item {it.key!r}: the answer {it.answer!r} adds no tokens after the prompt")
         targets.append((i, n_prompt, target))
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    hidden = model.model(**batch, use_cache=False).last_hidden_state
+    return batch, targets
+
+
+def _teacher_forced_score(model, batch: dict, targets: list, items: list[EvalItem], device) -> list[dict]:
+    """Correctness and answer NLL of each item from one forward pass over prompt + answer."""
+    if "decoder_inputs" in batch:  # cached by cache_decoder_inputs: the language model alone
+        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch["decoder_inputs"].items()}
+        hidden = model.get_decoder()(**kwargs).last_hidden_state
+    else:
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        hidden = model.model(**batch, use_cache=False).last_hidden_state
     rows = torch.tensor([i for i, start, t in targets for _ in t], device=device)
     cols = torch.tensor([start - 1 + k for i, start, t in targets for k in range(len(t))], device=device)
     goal = torch.tensor([tok for _, _, t in targets for tok in t], device=device)
@@ -319,6 +327,11 @@ def _teacher_forced_batch(model, processor, items: list[EvalItem], device) -> li
                     "nll": float(nll[pos:pos + n].sum())})
         pos += n
     return out
+
+
+def _teacher_forced_batch(model, processor, items: list[EvalItem], device) -> list[dict]:
+    batch, targets = _teacher_forced_inputs(processor, items, _eos_ids(model, _tokenizer(processor)))
+    return _teacher_forced_score(model, batch, targets, items, device)
 
 
 def _generate_batch(model, processor, items: list[EvalItem], device, max_new_tokens: int) -> list[dict]:
@@ -340,25 +353,8 @@ def _generate_batch(model, processor, items: list[EvalItem], device, max_new_tok
             for f, text, it in zip(forced, texts, items, strict=True)]
 
 
-@torch.no_grad()
-def evaluate_model(model, processor, items: list[EvalItem], scorer: str = "teacher-forced", batch_size: int = 32,
-                   max_new_tokens: int = 16, progress: bool = True) -> dict:
-    """Score ``model`` on ``items``: :func:`summarize`'s dict plus ``records`` (one per item, in order:
-    task, key, correct, nll, and the generated text with ``scorer="generate"``)."""
-    from tqdm.auto import tqdm
-
-    if scorer not in SCORERS:
-        raise AtvSparseError(f"unknown scorer {scorer!r}; expected one of {', '.join(SCORERS)}")
-    if not items:
-        raise AtvSparseError("nothing to score: the evaluation set is empty")
-    if any(it.image is not None for it in items) and not is_multimodal(model):
-        raise AtvSparseError(f"{type(model).__name__} is not a vision-language model: it cannot answer questions "
-                             "about images (text perplexity with --ppl still works)")
-    if not hasattr(processor, "apply_chat_template") or not getattr(processor, "chat_template", None):
-        raise AtvSparseError("the checkpoint has no chat template; the questions cannot be formatted for it")
-    device = next(model.parameters()).device
-    model.eval()
-    # Image and text-only items in separate batches (a batch's processor call takes one kind).
+def _batches(items: list[EvalItem], batch_size: int) -> list[list[int]]:
+    """Item indices per batch: image and text-only items apart (a processor call takes one kind)."""
     order = sorted(range(len(items)), key=lambda i: items[i].image is None)
     batches, current = [], []
     for i in order:
@@ -368,10 +364,99 @@ def evaluate_model(model, processor, items: list[EvalItem], scorer: str = "teach
         current.append(i)
     if current:
         batches.append(current)
+    return batches
+
+
+def _check_can_score(model, processor, items: list[EvalItem]) -> None:
+    if not items:
+        raise AtvSparseError("nothing to score: the evaluation set is empty")
+    if any(it.image is not None for it in items) and not is_multimodal(model):
+        raise AtvSparseError(f"{type(model).__name__} is not a vision-language model: it cannot answer questions "
+                             "about images (text perplexity with --ppl still works)")
+    if not hasattr(processor, "apply_chat_template") or not getattr(processor, "chat_template", None):
+        raise AtvSparseError("the checkpoint has no chat template; the questions cannot be formatted for it")
+
+
+@dataclasses.dataclass
+class PreparedItems:
+    """``items`` run through the processor once, for teacher-forced scoring of many models that
+    share the processor (the pruned variants of one model): see :func:`prepare_items`."""
+
+    items: list[EvalItem]
+    batches: list[tuple[list[int], dict, list]]  # (item indices, processed batch, answer targets)
+
+
+def prepare_items(model, processor, items: list[EvalItem], batch_size: int = 32) -> PreparedItems:
+    """Process ``items`` once (chat template, tokenizer, image processor) for :func:`evaluate_model`."""
+    _check_can_score(model, processor, items)
+    eos = _eos_ids(model, _tokenizer(processor))
+    batches = []
+    for idx in _batches(items, batch_size):
+        batch, targets = _teacher_forced_inputs(processor, [items[i] for i in idx], eos)
+        batches.append((idx, batch, targets))
+    return PreparedItems(items, batches)
+
+
+class _DecoderInputs(Exception):
+    def __init__(self, kwargs: dict):
+        super().__init__()
+        self.kwargs = kwargs
+
+
+@torch.no_grad()
+def cache_decoder_inputs(model, prepared: PreparedItems) -> PreparedItems:
+    """The same items, each batch replaced by what ``model``'s language model (``get_decoder()``)
+    receives: the input embeddings with the image features in place, the attention mask and the
+    positions. Scoring from them runs the decoder blocks alone, which is exact for every model
+    that shares ``model``'s embeddings, vision tower and projector: the pruned variants of one
+    model whose decoder blocks alone were pruned (the default targets). Not for the MoT probe,
+    which routes by input ids."""
+    decoder = model.get_decoder()
+
+    def stop(module, args, kwargs):
+        raise _DecoderInputs(dict(kwargs))
+
+    device = next(model.parameters()).device
+    handle = decoder.register_forward_pre_hook(stop, with_kwargs=True)
+    batches = []
+    try:
+        for idx, batch, targets in prepared.batches:
+            try:
+                model.model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()},
+                            use_cache=False)
+            except _DecoderInputs as caught:
+                batches.append((idx, {"decoder_inputs": caught.kwargs}, targets))
+            else:
+                raise AtvSparseError(f"{type(model).__name__}: its language model never ran; cannot cache its inputs")
+    finally:
+        handle.remove()
+    return PreparedItems(prepared.items, batches)
+
+
+@torch.no_grad()
+def evaluate_model(model, processor, items: list[EvalItem] | PreparedItems, scorer: str = "teacher-forced",
+                   batch_size: int = 32, max_new_tokens: int = 16, progress: bool = True) -> dict:
+    """Score ``model`` on ``items`` (or on items already prepared by :func:`prepare_items`, teacher-
+    forced only): :func:`summarize`'s dict plus ``records`` (one per item, in order: task, key,
+    correct, nll, and the generated text with ``scorer="generate"``)."""
+    from tqdm.auto import tqdm
+
+    if scorer not in SCORERS:
+        raise AtvSparseError(f"unknown scorer {scorer!r}; expected one of {', '.join(SCORERS)}")
+    prepared = items if isinstance(items, PreparedItems) else None
+    if prepared is not None and scorer != "teacher-forced":
+        raise AtvSparseError("prepared items can only be scored teacher-forced")
+    items = prepared.items if prepared is not None else items
+    _check_can_score(model, processor, items)
+    device = next(model.parameters()).device
+    model.eval()
     records: list[dict | None] = [None] * len(items)
-    for idx in tqdm(batches, desc="Evaluating", unit="batch", disable=not progress, leave=False):
+    work = prepared.batches if prepared is not None else [(idx, None, None) for idx in _batches(items, batch_size)]
+    for idx, batch, targets in tqdm(work, desc="Evaluating", unit="batch", disable=not progress, leave=False):
         chunk = [items[i] for i in idx]
-        if scorer == "teacher-forced":
+        if batch is not None:
+            scored = _teacher_forced_score(model, batch, targets, chunk, device)
+        elif scorer == "teacher-forced":
             scored = _teacher_forced_batch(model, processor, chunk, device)
         else:
             scored = _generate_batch(model, processor, chunk, device, max_new_tokens)

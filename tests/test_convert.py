@@ -163,10 +163,25 @@ def test_tied_lm_head_is_refused(tmp_path, capsys):
 
 
 def test_embedded_default_runs(tmp_path, capsys):
-    summary = run(["--out", str(tmp_path / "demo"), "--nsamples", "2", "--seqlen", "64", "--quiet"])
-    assert summary["modules_pruned"] == 28 and summary["bytes_after"] < summary["bytes_before"]
-    assert "sparsity" in capsys.readouterr().out
-    assert isinstance(atv_sparse.load(tmp_path / "demo").model.layers[0].mlp.up_proj, SparseLinear)
+    """No CKPT: the bundled tiny VLM, its calibration split, and dense vs pruned accuracy."""
+    summary = run(["--method", "atv", "--out", str(tmp_path / "demo"), "--nsamples", "2", "--eval-per-task", "2",
+                   "--quiet"])
+    assert summary["source"] == "bundled tiny VLM" and summary["architecture"] == "LlavaForConditionalGeneration"
+    assert summary["modules_pruned"] == 42 and summary["bytes_after"] < summary["bytes_before"]
+    out = capsys.readouterr().out
+    assert "sparsity" in out and "retention" in out and "compose_count" in out
+    acc = summary["accuracy"]
+    assert acc["per_task"] == 2 and set(acc["tasks"]) >= {"attribute", "facts"} and 0 <= acc["pruned"] <= 1
+    model = atv_sparse.load(tmp_path / "demo")
+    assert isinstance(model.get_decoder().layers[0].mlp.up_proj, SparseLinear)
+    report = json.loads((tmp_path / "demo" / "prune_report.json").read_text())
+    assert report["settings"]["calibration"] == "<synthetic tasks, calibration split>"
+    assert all(b["visual_tokens_used"] < b["text_tokens_used"] for b in report["blocks"])  # ATV: mostly text
+
+
+def test_eval_per_task_needs_a_vision_language_model(tiny_llama, tmp_path, capsys):
+    assert main([str(tiny_llama), "--out", str(tmp_path / "o"), "--eval-per-task", "3"]) == 2
+    assert "text-only model" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

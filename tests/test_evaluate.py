@@ -228,3 +228,45 @@ def test_image_tasks_need_a_vision_language_model(tiny_llama):
     model, tok = load_model_and_processor(tiny_llama)
     with pytest.raises(AtvSparseError, match="not a vision-language model"):
         evaluate_model(model, tok, synthetic_items(1, tasks=("count",)), progress=False)
+
+
+def test_prepared_and_cached_decoder_inputs_score_like_the_plain_path(vlm_dir):
+    """Processing the items once (prepare_items) and running the decoder alone from cached inputs
+    (cache_decoder_inputs) give the per-item results of the plain path, for the model the cache
+    came from and for a copy with pruned (here: perturbed) decoder linears."""
+    import copy
+
+    from atv_sparse.evaluate import cache_decoder_inputs, prepare_items
+
+    model, processor = load_model_and_processor(vlm_dir)
+    items = synthetic_items(3, seed=5)
+    prepared = prepare_items(model, processor, items, batch_size=8)
+    cached = cache_decoder_inputs(model, prepared)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in other.get_decoder().layers:
+            layer.mlp.up_proj.weight.mul_(torch.rand_like(layer.mlp.up_proj.weight) > 0.5)
+    for m in (model, other):
+        plain = evaluate_model(m, processor, items, batch_size=8, progress=False)["records"]
+        assert evaluate_model(m, processor, prepared, progress=False)["records"] == plain
+        assert evaluate_model(m, processor, cached, progress=False)["records"] == plain
+    assert (evaluate_model(other, processor, cached, progress=False)["records"]
+            != evaluate_model(model, processor, cached, progress=False)["records"])
+    with pytest.raises(AtvSparseError, match="teacher-forced"):
+        evaluate_model(model, processor, prepared, scorer="generate")
+
+
+def test_scoring_through_an_attached_mot_probe(vlm_dir):
+    """The scorer calls the inner model directly; the probe routes there too, and unpruned it scores
+    exactly like the original model."""
+    from atv_sparse.analysis.mot import attach_mot
+
+    model, processor = load_model_and_processor(vlm_dir)
+    items = synthetic_items(2, seed=2)
+    before = evaluate_model(model, processor, items, progress=False)["records"]
+    probe = attach_mot(model)
+    assert evaluate_model(model, processor, items, progress=False)["records"] == before
+    with torch.no_grad():
+        for mot in probe.linears.values():
+            mot.visual.weight.zero_()  # only image positions change
+    assert evaluate_model(model, processor, items, progress=False)["records"] != before

@@ -141,11 +141,12 @@ def test_mcq_options_hold_the_answer_once():
             assert options[it.answer] == str(len(it.scene.objects))
 
 
-# A hand-built scene:   red square | .              | blue circle
-#                       .          | green triangle | .
-#                       .          | yellow square  | .
-SCENE = Scene("white", (Obj("red", "square", 0), Obj("blue", "circle", 2), Obj("green", "triangle", 4),
-                        Obj("yellow", "square", 7)))
+# A hand-built scene (4 x 4 grid, last column and row empty):
+#     red square | .              | blue circle | .
+#     .          | green triangle | .           | .
+#     .          | yellow square  | .           | .
+SCENE = Scene("white", (Obj("red", "square", 0), Obj("blue", "circle", 2), Obj("green", "triangle", 5),
+                        Obj("yellow", "square", 9)))
 
 
 def _answers(task, scene=SCENE, draws=200):
@@ -179,12 +180,15 @@ def test_answers_on_a_known_scene():
 
 
 def test_rendering_puts_shapes_and_words_where_the_scene_says():
-    scene = Scene("grey", (Obj("red", "square", 0), Obj("blue", "circle", 8)), word="FOX", word_row=1)
+    scene = Scene("grey", (Obj("red", "square", 0), Obj("blue", "circle", 11)), word="FOX", word_row=1)
     image = scene.render(seed=5)
     assert image.size == (IMAGE_SIZE, IMAGE_SIZE) and image.mode == "RGB"
     cell = IMAGE_SIZE / GRID
-    assert image.getpixel((int(cell / 2), int(cell / 2))) == COLOURS["red"]
-    assert image.getpixel((int(2.5 * cell), int(2.5 * cell))) == COLOURS["blue"]
+    for obj in scene.objects:  # the middle of each shape's cell
+        assert image.getpixel((int((obj.col + 0.5) * cell), int((obj.row + 0.5) * cell))) == COLOURS[obj.colour]
+    labels = scene.label_map(seed=5)  # the label map has the pixels' geometry
+    assert all((labels.getpixel((x, y)) == 0) == (image.getpixel((x, y)) == (205, 205, 205))
+               for x in range(IMAGE_SIZE) for y in range(IMAGE_SIZE))
     middle = [image.getpixel((x, y)) for x in range(IMAGE_SIZE) for y in range(int(cell), int(2 * cell))]
     assert sum(p == (15, 15, 15) for p in middle) > 60  # 3 glyphs at scale 2
     top = [image.getpixel((x, y)) for x in range(IMAGE_SIZE) for y in range(int(cell) - 1)]
@@ -200,7 +204,7 @@ def test_ocr_scenes_keep_shapes_out_of_the_word_row():
 
 def test_caption_names_every_shape():
     text = caption(SCENE)
-    assert text.startswith("A red square in the top left, a blue circle in the top right")
+    assert text.startswith("A red square at top left, a blue circle at top centre-right, a green triangle at upper")
     assert "on a white background" in text
 
 

@@ -241,8 +241,12 @@ def attach_mot(model: nn.Module, image_token_id: int | None = None, shared_o: bo
             mot = MoTLinear(block.get_submodule(rel), probe.router, full)
             setattr(block.get_submodule(parent_name), attr, mot)
             probe.linears[full] = mot
-    probe._handles = [model.register_forward_pre_hook(probe._before_forward, with_kwargs=True),
-                      model.register_forward_hook(probe._after_forward, with_kwargs=True, always_call=True)]
+    # The inner model too: scorers call it directly (``model.model(**batch)``, no full-vocabulary
+    # logits); nested calls push and pop the same mask.
+    inner = getattr(model, "model", None)
+    for module in [model] + ([inner] if isinstance(inner, nn.Module) else []):
+        probe._handles += [module.register_forward_pre_hook(probe._before_forward, with_kwargs=True),
+                           module.register_forward_hook(probe._after_forward, with_kwargs=True, always_call=True)]
     return probe
 
 

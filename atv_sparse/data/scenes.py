@@ -1,4 +1,4 @@
-"""Scenes of coloured shapes on a 3 x 3 grid, optionally with a word, drawn with PIL.
+"""Scenes of coloured shapes on a 4 x 4 grid, optionally with a word, drawn with PIL.
 
 A :class:`Scene` is the content of an image (background, shapes and their cells, a word and its
 row); :meth:`Scene.key` names that content and decides which split the image belongs to, so two
@@ -6,7 +6,11 @@ images with the same content never land in different splits. The pixels also dep
 seed (each shape's size and small offsets, the word's offset), drawn from ``random.Random(seed)``:
 the same scene and seed give the same bytes.
 
-Cells are numbered row by row: 0 1 2 / 3 4 5 / 6 7 8 (0 = top left).
+Cells are numbered row by row, 0 = top left, 15 = bottom right. A cell is 14 x 14 px, exactly
+2 x 2 patches of the tiny VLM's 7 px patches, and a shape is centred in its cell: each patch
+then holds one quadrant of one shape, so a circle, a square and a triangle differ in every
+patch they touch (with shapes at arbitrary offsets a shape's 2-4 patches are cut differently
+each time, and a model trained for an hour could tell the colours but not the shapes apart).
 """
 
 from __future__ import annotations
@@ -19,16 +23,16 @@ from PIL import Image, ImageDraw
 from .font import draw_word, word_size
 
 IMAGE_SIZE = 56
-GRID = 3
+GRID = 4
 COLOURS = {"red": (215, 35, 35), "green": (35, 165, 65), "blue": (40, 80, 225), "yellow": (235, 205, 25),
            "purple": (140, 55, 175), "orange": (245, 135, 25)}
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = {"white": (255, 255, 255), "grey": (205, 205, 205), "cream": (245, 235, 200)}
 WORD_COLOUR = (15, 15, 15)
 WORD_SCALE = 2  # 10 x 14 px glyphs: a 3-letter word spans about 5 x 2 patches of 7 px
-CELL_NAMES = ("top left", "top middle", "top right", "middle left", "centre", "middle right",
-              "bottom left", "bottom middle", "bottom right")
-ROW_NAMES = ("top row", "middle row", "bottom row")
+ROW_NAMES = ("top", "upper", "lower", "bottom")
+COL_NAMES = ("left", "centre-left", "centre-right", "right")
+CELL_NAMES = tuple(f"{row} {col}" for row in ROW_NAMES for col in COL_NAMES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,14 +88,13 @@ class Scene:
         rng = random.Random(seed)
         cell = size / GRID
         for i, obj in enumerate(self.objects):
-            r = rng.randint(5, 7) * size / IMAGE_SIZE
-            cx = (obj.col + 0.5) * cell + rng.uniform(-1.5, 1.5)
-            cy = (obj.row + 0.5) * cell + rng.uniform(-1.5, 1.5)
+            r = rng.choice((5.5, 6.0)) * size / IMAGE_SIZE  # box of 11-12 px in a 14 px cell
+            cx, cy = (obj.col + 0.5) * cell, (obj.row + 0.5) * cell
             _draw_shape(draw, obj.shape, object_fill(i, obj), cx, cy, r)
         if self.word:
             width, height = word_size(self.word, WORD_SCALE)
             x = rng.randint(1, max(1, size - width - 1))
-            y = int(self.word_row * cell + (cell - height) / 2) + rng.randint(-1, 1)
+            y = int(self.word_row * cell + (cell - height) / 2)
             draw_word(draw, (x, max(0, y)), self.word, word_fill, WORD_SCALE)
 
     # Queries used by the task definitions -------------------------------------------------
@@ -110,13 +113,13 @@ class Scene:
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, fill, cx: float, cy: float, r: float) -> None:
-    box = [round(cx - r), round(cy - r), round(cx + r), round(cy + r)]
+    box = [round(cx - r), round(cy - r), round(cx + r) - 1, round(cy + r) - 1]
     if shape == "circle":
         draw.ellipse(box, fill=fill)
     elif shape == "square":
         draw.rectangle(box, fill=fill)
     elif shape == "triangle":
-        draw.polygon([(round(cx), box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
+        draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
@@ -141,7 +144,7 @@ def a(word: str) -> str:
 
 def caption(scene: Scene) -> str:
     """A ShareGPT4V-style description: every shape in reading order, the background and the word."""
-    parts = [f"{a(o.name)} in the {CELL_NAMES[o.cell]}" for o in scene.objects]
+    parts = [f"{a(o.name)} at {CELL_NAMES[o.cell]}" for o in scene.objects]
     if not parts:
         text = "There are no shapes"
     elif len(parts) == 1:
@@ -150,5 +153,5 @@ def caption(scene: Scene) -> str:
         text = ", ".join(parts[:-1]) + " and " + parts[-1]
     text = f"{text[0].upper()}{text[1:]}, on {a(scene.background)} background."
     if scene.word:
-        text += f" The word {scene.word} is written across the {ROW_NAMES[scene.word_row]}."
+        text += f" The word {scene.word} is written across the {ROW_NAMES[scene.word_row]} row."
     return text

@@ -168,6 +168,7 @@ def _scene_count(rng: random.Random) -> Scene:
     return random_scene(rng, rng.randint(1, 6))
 
 
+
 def _ask_count(scene: Scene, rng: random.Random) -> QA | None:
     if rng.random() < 0.5:
         return "How many shapes are there?", str(len(scene.objects))
@@ -407,17 +408,17 @@ def extra_turn(scene: Scene, rng: random.Random, tasks: list[str], weights: list
     return IMAGE_TASKS[task].ask(scene, rng)
 
 
-def training_turns(rng: random.Random, task: str, max_turns: int, extra_tasks: dict[str, float]
-                   ) -> tuple[Item, list[QA]]:
+def training_turns(rng: random.Random, task: str, max_turns: int, extra_tasks: dict[str, float],
+                   min_turns: int = 1) -> tuple[Item, list[QA]]:
     """A multi-turn training conversation whose first turn is a ``task`` item of the train split.
 
-    Image tasks: up to ``max_turns - 1`` more questions about the same image, from ``extra_tasks``
-    (image task names or "caption" -> weight); text tasks: more independent text questions.
-    The first turn has exactly the single-turn evaluation format.
+    Image tasks: ``min_turns - 1`` to ``max_turns - 1`` more questions about the same image, from
+    ``extra_tasks`` (image task names or "caption" -> weight); text tasks: more independent text
+    questions. The first turn has exactly the single-turn evaluation format.
     """
     first = draw_item(task, "train", rng)
     turns, seen = [(first.question, first.answer)], {first.question}
-    n_turns = rng.randint(1, max_turns)
+    n_turns = rng.randint(min(min_turns, max_turns), max_turns)
     names, weights = list(extra_tasks), list(extra_tasks.values())
     for _ in range(4 * max_turns):
         if len(turns) >= n_turns:

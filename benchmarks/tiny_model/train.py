@@ -5,20 +5,21 @@
 Recipe (fixed seeds; one process, ``--threads`` torch threads):
 - model, tokenizer and processor from ``atv_sparse.tiny_vlm`` (untrained, ``--seed``);
 - each step: ``--batch-image`` multi-turn conversations about one image each (the first turn is
-  a train-split item of a task drawn with the current task weights, up to ``--max-turns - 1``
-  more questions or a caption about the same image) and ``--batch-text`` text-only
+  a train-split item of a task drawn with the current task weights, then ``--min-turns - 1`` to
+  ``--max-turns - 1`` more questions or a caption about the same image: extra answers cost a few
+  tokens each against 64 image tokens per conversation) and ``--batch-text`` text-only
   conversations (arithmetic and facts questions); loss = cross-entropy on the answers and their
   EOS only, summed over both batches and divided by the number of answer tokens;
-- an auxiliary loss (``--aux-weight``) on the projected image features, through a linear head
-  used only during training (it is not part of the saved model): for each of the 64 patches,
-  the colour and shape of the object covering most of it and the letter of the word drawn there
-  (from ``Scene.label_map``, the same geometry as the pixels); and, through a second head on
-  the mean of the 64 patch features, which colour-shape pairs are present, how many shapes
-  there are and which word is written. Without these the language model ignored the image for
-  the first 1,000+ steps (visual tasks at chance, text tasks learned) while the image tokens
-  collapsed onto one large shared vector; with the per-patch loss alone the visual tasks rose
-  slowly (attribute 0.55, existence still at chance after 1,700 steps). The mean is what a
-  language model attending uniformly reads, so a scene summary there is usable from the start;
+- an auxiliary loss (``--aux-weight``) on the projected image features, through three linear
+  heads used only during training (they are not part of the saved model): per patch, the colour
+  and shape of the object covering it and the letter of the word drawn there (from
+  ``Scene.label_map``, the same geometry as the pixels); and, on the mean of the 64 patch
+  features, which colour-shape pairs are present, how many shapes there are and which word is
+  written, and the colour and shape in every grid cell (the mean is what a language model
+  attending uniformly reads); and the same scene summary from the language model's hidden state
+  after block ``--scene-layer`` at the position that predicts the first answer. Without them the
+  language model ignored the image for the first 1,000+ steps (visual tasks at chance, text
+  tasks learned) while the image tokens collapsed onto one large shared vector;
 - AdamW (betas 0.9 / 0.98, weight decay 0.01), linear warm-up then cosine to 5% of ``--lr``
   over ``--steps`` or ``--max-minutes``, whichever ends first; the vision tower and projector
   at ``--vision-lr-scale`` times that; gradient clipping at 1.0;
@@ -64,12 +65,16 @@ def parse_args(argv=None):
     p.add_argument("--batch-image", type=int, default=32, help="image conversations per step")
     p.add_argument("--batch-text", type=int, default=12, help="text-only conversations per step")
     p.add_argument("--max-turns", type=int, default=5, help="question / answer turns per conversation, at most")
+    p.add_argument("--min-turns", type=int, default=1,
+                   help="turns per image conversation, at least (more answers per image forward)")
     p.add_argument("--caption-weight", type=float, default=0.3,
                    help="weight of a caption turn among the extra turns (image tasks weigh 0.2-1.2 each)")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--vision-lr-scale", type=float, default=0.5,
                    help="learning rate of the vision tower and projector, relative to --lr")
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the auxiliary image losses")
+    p.add_argument("--scene-layer", type=int, default=3,
+                   help="the language-model block whose output feeds the scene-summary auxiliary head")
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--eval-minutes", type=float, default=5.0, help="validation / checkpoint interval")
     p.add_argument("--eval-per-task", type=int, default=100, help="validation items per task")
@@ -100,54 +105,125 @@ def collate(encoded: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int):
 
 
 PATCH = tiny_vlm.PATCH_SIZE
-N_COLOURS, N_SHAPES, N_LETTERS = len(synthetic.COLOURS) + 1, len(synthetic.SHAPES) + 1, 27  # 0 = nothing
+SIDE = tiny_vlm.IMAGE_SIZE // PATCH
+COLOURS, SHAPES = list(synthetic.COLOURS), list(synthetic.SHAPES)
+N_COMBOS = len(COLOURS) * len(SHAPES)
+# Per patch (0 = nothing): colour, shape, colour-shape pair, letter, patch row, patch column.
+PATCH_CLASSES = (len(COLOURS) + 1, len(SHAPES) + 1, N_COMBOS + 1, 27, SIDE, SIDE)
+MAX_COUNT = 7
+N_CELLS = synthetic.GRID * synthetic.GRID
+# Per image: total count, count of each shape, count of each colour (0..6 each), the word, and
+# the colour and the shape in every grid cell (0 = empty): the whole scene, as a table.
+SCENE_CLASSES = ((MAX_COUNT,) * (1 + len(SHAPES) + len(COLOURS)) + (len(synthetic.WORDS) + 1,)
+                 + (len(COLOURS) + 1,) * N_CELLS + (len(SHAPES) + 1,) * N_CELLS)
 
 
 def patch_labels(item: synthetic.Item) -> torch.Tensor:
-    """(64, 3) int64 per patch, row by row: colour, shape and letter (1-based, 0 = none) of what
-    covers most of the patch (an object: at least 10 of its 49 pixels; a letter: at least 6)."""
-    labels = torch.zeros(tiny_vlm.NUM_IMAGE_TOKENS, 3, dtype=torch.long)
+    """(64, 6) int64 per patch, row by row (``PATCH_CLASSES``): colour, shape and colour-shape pair
+    (1-based, 0 = none) of the object covering most of the patch (at least 6 of its 49 pixels), the
+    letter drawn there, and the patch's row and column. The pair is its own class so that a patch's
+    feature binds colour to shape: the mean over the patches then counts every pair."""
+    labels = torch.zeros(tiny_vlm.NUM_IMAGE_TOKENS, len(PATCH_CLASSES), dtype=torch.long)
     grid = torch.from_numpy(numpy.asarray(item.scene.label_map(item.render_seed), dtype=numpy.int64).copy())
-    side = tiny_vlm.IMAGE_SIZE // PATCH
-    patches = grid.view(side, PATCH, side, PATCH).permute(0, 2, 1, 3).reshape(side * side, PATCH * PATCH)
-    colours, shapes = list(synthetic.COLOURS), list(synthetic.SHAPES)
+    patches = grid.view(SIDE, PATCH, SIDE, PATCH).permute(0, 2, 1, 3).reshape(SIDE * SIDE, PATCH * PATCH)
     for k, values in enumerate(patches):
         counts = torch.bincount(values, minlength=128)
         counts[0] = 0
         v = int(counts.argmax())
-        if 1 <= v < 100 and counts[v] >= 10:
+        if 1 <= v < 100 and counts[v] >= 6:
             obj = item.scene.objects[v - 1]
-            labels[k, 0], labels[k, 1] = 1 + colours.index(obj.colour), 1 + shapes.index(obj.shape)
+            c, s = COLOURS.index(obj.colour), SHAPES.index(obj.shape)
+            labels[k, 0], labels[k, 1], labels[k, 2] = 1 + c, 1 + s, 1 + c * len(SHAPES) + s
         elif v >= 100 and counts[v] >= 6:
-            labels[k, 2] = 1 + ord(item.scene.word[v - 100]) - ord("A")
+            labels[k, 3] = 1 + ord(item.scene.word[v - 100]) - ord("A")
+        labels[k, 4], labels[k, 5] = k // SIDE, k % SIDE
     return labels
 
 
-N_COMBOS, N_COUNTS, N_WORDS = len(synthetic.COLOURS) * len(synthetic.SHAPES), 7, len(synthetic.WORDS) + 1
+def scene_labels(scene) -> tuple[torch.Tensor, torch.Tensor]:
+    """((N_COMBOS,) float 0/1: which colour-shape pairs are present, (len(SCENE_CLASSES),) int64:
+    the counts, the word and the per-cell colours and shapes of ``SCENE_CLASSES``)."""
+    present = torch.zeros(N_COMBOS)
+    cell_colour, cell_shape = [0] * N_CELLS, [0] * N_CELLS
+    for obj in scene.objects:
+        present[COLOURS.index(obj.colour) * len(SHAPES) + SHAPES.index(obj.shape)] = 1
+        cell_colour[obj.cell], cell_shape[obj.cell] = 1 + COLOURS.index(obj.colour), 1 + SHAPES.index(obj.shape)
+    counts = [len(scene.objects)] + [len(scene.with_shape(s)) for s in SHAPES] + [len(scene.with_colour(c))
+                                                                                   for c in COLOURS]
+    word = 1 + synthetic.WORDS.index(scene.word) if scene.word else 0
+    return present, torch.tensor([min(n, MAX_COUNT - 1) for n in counts] + [word] + cell_colour + cell_shape)
 
 
-def scene_labels(item: synthetic.Item) -> torch.Tensor:
-    """(N_COMBOS + 2,) int64 for the mean of an image's patch features: which colour-shape pairs
-    are present (0/1 each), how many shapes there are, and which word is written (0 = none)."""
-    colours, shapes = list(synthetic.COLOURS), list(synthetic.SHAPES)
-    labels = torch.zeros(N_COMBOS + 2, dtype=torch.long)
-    for obj in item.scene.objects:
-        labels[colours.index(obj.colour) * len(shapes) + shapes.index(obj.shape)] = 1
-    labels[N_COMBOS] = len(item.scene.objects)
-    labels[N_COMBOS + 1] = 1 + synthetic.WORDS.index(item.scene.word) if item.scene.word else 0
-    return labels
+class AuxHeads(torch.nn.Module):
+    """Training-only linear heads (never saved in the model).
+
+    - ``patch``: the ``PATCH_CLASSES`` of every projected image token;
+    - ``scene_image``: the scene summary (``scene_labels``) from the mean of an image's projected
+      tokens, which is what a language model attending uniformly to the image reads;
+    - ``scene_text``: the same summary from the language model's hidden state after block
+      ``--scene-layer`` at the token that predicts the first answer, so the model learns early to
+      gather the image there, and the blocks above are left to combine it with the question (on
+      the last hidden state the summary was learned but existence and relations stayed at chance:
+      the interaction with the question has to happen after the gathering).
+    The heads read layer-normed features: a loss on raw features grows their norm instead.
+    """
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.patch = torch.nn.Linear(hidden, sum(PATCH_CLASSES))
+        self.scene_image = torch.nn.Linear(hidden, N_COMBOS + sum(SCENE_CLASSES))
+        self.scene_text = torch.nn.Linear(hidden, N_COMBOS + sum(SCENE_CLASSES))
+
+    @staticmethod
+    def _scene_loss(logits, present, counts):
+        """Presence + one cross-entropy per count and the word + the mean cross-entropy of the cell
+        colours and of the cell shapes (summed, the 2 x 16 cells would outweigh the rest)."""
+        combos, *parts = logits.split([N_COMBOS, *SCENE_CLASSES], dim=-1)
+        losses = [F.cross_entropy(part, counts[:, k]) for k, part in enumerate(parts)]
+        n_summary = len(SCENE_CLASSES) - 2 * N_CELLS
+        cells = losses[n_summary:]
+        return (F.binary_cross_entropy_with_logits(combos, present) + sum(losses[:n_summary])
+                + (sum(cells[:N_CELLS]) + sum(cells[N_CELLS:])) / N_CELLS)
+
+    def forward(self, projected, text_hidden, patch_target, present, counts):
+        """projected: (B, 64, H); text_hidden: (B, H); targets from ``patch_labels`` / ``scene_labels``."""
+        norm = F.layer_norm(projected, projected.shape[-1:])
+        parts = self.patch(norm).reshape(-1, sum(PATCH_CLASSES)).split(PATCH_CLASSES, dim=-1)
+        target = patch_target.reshape(-1, len(PATCH_CLASSES))
+        loss = sum(F.cross_entropy(part, target[:, k]) for k, part in enumerate(parts))
+        loss = loss + self._scene_loss(self.scene_image(norm.mean(1)), present, counts)
+        text = F.layer_norm(text_hidden, text_hidden.shape[-1:])
+        return loss + self._scene_loss(self.scene_text(text), present, counts)
 
 
-def answer_token_losses(model, ids, labels, mask, pixel_values=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per answer token: (cross-entropy (n,), argmax == target (n,), row index (n,)); logits only
-    where a label follows (the lm_head on every position would cost more than the 6 blocks' MLP)."""
+def answer_token_losses(model, ids, labels, mask, pixel_values=None, scene_hidden=None):
+    """Per answer token: (cross-entropy (n,), argmax == target (n,), row index (n,), turn index
+    (n,), hidden state before each row's first answer (B, H), from ``scene_hidden`` (the output of
+    a block, captured by a hook) or the last layer); logits only where a label follows (the
+    lm_head on every position would cost more than the 6 blocks' MLP)."""
+    if scene_hidden is not None:
+        scene_hidden.clear()
     hidden = model.model(input_ids=ids, pixel_values=pixel_values, attention_mask=mask,
                          use_cache=False).last_hidden_state
     target = labels[:, 1:]
-    rows, cols = (target != -100).nonzero(as_tuple=True)
+    supervised = target != -100
+    starts = supervised & ~F.pad(supervised[:, :-1], (1, 0), value=False)
+    turn = starts.flatten().cumsum(0).view_as(target) - 1
+    rows, cols = supervised.nonzero(as_tuple=True)
     logits = model.lm_head(hidden[rows, cols]).float()
     goal = target[rows, cols]
-    return F.cross_entropy(logits, goal, reduction="none"), logits.argmax(-1) == goal, rows
+    first = supervised.int().argmax(1)
+    summary = scene_hidden[0] if scene_hidden else hidden
+    return (F.cross_entropy(logits, goal, reduction="none"), logits.argmax(-1) == goal, rows, turn[rows, cols],
+            summary[torch.arange(len(ids)), first])
+
+
+def per_turn_mean(losses: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    """(n_turns,) the mean token loss of each answer: every answer weighs the same, whether it is
+    a one-token yes / no or a 40-token caption."""
+    n = int(turn.max()) + 1
+    total = torch.zeros(n, dtype=losses.dtype).index_add(0, turn, losses)
+    return total / torch.bincount(turn, minlength=n).to(losses.dtype)
 
 
 class Batcher:
@@ -171,7 +247,8 @@ class Batcher:
             drawn = []
             for _ in range(self.POOL * self.args.batch_image):
                 task = self.rng.choices(tasks, [self.weights[t] for t in tasks])[0]
-                first, turns = synthetic.training_turns(self.rng, task, self.args.max_turns, extra)
+                first, turns = synthetic.training_turns(self.rng, task, self.args.max_turns, extra,
+                                                        self.args.min_turns)
                 drawn.append((self.encoder.encode(turns, has_image=True), first))
             drawn.sort(key=lambda d: len(d[0][0]))
             b = self.args.batch_image
@@ -181,7 +258,8 @@ class Batcher:
         pixel_values = self.processor.image_processor([first.image() for _, first in chunk],
                                                       return_tensors="pt")["pixel_values"]
         self.last_patch_labels = torch.stack([patch_labels(first) for _, first in chunk])
-        self.last_scene_labels = torch.stack([scene_labels(first) for _, first in chunk])
+        present, counts = zip(*(scene_labels(first.scene) for _, first in chunk), strict=True)
+        self.last_scene_labels = torch.stack(present), torch.stack(counts)
         return (*collate([enc for enc, _ in chunk], self.pad_id), pixel_values)
 
     def text_batch(self):
@@ -211,7 +289,7 @@ def validate(model, processor, items: list[synthetic.Item], batch_size: int = 64
                                         processor.tokenizer.pad_token_id)
             pixels = (processor.image_processor([it.image() for it in part], return_tensors="pt")["pixel_values"]
                       if has_image else None)
-            losses, hits, rows = answer_token_losses(model, ids, labels, mask, pixels)
+            losses, hits, rows, _, _ = answer_token_losses(model, ids, labels, mask, pixels)
             for i, it in enumerate(part):
                 sel = rows == i
                 correct.setdefault(it.task, []).append(bool(hits[sel].all()))
@@ -266,14 +344,14 @@ def main(argv=None) -> int:
     model.train()
     vision = [p for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n]
     ids = {id(p) for p in vision}
-    hidden = model.config.text_config.hidden_size
-    # Training-only heads, never saved in the model: per patch, and on the mean over the patches.
-    aux_head = torch.nn.Linear(hidden, N_COLOURS + N_SHAPES + N_LETTERS)
-    scene_head = torch.nn.Linear(hidden, N_COMBOS + N_COUNTS + N_WORDS)
+    aux_heads = AuxHeads(model.config.text_config.hidden_size)
     projected = []
     model.model.multi_modal_projector.register_forward_hook(lambda mod, inp, out: projected.append(out))
-    groups = [{"params": [p for p in model.parameters() if id(p) not in ids] + list(aux_head.parameters())
-               + list(scene_head.parameters()), "scale": 1.0},
+    scene_hidden: list[torch.Tensor] = []
+    model.model.language_model.layers[args.scene_layer - 1].register_forward_hook(
+        lambda mod, inp, out: scene_hidden.append(out[0] if isinstance(out, tuple) else out))
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids] + list(aux_heads.parameters()),
+               "scale": 1.0},
               {"params": vision, "scale": args.vision_lr_scale}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     batcher = Batcher(processor, args, random.Random(f"train|{args.seed}"))
@@ -281,8 +359,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        aux_head.load_state_dict(state["aux_head"])
-        scene_head.load_state_dict(state["scene_head"])
+        aux_heads.load_state_dict(state["aux_heads"])
         batcher.rng.setstate(state["data_rng"])
         batcher.weights = state["weights"]
         torch.set_rng_state(state["torch_rng"])
@@ -306,8 +383,8 @@ def main(argv=None) -> int:
               f"common {result['image_feature_norm']:.2f} spread {result['image_feature_spread']:.2f} "
               f"({time.time() - t0:.0f}s)", flush=True)
         save(model, processor, ckpt)
-        torch.save({"optimizer": optimizer.state_dict(), "aux_head": aux_head.state_dict(),
-                    "scene_head": scene_head.state_dict(), "data_rng": batcher.rng.getstate(),
+        torch.save({"optimizer": optimizer.state_dict(), "aux_heads": aux_heads.state_dict(),
+                    "data_rng": batcher.rng.getstate(),
                     "weights": batcher.weights, "torch_rng": torch.get_rng_state(), "step": step,
                     "best": max(best, result["average"]), "elapsed": minutes * 60}, out / "trainer_state.pt")
         if result["average"] > best:
@@ -323,23 +400,16 @@ def main(argv=None) -> int:
         lr = lr_at(step, (elapsed_before + time.time() - start_time) / 60, args)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["scale"]
-        total, n_tokens = 0.0, 0
+        turn_losses, text_hidden = [], None
         projected.clear()
         for batch in (batcher.image_batch(), batcher.text_batch()):
             ids, labels, mask, pixels = batch
-            losses, _, _ = answer_token_losses(model, ids, labels, mask, pixels)
-            total = total + losses.sum()
-            n_tokens += losses.numel()
-        loss = lm_loss = total / n_tokens
+            losses, _, _, turn, first_hidden = answer_token_losses(model, ids, labels, mask, pixels, scene_hidden)
+            turn_losses.append(per_turn_mean(losses, turn))
+            text_hidden = first_hidden if text_hidden is None else text_hidden
+        loss = lm_loss = torch.cat(turn_losses).mean()
         if args.aux_weight > 0:
-            logits = aux_head(projected[0].reshape(-1, hidden))
-            target = batcher.last_patch_labels.reshape(-1, 3)
-            parts = logits.split([N_COLOURS, N_SHAPES, N_LETTERS], dim=-1)
-            aux = sum(F.cross_entropy(part, target[:, k]) for k, part in enumerate(parts))
-            combos, counts, words = scene_head(projected[0].mean(1)).split([N_COMBOS, N_COUNTS, N_WORDS], dim=-1)
-            target = batcher.last_scene_labels
-            aux = (aux + F.binary_cross_entropy_with_logits(combos, target[:, :N_COMBOS].float())
-                   + F.cross_entropy(counts, target[:, N_COMBOS]) + F.cross_entropy(words, target[:, N_COMBOS + 1]))
+            aux = aux_heads(projected[0], text_hidden, batcher.last_patch_labels, *batcher.last_scene_labels)
             running_aux.append(aux.item())
             loss = loss + args.aux_weight * aux
         optimizer.zero_grad(set_to_none=True)

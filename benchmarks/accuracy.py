@@ -1,0 +1,524 @@
+"""Accuracy next to sparsity: every pruning method on the bundled trained tiny VLM.
+
+    python benchmarks/accuracy.py                       # full tables -> benchmarks/results/accuracy-tiny.{md,json}
+    python benchmarks/accuracy.py --quick --out /tmp/a  # a subset in about a minute (CI)
+
+The model is ``atv_sparse/assets/tiny_vlm`` (LLaVA-style, 64 image tokens per image; see its model
+card), in two variants: ``plain``, and ``outlier`` (``atv_sparse.analysis.outliers``: 4 hidden
+channels of every RMSNorm scaled by 32 and the matching input columns of the linears they feed
+divided by 32; the same function, bit for bit, with the outlier channels real LLMs have).
+
+Every run prunes a fresh copy of the dense model in memory with ``atv_sparse.prune.pipeline``
+(the code ``convert`` runs) on ``--nsamples`` ShareGPT4V-style conversations of the synthetic
+calibration split (calibration seed = the run's seed), then scores it teacher-forced on
+``--per-task`` test items of every synthetic task (the same items for every run). Sections:
+
+- ``main`` (like the paper's Table A1): magnitude, Wanda, SparseGPT, TAMP, ATV and ATV with
+  SparseGPT's update, at 2:4, 4:8 and unstructured 50 / 60 / 70%, both variants;
+- ``ablation`` (Table 3): Wanda over the positions of each token selector (text, visual, mixed,
+  ATV's drift, ABS, DBS, random, drift-fixed; ABS / DBS / drift-fixed scaled to ATV's total budget);
+- ``alpha``: ATV's budget scale alpha in {0, 0.5, 1, 2, 4, 8};
+- ``calibration`` (Table A3): Wanda and SparseGPT at 50% with visual-only, mixed, text-only and
+  ATV calibration;
+- ``mot`` (Table 1): the MoT probe, one pathway pruned with Wanda at 50% / 60% from text, visual
+  or all rows;
+- the per-block drift and visual budget of ATV (Fig. A1), drawn to a PNG.
+
+Reported per configuration: retention per task (100 * accuracy / dense accuracy, mean over seeds),
+the average retention (unweighted over tasks, the paper's "Average" column) as mean and standard
+deviation over calibration seeds, the mean answer NLL, and for ATV against every baseline the
+paired difference of average accuracy on the same items, averaged over seeds first, with its
+standard error over items. Jobs run in ``--workers`` processes of one thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+PATTERNS = ("2:4", "4:8", "50%", "60%", "70%")
+SEEDS = (0, 1, 2)
+# Row label -> (score / update rule of the driver, token selector).
+MAIN_METHODS = {"magnitude": ("magnitude", None), "Wanda": ("wanda", "mixed"), "SparseGPT": ("sparsegpt", "mixed"),
+                "TAMP": ("tamp", "tamp"), "ATV": ("wanda", "atv"), "ATV + SparseGPT": ("sparsegpt", "atv")}
+SELECTORS = {"text-only": "text", "visual-only": "visual", "mixed": "mixed", "ATV (drift)": "atv", "ABS": "abs",
+             "DBS": "dbs", "random": "random", "drift-fixed": "drift-fixed"}
+ALPHAS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+CALIBRATIONS = {"visual-only": "visual", "mixed": "mixed", "text-only": "text", "ATV": "atv"}
+MOT_PATHWAYS, MOT_ROWS, MOT_SPARSITIES = ("text", "visual"), ("text", "visual", "all"), ("50%", "60%")
+VARIANTS = ("plain", "outlier")
+INVARIANT_SCORES = ("wanda", "tamp")
+OUTLIER_CHANNELS, OUTLIER_SCALE = 4, 32.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One pruned model to score. ``seed`` is None for magnitude (no calibration data)."""
+
+    variant: str
+    score: str
+    tokens: str | None
+    pattern: str
+    seed: int | None
+    alpha: float = 1.0
+    mot: tuple[str, str] | None = None  # (pathway pruned, calibration rows)
+
+    def name(self) -> str:
+        parts = [self.variant, self.score, self.tokens or "-", self.pattern, f"seed{self.seed}"]
+        if self.alpha != 1.0:
+            parts.append(f"alpha{self.alpha:g}")
+        if self.mot:
+            parts.append(f"mot-{self.mot[0]}-{self.mot[1]}")
+        return "/".join(parts)
+
+
+def job(variant: str, score: str, tokens: str | None, pattern: str, seed: int | None, **kw) -> Job:
+    return Job(variant, score, tokens, pattern, None if score == "magnitude" else seed, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker side: one process holds the dense models, the calibration samples and the items.
+# ---------------------------------------------------------------------------------------------
+
+_STATE: dict = {}
+
+
+def setup(args) -> dict:
+    """Load the model, build both variants, the calibration samples per seed and the scored items."""
+    from atv_sparse.analysis.outliers import add_outlier_channels
+    from atv_sparse.calib.multimodal import build_sample
+    from atv_sparse.data.synthetic import calibration_conversations
+    from atv_sparse.evaluate import (cache_decoder_inputs, load_model_and_processor, prepare_items,
+                                     synthetic_items)
+    from atv_sparse.models import adapter_for, read_config
+    from atv_sparse.prune.selectors import SampleTokens
+
+    model_dir = Path(args.model)
+    model, processor = load_model_and_processor(model_dir, dtype=torch.float32)
+    adapter = adapter_for(read_config(model_dir), model_dir)
+    outlier = copy.deepcopy(model)
+    transform = add_outlier_channels(outlier, OUTLIER_CHANNELS, OUTLIER_SCALE, seed=0)
+    token_id = model.config.image_token_id
+    calib = {}
+    for seed in args.seeds:
+        samples = [build_sample(processor, conv, token_id) for conv in calibration_conversations(args.nsamples, seed)]
+        calib[seed] = samples, [SampleTokens.from_inputs(s["input_ids"], s.get("attention_mask"), token_id)
+                                for s in samples]
+    items = synthetic_items(args.per_task, seed=args.test_seed)
+    prepared = prepare_items(model, processor, items)
+    return {"models": {"plain": model, "outlier": outlier}, "processor": processor, "adapter": adapter,
+            "calib": calib, "prepared": prepared, "decoder_inputs": cache_decoder_inputs(model, prepared),
+            "outlier_channels": transform.channels}
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def parse_label(label: str):
+    from atv_sparse.patterns import parse_pattern
+
+    if label.endswith("%"):
+        return parse_pattern("unstructured", float(label[:-1]) / 100)
+    return parse_pattern(label)
+
+
+@torch.no_grad()
+def run_job(job: Job) -> dict:
+    """Prune a fresh copy of the job's dense model and score it: per task accuracy, NLL and the
+    per-item correctness (a 0/1 string in item order), plus the driver's per-block report."""
+    from atv_sparse.evaluate import evaluate_model
+
+    st = _STATE
+    t0 = time.perf_counter()
+    model = copy.deepcopy(st["models"][job.variant])
+    samples, tokens = st["calib"][job.seed] if job.seed is not None else (None, None)
+    blocks = []
+    pattern = None if job.pattern == "dense" else parse_label(job.pattern)
+    if pattern is None:
+        pass  # the dense baseline
+    elif job.mot is not None:
+        from atv_sparse.analysis.mot import attach_mot, mot_prune
+
+        probe = attach_mot(model)
+        report = mot_prune(probe, samples, pathway=job.mot[0], calib=job.mot[1], pattern=pattern, device="cpu")
+        blocks = report.blocks
+    else:
+        from atv_sparse.prune.pipeline import prune_model
+        from atv_sparse.prune.targets import resolve_targets
+
+        adapter = st["adapter"]
+        layers, prefix = adapter.decoder_layers(model), adapter.layers_prefix(model)
+        plan = resolve_targets(model, prefix, pattern)
+        targets = {name: model.get_submodule(name) for name in plan.targets}
+        result, _, _ = prune_model(model, layers, prefix, targets, job.score, pattern, samples, tokens,
+                                   torch.device("cpu"), calib_tokens=job.tokens, alpha=job.alpha,
+                                   seed=job.seed or 0, progress=False)
+        blocks = result.blocks
+    t1 = time.perf_counter()
+    # Only decoder linears are pruned (and the outlier transform touches only decoder blocks), so
+    # every run shares the dense model's embeddings and image features; the MoT probe routes by ids.
+    items = st["prepared"] if job.mot is not None else st["decoder_inputs"]
+    scored = evaluate_model(model, st["processor"], items, progress=False)
+    correct: dict[str, list[str]] = {}
+    for r in scored["records"]:
+        correct.setdefault(r["task"], []).append("1" if r["correct"] else "0")
+    return {"job": dataclasses.asdict(job), "name": job.name(), "average": scored["average"],
+            "average_nll": scored["average_nll"],
+            "tasks": {t: {"accuracy": s["accuracy"], "nll": s["nll"]} for t, s in scored["tasks"].items()},
+            "correct": {t: "".join(c) for t, c in correct.items()},
+            "blocks": [{k: v for k, v in b.items() if not k.startswith("time_")} for b in blocks],
+            "prune_s": round(t1 - t0, 2), "eval_s": round(time.perf_counter() - t1, 2)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Which jobs, and the tables made from their results.
+# ---------------------------------------------------------------------------------------------
+
+def plan_jobs(args) -> dict[str, list]:
+    """Section -> rows; every row is (label, {column: [Job per seed]}). Jobs repeat across sections
+    (the ATV 2:4 runs are in main, ablation and alpha); each unique job runs once."""
+    seeds = args.seeds
+    sections: dict[str, list] = {"dense": [("dense", {v: [Job(v, "dense", None, "dense", None)] for v in VARIANTS})]}
+
+    def cells(score, tokens, patterns, variant="plain", **kw):
+        return {p: [job(variant, score, tokens, p, s, **kw) for s in seeds] for p in patterns}
+
+    main, invariance = [], []
+    for variant in args.variants:
+        for label, (score, tokens) in MAIN_METHODS.items():
+            # Wanda-score methods give the outlier variant the plain model's masks exactly (a
+            # power-of-two rescaling of input channels leaves |W| * ||X|| bit-identical, and the
+            # token selectors see the same hidden states): their outlier cells reuse the plain runs,
+            # and one run per method checks it (``invariance``).
+            reuse = variant == "outlier" and score in INVARIANT_SCORES and not args.full_outlier
+            main.append((f"{variant}|{label}", cells(score, tokens, args.patterns, "plain" if reuse else variant)))
+            if reuse:
+                invariance.append((label, {args.patterns[0]: [job("outlier", score, tokens, args.patterns[0],
+                                                                  seeds[0])]}))
+    sections["main"], sections["invariance"] = main, invariance
+    ab_patterns = args.ablation_patterns
+    sections["ablation"] = [(label, cells("wanda", tokens, ab_patterns)) for label, tokens in args.selectors.items()]
+    sections["alpha"] = [(f"alpha={a:g}", cells("wanda", "atv", ab_patterns, alpha=a)) for a in args.alphas]
+    sections["calibration"] = [(f"{method} {label}", cells(score, tokens, ["50%"]))
+                               for method, score in (("Wanda", "wanda"), ("SparseGPT", "sparsegpt"))
+                               for label, tokens in args.calibrations.items()]
+    sections["mot"] = [(f"{pathway} pathway, {rows} rows",
+                        cells("wanda", "mixed", args.mot_sparsities, mot=(pathway, rows)))
+                       for pathway in args.mot_pathways for rows in MOT_ROWS]
+    return sections
+
+
+def unique_jobs(sections: dict[str, list]) -> list[Job]:
+    seen: dict[Job, None] = {}
+    for rows in sections.values():
+        for _, columns in rows:
+            for jobs in columns.values():
+                for j in jobs:
+                    seen.setdefault(j, None)
+    return list(seen)
+
+
+def retention_of(result: dict, dense: dict) -> dict:
+    """Per-task retention (%) and their unweighted mean (tasks where the dense model scores 0 left out)."""
+    per_task = {t: 100 * s["accuracy"] / dense["tasks"][t]["accuracy"]
+                for t, s in result["tasks"].items() if dense["tasks"][t]["accuracy"] > 0}
+    return {"tasks": per_task, "average": sum(per_task.values()) / len(per_task)}
+
+
+def summarize_cell(results: list[dict], dense: dict) -> dict:
+    """Mean and spread over seeds of one configuration."""
+    rets = [retention_of(r, dense) for r in results]
+    averages = [r["average"] for r in rets]
+    return {"retention": {t: statistics.mean(r["tasks"][t] for r in rets) for t in rets[0]["tasks"]},
+            "average_retention": statistics.mean(averages),
+            "sd": statistics.stdev(averages) if len(averages) > 1 else 0.0,
+            "accuracy": statistics.mean(r["average"] for r in results),
+            "nll": statistics.mean(r["average_nll"] for r in results), "seeds": len(results),
+            "visual_tokens": _visual_tokens_per_sample(results[0])}
+
+
+def _visual_tokens_per_sample(result: dict) -> float | None:
+    used = [b["visual_tokens_used"] for b in result["blocks"] if "visual_tokens_used" in b]
+    n = result.get("nsamples")
+    return None if not used or not n else sum(used) / len(used) / n
+
+
+def paired_difference(ours: list[dict], theirs: list[dict]) -> tuple[float, float]:
+    """ATV minus a baseline in points of average accuracy (mean over tasks), per item averaged over
+    the seeds first (seed k of one against seed k of the other; a seedless baseline against every
+    seed), with the standard error over items: sqrt(sum over tasks of SE_t^2) / T."""
+    if len(theirs) == 1 and len(ours) > 1:
+        theirs = theirs * len(ours)
+    tasks = list(ours[0]["correct"])
+    deltas, variances = [], []
+    for t in tasks:
+        n = len(ours[0]["correct"][t])
+        d = [sum(int(a["correct"][t][i]) - int(b["correct"][t][i]) for a, b in zip(ours, theirs, strict=True))
+             / len(ours) for i in range(n)]
+        mean = sum(d) / n
+        deltas.append(mean)
+        variances.append(sum((x - mean) ** 2 for x in d) / max(1, n - 1) / n)
+    return 100 * sum(deltas) / len(tasks), 100 * math.sqrt(sum(variances)) / len(tasks)
+
+
+def verdict(delta: float, se: float) -> str:
+    if abs(delta) < 2 * se:
+        return "within noise (|d| < 2 SE)"
+    return "ATV better" if delta > 0 else "ATV worse"
+
+
+def build_tables(sections: dict[str, list], results: dict[Job, dict], tasks: list[str]) -> dict:
+    dense = {v: results[Job(v, "dense", None, "dense", None)] for v in VARIANTS}
+    tables: dict = {"dense": {v: {"average": d["average"], "average_nll": d["average_nll"],
+                                  "tasks": d["tasks"]} for v, d in dense.items()}}
+    for section in ("main", "ablation", "alpha", "calibration", "mot"):
+        rows = {}
+        for label, columns in sections[section]:
+            variant = label.split("|")[0] if section == "main" else "plain"
+            rows[label] = {col: summarize_cell([results[j] for j in jobs], dense[variant])
+                           for col, jobs in columns.items()}
+        tables[section] = rows
+    diffs = {}
+    for label, columns in sections["main"]:
+        variant, method = label.split("|")
+        if method not in ("ATV", "ATV + SparseGPT"):
+            continue
+        baselines = ["magnitude", "Wanda", "SparseGPT", "TAMP"] if method == "ATV" else ["SparseGPT", "ATV"]
+        for base in baselines:
+            base_cols = dict(sections["main"])[f"{variant}|{base}"]
+            for col, jobs in columns.items():
+                d, se = paired_difference([results[j] for j in jobs], [results[j] for j in base_cols[col]])
+                diffs[f"{variant}|{method} - {base}|{col}"] = {"delta": d, "se": se, "verdict": verdict(d, se)}
+    tables["paired"] = diffs
+    checks = {}
+    for label, columns in sections["invariance"]:
+        (col, (j,)), = columns.items()
+        plain = results[dataclasses.replace(j, variant="plain")]
+        checks[f"{label} {col} seed {j.seed}"] = results[j]["correct"] == plain["correct"]
+    tables["invariance"] = checks
+    return tables
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def _cell(c: dict) -> str:
+    return f"{c['average_retention']:.1f} ± {c['sd']:.1f}"
+
+
+def markdown(tables: dict, args, tasks: list[str], meta: dict) -> str:
+    out = [f"# Accuracy of pruning methods on the bundled tiny VLM ({meta['date']})", "",
+           f"Model `{meta['model']}` ({meta['params']:,} parameters; {meta['image_tokens']} image tokens per image). "
+           f"Test: {args.per_task} items per task of the synthetic test split (seed {args.test_seed}), "
+           f"teacher-forced exact match. Calibration: {args.nsamples} conversations of the calibration split per "
+           f"seed, seeds {', '.join(map(str, args.seeds))}. {meta['machine']}; torch {torch.__version__}; "
+           f"{meta['wall_minutes']:.1f} min for {meta['jobs']} pruned models.", "",
+           "Retention = 100 x accuracy / dense accuracy per task; Average = unweighted mean over tasks "
+           "(the paper's Average column), mean ± standard deviation over calibration seeds. "
+           "Outlier variant: the same model with hidden channels "
+           f"{meta['outlier_channels']} of every RMSNorm x{OUTLIER_SCALE:g} and the columns they feed /"
+           f"{OUTLIER_SCALE:g} (bit-identical function).", ""]
+    out += ["## Dense model", "", "| variant | " + " | ".join(tasks) + " | average | answer NLL |",
+            "| --- |" + " ---: |" * (len(tasks) + 2)]
+    for v, d in tables["dense"].items():
+        out.append(f"| {v} | " + " | ".join(f"{100 * d['tasks'][t]['accuracy']:.1f}" for t in tasks)
+                   + f" | {100 * d['average']:.1f} | {d['average_nll']:.3f} |")
+    out.append("")
+    out += ["## Main comparison (Table A1-like): retention per task, %", ""]
+    for variant in args.variants:
+        for col in args.patterns:
+            out += [f"### {variant} model, {col}", "",
+                    "| method | " + " | ".join(tasks) + " | Average | accuracy | NLL |",
+                    "| --- |" + " ---: |" * (len(tasks) + 3)]
+            for label, columns in tables["main"].items():
+                if not label.startswith(variant + "|"):
+                    continue
+                c = columns[col]
+                out.append(f"| {label.split('|')[1]} | " + " | ".join(_num(c["retention"].get(t)) for t in tasks)
+                           + f" | **{_cell(c)}** | {100 * c['accuracy']:.1f} | {c['nll']:.3f} |")
+            out.append("")
+    out += ["## Summary: average retention, %", "", "| method | " + " | ".join(
+        f"{v} {p}" for v in args.variants for p in args.patterns) + " |",
+        "| --- |" + " ---: |" * (len(args.variants) * len(args.patterns))]
+    for method in MAIN_METHODS:
+        row = [_cell(tables["main"][f"{v}|{method}"][p]) for v in args.variants for p in args.patterns]
+        out.append(f"| {method} | " + " | ".join(row) + " |")
+    out.append("")
+    out += ["## Paired differences of average accuracy (points; same items, seeds averaged per item first)", "",
+            "| variant | comparison | " + " | ".join(args.patterns) + " |", "| --- | --- |" + " ---: |" * len(args.patterns)]
+    keys = list(dict.fromkeys(k.rsplit("|", 1)[0] for k in tables["paired"]))
+    for key in keys:
+        variant, comparison = key.split("|")
+        cells = []
+        for col in args.patterns:
+            d = tables["paired"][f"{key}|{col}"]
+            mark = "" if d["verdict"].startswith("within") else (" ▲" if d["delta"] > 0 else " ▼")
+            cells.append(f"{d['delta']:+.2f} ± {d['se']:.2f}{mark}")
+        out.append(f"| {variant} | {comparison} | " + " | ".join(cells) + " |")
+    out += ["", "▲ / ▼: the first method better / worse by more than 2 standard errors; unmarked: within noise.", ""]
+    if tables["invariance"]:
+        same = all(tables["invariance"].values())
+        out += [f"Outlier variant, Wanda-score methods ({', '.join(tables['invariance'])}): "
+                + ("per-item results identical to the plain model's, as the invariance predicts; their outlier "
+                   "rows reuse the plain runs." if same else "**NOT identical to the plain model's** (rerun with "
+                   "--full-outlier)."), ""]
+
+    def simple(title: str, section: str, note: str = "") -> None:
+        columns = list(next(iter(tables[section].values())))
+        out.extend([f"## {title}", ""] + ([note, ""] if note else []))
+        out.append("| configuration | " + " | ".join(f"{c} Average" for c in columns) + " | "
+                   + " | ".join(f"{c} visual tokens / sample / block" for c in columns) + " |")
+        out.append("| --- |" + " ---: |" * (2 * len(columns)))
+        for label, cols in tables[section].items():
+            vis = ["-" if cols[c]["visual_tokens"] is None else f"{cols[c]['visual_tokens']:.1f}" for c in columns]
+            out.append(f"| {label} | " + " | ".join(_cell(cols[c]) for c in columns) + " | " + " | ".join(vis) + " |")
+        out.append("")
+
+    simple("Visual-token selectors (Table 3-like), Wanda scores, plain model", "ablation",
+           "ABS, DBS and drift-fixed are scaled to the total visual budget of ATV's drift rule on the same data.")
+    simple("ATV's alpha (budget scale), plain model", "alpha", "alpha = 0 is text-only calibration.")
+    simple("Calibration pools (Table A3-like), 50% unstructured, plain model", "calibration")
+    simple("MoT probe (Table 1-like): one pathway pruned with Wanda, plain model", "mot",
+           "The other pathway stays dense; rows = the calibration positions that feed the statistics.")
+    return "\n".join(out)
+
+
+def plot_atv_blocks(results: dict[Job, dict], args, path: Path) -> Path | None:
+    from atv_sparse.plot import plot_blocks
+
+    j = job("plain", "wanda", "atv", args.patterns[0], args.seeds[0])
+    blocks = results[j]["blocks"]
+    return plot_blocks(blocks, path, f"ATV {args.patterns[0]}, bundled tiny VLM, seed {args.seeds[0]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    from atv_sparse.tiny_vlm import bundled_model_dir
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=str(bundled_model_dir()), help="a dense LLaVA-style checkpoint directory")
+    p.add_argument("--quick", action="store_true",
+                   help="a subset: 2:4 only, one seed, 12 items per task, 8 calibration samples, fewer ablations")
+    p.add_argument("--per-task", type=int, default=500, help="test items per task")
+    p.add_argument("--nsamples", type=int, default=64, help="calibration conversations per seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="calibration seeds")
+    p.add_argument("--test-seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=max(1, min(os.cpu_count() or 1, 8)),
+                   help="processes, one torch thread each")
+    p.add_argument("--full-outlier", action="store_true",
+                   help="also run Wanda, TAMP and ATV on the outlier variant everywhere (they reuse the plain runs, "
+                        "checked on one run each, by default)")
+    p.add_argument("--out", default=str(HERE / "results" / "accuracy-tiny"),
+                   help="output path without extension: writes OUT.md, OUT.json and OUT-atv-blocks.png")
+    args = p.parse_args(argv)
+    args.patterns, args.variants, args.ablation_patterns = list(PATTERNS), list(VARIANTS), ["2:4", "60%"]
+    args.selectors, args.alphas, args.calibrations = dict(SELECTORS), list(ALPHAS), dict(CALIBRATIONS)
+    args.mot_pathways, args.mot_sparsities = list(MOT_PATHWAYS), list(MOT_SPARSITIES)
+    if args.quick:
+        args.per_task, args.nsamples, args.seeds = min(args.per_task, 12), min(args.nsamples, 8), args.seeds[:1]
+        args.patterns, args.ablation_patterns = ["2:4", "50%"], ["2:4"]
+        args.selectors = {k: SELECTORS[k] for k in ("text-only", "visual-only", "mixed", "ATV (drift)", "random")}
+        args.alphas, args.calibrations = [0.0, 1.0], {k: CALIBRATIONS[k] for k in ("text-only", "ATV")}
+        args.mot_pathways, args.mot_sparsities = ["visual"], ["50%"]
+    for name in ("per_task", "nsamples", "workers"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from tqdm.auto import tqdm
+
+    start = time.time()
+    torch.set_num_threads(1)
+    _STATE.update(setup(args))
+    sections = plan_jobs(args)
+    jobs = unique_jobs(sections)
+    nsamples = args.nsamples
+    results: dict[Job, dict] = {}
+    ctx = multiprocessing.get_context("fork")  # workers inherit the models and the prepared items
+    with tqdm(total=len(jobs), desc="Pruning and scoring", unit="model") as bar:
+        if args.workers == 1:
+            outputs = map(run_job, jobs)
+            pool = None
+        else:
+            pool = ctx.Pool(args.workers, initializer=_init_worker, initargs=(1,))
+            outputs = pool.imap(run_job, jobs)
+        try:
+            for j, r in zip(jobs, outputs, strict=True):
+                r["nsamples"] = nsamples if j.seed is not None else None
+                results[j] = r
+                bar.update()
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+    tasks = list(results[jobs[0]]["tasks"])
+    plain, outlier = (results[Job(v, "dense", None, "dense", None)] for v in VARIANTS)
+    if plain["correct"] != outlier["correct"]:
+        print("warning: the outlier variant does not score like the plain model", file=sys.stderr)
+    tables = build_tables(sections, results, tasks)
+    model = _STATE["models"]["plain"]
+    meta = {"date": datetime.date.today().isoformat(), "model": args.model, "machine": _machine(),
+            "params": sum(p.numel() for p in model.parameters()), "image_tokens": model.config.image_seq_length,
+            "outlier_channels": _STATE["outlier_channels"], "jobs": len(jobs),
+            "wall_minutes": (time.time() - start) / 60, "torch": torch.__version__, "workers": args.workers}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = markdown(tables, args, tasks, meta)
+    settings = {k: v for k, v in vars(args).items()}
+    payload = {"meta": meta, "settings": settings, "tables": tables,
+               "runs": [{k: v for k, v in r.items() if k != "correct"} for r in results.values()]}
+    _write(out.with_suffix(".json"), json.dumps(payload, indent=1, default=str) + "\n")
+    try:
+        plot_atv_blocks(results, args, out.with_name(out.name + "-atv-blocks.png"))
+    except Exception as e:  # noqa: BLE001 - the tables matter more than the picture
+        print(f"warning: no plot ({e})", file=sys.stderr)
+    _write(out.with_suffix(".md"), text + "\n")
+    print(text)
+    return 0
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _machine() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""benchmarks/accuracy.py: the quick subset end to end on the bundled model, and its statistics."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import accuracy  # noqa: E402
+
+
+def _result(bits: dict[str, str]) -> dict:
+    return {"correct": bits}
+
+
+def test_paired_difference_averages_seeds_per_item_then_tasks():
+    base = _result({"a": "0011", "b": "10"})
+    ours = [_result({"a": "1011", "b": "10"}), _result({"a": "0011", "b": "11"})]
+    # Task a: item 0 gains in one seed of two -> per-item d = (0.5, 0, 0, 0); task b: d = (0, 0.5).
+    delta, se = accuracy.paired_difference(ours, [base])
+    assert delta == pytest.approx(100 * (0.5 / 4 + 0.5 / 2) / 2)
+    var_a = sum((x - 0.125) ** 2 for x in (0.5, 0, 0, 0)) / 3 / 4
+    var_b = sum((x - 0.25) ** 2 for x in (0, 0.5)) / 1 / 2
+    assert se == pytest.approx(100 * (var_a + var_b) ** 0.5 / 2)
+    assert accuracy.paired_difference([base], [base]) == (0.0, 0.0)
+    assert accuracy.verdict(1.0, 0.6) == "within noise (|d| < 2 SE)" and accuracy.verdict(-2.0, 0.5) == "ATV worse"
+
+
+def test_retention_leaves_out_tasks_the_dense_model_fails():
+    dense = {"tasks": {"a": {"accuracy": 0.5}, "b": {"accuracy": 0.0}, "c": {"accuracy": 1.0}}}
+    pruned = {"tasks": {"a": {"accuracy": 0.25}, "b": {"accuracy": 0.1}, "c": {"accuracy": 1.0}}}
+    r = accuracy.retention_of(pruned, dense)
+    assert r["tasks"] == {"a": 50.0, "c": 100.0} and r["average"] == 75.0
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("accuracy") / "acc"
+    assert accuracy.main(["--quick", "--per-task", "4", "--nsamples", "4", "--workers", "2", "--out", str(out)]) == 0
+    return out, json.loads(out.with_suffix(".json").read_text())
+
+
+def test_quick_run_writes_every_table(quick):
+    out, payload = quick
+    text = out.with_suffix(".md").read_text()
+    for heading in ("Main comparison", "Paired differences", "Visual-token selectors", "alpha", "Table A3", "MoT"):
+        assert heading in text
+    for method in accuracy.MAIN_METHODS:
+        assert f"| {method} |" in text
+    tables = payload["tables"]
+    assert set(tables["main"]) == {f"{v}|{m}" for v in accuracy.VARIANTS for m in accuracy.MAIN_METHODS}
+    assert all(tables["invariance"].values()) and len(tables["invariance"]) == 3
+    assert out.with_name(out.name + "-atv-blocks.png").stat().st_size > 1000
+
+
+def test_quick_run_facts(quick):
+    """Properties the runs must show whatever the accuracies: the outlier transform does not change
+    the dense model, alpha = 0 is text-only calibration, and ATV's visual budget is between the two."""
+    _, payload = quick
+    runs = {r["name"]: r for r in payload["runs"]}
+    plain, outlier = runs["plain/dense/-/dense/seedNone"], runs["outlier/dense/-/dense/seedNone"]
+    assert plain["tasks"] == outlier["tasks"]
+    text, alpha0 = runs["plain/wanda/text/2:4/seed0"], runs["plain/wanda/atv/2:4/seed0/alpha0"]
+    assert text["tasks"] == alpha0["tasks"]
+    ablation = payload["tables"]["ablation"]
+    assert ablation["text-only"]["2:4"]["visual_tokens"] == 0
+    assert 0 < ablation["ATV (drift)"]["2:4"]["visual_tokens"] < ablation["mixed"]["2:4"]["visual_tokens"]
+    # Magnitude's scores move with the rescaled columns, so its pruned model differs between the variants.
+    assert runs["plain/magnitude/-/2:4/seedNone"]["average_nll"] != runs["outlier/magnitude/-/2:4/seedNone"]["average_nll"]
