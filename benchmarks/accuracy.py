@@ -434,10 +434,14 @@ def parse_args(argv=None):
                         "checked on one run each, by default)")
     p.add_argument("--out", default=str(HERE / "results" / "accuracy-tiny"),
                    help="output path without extension: writes OUT.md, OUT.json and OUT-atv-blocks.png")
+    p.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=PATTERNS, help="main-table columns")
+    p.add_argument("--ablation-patterns", nargs="+", default=["2:4", "60%"], choices=PATTERNS,
+                   help="columns of the selector and alpha tables")
+    p.add_argument("--mot-sparsities", nargs="+", default=list(MOT_SPARSITIES), choices=("50%", "60%", "70%"))
     args = p.parse_args(argv)
-    args.patterns, args.variants, args.ablation_patterns = list(PATTERNS), list(VARIANTS), ["2:4", "60%"]
+    args.variants = list(VARIANTS)
     args.selectors, args.alphas, args.calibrations = dict(SELECTORS), list(ALPHAS), dict(CALIBRATIONS)
-    args.mot_pathways, args.mot_sparsities = list(MOT_PATHWAYS), list(MOT_SPARSITIES)
+    args.mot_pathways = list(MOT_PATHWAYS)
     if args.quick:
         args.per_task, args.nsamples, args.seeds = min(args.per_task, 12), min(args.nsamples, 8), args.seeds[:1]
         args.patterns, args.ablation_patterns = ["2:4", "50%"], ["2:4"]
