@@ -41,7 +41,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import time
@@ -50,6 +49,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from prune_time import cpu_name  # noqa: E402
 PATTERNS = ("2:4", "4:8", "50%", "60%", "70%")
 SEEDS = (0, 1, 2)
 # Row label -> (score / update rule of the driver, token selector).
@@ -148,16 +149,14 @@ def run_job(job: Job) -> dict:
     model = copy.deepcopy(st["models"][job.variant])
     samples, tokens = st["calib"][job.seed] if job.seed is not None else (None, None)
     blocks = []
-    pattern = None if job.pattern == "dense" else parse_label(job.pattern)
-    if pattern is None:
-        pass  # the dense baseline
-    elif job.mot is not None:
+    pattern = None if job.pattern == "dense" else parse_label(job.pattern)  # None: the dense baseline
+    if pattern is not None and job.mot is not None:
         from atv_sparse.analysis.mot import attach_mot, mot_prune
 
         probe = attach_mot(model)
         report = mot_prune(probe, samples, pathway=job.mot[0], calib=job.mot[1], pattern=pattern, device="cpu")
         blocks = report.blocks
-    else:
+    elif pattern is not None:
         from atv_sparse.prune.pipeline import prune_model
         from atv_sparse.prune.targets import resolve_targets
 
@@ -488,15 +487,14 @@ def main(argv=None) -> int:
         print("warning: the outlier variant does not score like the plain model", file=sys.stderr)
     tables = build_tables(sections, results, tasks)
     model = _STATE["models"]["plain"]
-    meta = {"date": datetime.date.today().isoformat(), "model": args.model, "machine": _machine(),
+    meta = {"date": datetime.date.today().isoformat(), "model": args.model, "machine": f"{cpu_name()} x{os.cpu_count()}",
             "params": sum(p.numel() for p in model.parameters()), "image_tokens": model.config.image_seq_length,
             "outlier_channels": _STATE["outlier_channels"], "jobs": len(jobs),
             "wall_minutes": (time.time() - start) / 60, "torch": torch.__version__, "workers": args.workers}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(tables, args, tasks, meta)
-    settings = {k: v for k, v in vars(args).items()}
-    payload = {"meta": meta, "settings": settings, "tables": tables,
+    payload = {"meta": meta, "settings": vars(args), "tables": tables,
                "runs": [{k: v for k, v in r.items() if k != "correct"} for r in results.values()]}
     _write(out.with_suffix(".json"), json.dumps(payload, indent=1, default=str) + "\n")
     try:
@@ -512,16 +510,6 @@ def _write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
-
-
-def _machine() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 if __name__ == "__main__":
