@@ -453,6 +453,14 @@ def parse_args(argv=None):
     return args
 
 
+def _shown(path: str) -> str:
+    """``path`` relative to the repository when it is inside it (results name no home directory)."""
+    try:
+        return str(Path(path).resolve().relative_to(HERE.parent))
+    except ValueError:
+        return path
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from tqdm.auto import tqdm
@@ -487,14 +495,15 @@ def main(argv=None) -> int:
         print("warning: the outlier variant does not score like the plain model", file=sys.stderr)
     tables = build_tables(sections, results, tasks)
     model = _STATE["models"]["plain"]
-    meta = {"date": datetime.date.today().isoformat(), "model": args.model, "machine": f"{cpu_name()} x{os.cpu_count()}",
+    meta = {"date": datetime.date.today().isoformat(), "model": _shown(args.model), "machine": f"{cpu_name()} x{os.cpu_count()}",
             "params": sum(p.numel() for p in model.parameters()), "image_tokens": model.config.image_seq_length,
             "outlier_channels": _STATE["outlier_channels"], "jobs": len(jobs),
             "wall_minutes": (time.time() - start) / 60, "torch": torch.__version__, "workers": args.workers}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(tables, args, tasks, meta)
-    payload = {"meta": meta, "settings": vars(args), "tables": tables,
+    settings = vars(args) | {"model": _shown(args.model), "out": _shown(args.out)}
+    payload = {"meta": meta, "settings": settings, "tables": tables,
                "runs": [{k: v for k, v in r.items() if k != "correct"} for r in results.values()]}
     _write(out.with_suffix(".json"), json.dumps(payload, indent=1, default=str) + "\n")
     try:

@@ -208,7 +208,7 @@ def _ask_mcq(scene: Scene, rng: random.Random) -> QA | None:
     return f"{question}\n{lines}\nAnswer with the option's letter.", LETTERS[letter]
 
 
-_DIRECTIONS = {  # phrase -> (axis compared, sign: the target's coordinate minus the reference's)
+DIRECTIONS = {  # phrase -> (axis compared, sign: the target's coordinate minus the reference's)
     "left of": ("col", -1), "right of": ("col", 1), "above": ("row", -1), "below": ("row", 1)}
 
 
@@ -217,7 +217,7 @@ def _ask_compose_colour(scene: Scene, rng: random.Random) -> QA | None:
     for ref in scene.objects:
         if len(scene.with_shape(ref.shape)) != 1:
             continue  # "the circle" must name one shape
-        for phrase, (axis, sign) in _DIRECTIONS.items():
+        for phrase, (axis, sign) in DIRECTIONS.items():
             other = "row" if axis == "col" else "col"
             side = [o for o in scene.objects if getattr(o, other) == getattr(ref, other)
                     and (getattr(o, axis) - getattr(ref, axis)) * sign > 0]
