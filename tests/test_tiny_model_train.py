@@ -41,7 +41,10 @@ def test_referents_answer_the_question():
             elif line.startswith("What colour is the"):
                 kind = "colour"
                 assert len(refs) == 1
-                expected = refs[0].colour if "\n" not in question else answer  # MCQ answers a letter
+                expected = refs[0].colour
+                if "\n" in question:  # multiple choice: the answer is the letter of that colour
+                    options = dict(opt.split(". ") for opt in question.split("\n")[1:-1])
+                    expected = next(letter for letter, text in options.items() if text == expected)
             elif line.startswith("What shape is the"):
                 kind, expected = "shape", refs[0].shape
                 assert len(refs) == 1

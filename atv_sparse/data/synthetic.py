@@ -208,8 +208,17 @@ def _ask_mcq(scene: Scene, rng: random.Random) -> QA | None:
     return f"{question}\n{lines}\nAnswer with the option's letter.", LETTERS[letter]
 
 
-DIRECTIONS = {  # phrase -> (axis compared, sign: the target's coordinate minus the reference's)
+_DIRECTIONS = {  # phrase -> (axis compared, sign: the target's coordinate minus the reference's)
     "left of": ("col", -1), "right of": ("col", 1), "above": ("row", -1), "below": ("row", 1)}
+
+
+def shapes_beside(scene: Scene, ref: Obj, phrase: str) -> list[Obj]:
+    """The shapes of ``scene`` on the ``phrase`` side of ``ref`` ("left of", "right of", "above",
+    "below"), in the same row (left / right) or column (above / below)."""
+    axis, sign = _DIRECTIONS[phrase]
+    other = "row" if axis == "col" else "col"
+    return [o for o in scene.objects if getattr(o, other) == getattr(ref, other)
+            and (getattr(o, axis) - getattr(ref, axis)) * sign > 0]
 
 
 def _ask_compose_colour(scene: Scene, rng: random.Random) -> QA | None:
@@ -217,10 +226,8 @@ def _ask_compose_colour(scene: Scene, rng: random.Random) -> QA | None:
     for ref in scene.objects:
         if len(scene.with_shape(ref.shape)) != 1:
             continue  # "the circle" must name one shape
-        for phrase, (axis, sign) in DIRECTIONS.items():
-            other = "row" if axis == "col" else "col"
-            side = [o for o in scene.objects if getattr(o, other) == getattr(ref, other)
-                    and (getattr(o, axis) - getattr(ref, axis)) * sign > 0]
+        for phrase in _DIRECTIONS:
+            side = shapes_beside(scene, ref, phrase)
             if len(side) == 1:  # exactly one shape on that side, in the same row / column
                 options.append((ref, phrase, side[0]))
     if not options:

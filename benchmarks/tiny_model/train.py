@@ -185,11 +185,7 @@ def referents(scene, question: str) -> list:
         return [by_name[m[1]], by_name[m[2]]]
     if m := _COMPOSE.fullmatch(first_line):
         ref = scene.with_shape(m[2])[0]
-        axis, sign = synthetic.DIRECTIONS[m[1]]
-        other = "row" if axis == "col" else "col"
-        target = [o for o in scene.objects if getattr(o, other) == getattr(ref, other)
-                  and (getattr(o, axis) - getattr(ref, axis)) * sign > 0]
-        return [ref, target[0]]
+        return [ref, synthetic.shapes_beside(scene, ref, m[1])[0]]
     if m := _COLOUR_OF.fullmatch(first_line):
         return scene.with_shape(m[1])[:1]
     if m := _SHAPE_OF.fullmatch(first_line):
@@ -202,10 +198,11 @@ def referents(scene, question: str) -> list:
 def referent_labels(scene, turns: list[tuple[str, str]]) -> torch.Tensor:
     """(len(turns), REF_SLOTS * 4) int64: per turn and referent slot, ``REF_CLASSES`` (1-based,
     0 = no such referent)."""
-    labels = torch.zeros(len(turns), REF_SLOTS * len(REF_CLASSES), dtype=torch.long)
+    n = len(REF_CLASSES)
+    labels = torch.zeros(len(turns), REF_SLOTS * n, dtype=torch.long)
     for t, (question, _) in enumerate(turns):
         for k, obj in enumerate(referents(scene, question)[:REF_SLOTS]):
-            labels[t, 4 * k:4 * k + 4] = torch.tensor(
+            labels[t, n * k:n * (k + 1)] = torch.tensor(
                 [1 + obj.row, 1 + obj.col, 1 + COLOURS.index(obj.colour), 1 + SHAPES.index(obj.shape)])
     return labels
 
