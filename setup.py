@@ -9,6 +9,7 @@ compile is logged without failing the install.
 
 import importlib.util
 import os
+import re
 
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
@@ -24,6 +25,24 @@ def build_cuda_library(out_dir: str) -> None:
     module.build_cuda_library(os.path.join(HERE, "csrc"), out_dir)
 
 
+def read_version() -> str:
+    """The one source of the version: ``__version__`` in atv_sparse/__init__.py."""
+    text = open(os.path.join(HERE, "atv_sparse", "__init__.py"), encoding="utf-8").read()
+    return re.search(r'^__version__ = "([^"]+)"$', text, re.M).group(1)
+
+
+def package_data() -> dict[str, list[str]]:
+    """Every file of the package tree that is not Python source (bundled model, calibration text,
+    templates), found by walking it, so that a new asset cannot be left out of the wheel."""
+    root = os.path.join(HERE, "atv_sparse")
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        found += [os.path.relpath(os.path.join(folder, f), root) for f in files
+                  if not f.endswith((".py", ".pyc", ".so"))]
+    return {"atv_sparse": sorted(found)}
+
+
 class BuildPy(build_py):
     def run(self):
         super().run()
@@ -34,24 +53,26 @@ class BuildPy(build_py):
 
 setup(
     name="atv-sparse",
-    version="0.1.0",
+    version=read_version(),
     description="Prune LLMs and vision-language models to 2:4, 4:8 or unstructured sparsity and run them fast",
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["atv_sparse", "atv_sparse.*"]) + ["atv_sparse.kernels"],
     package_dir={"atv_sparse.kernels": "kernels"},
-    package_data={"atv_sparse.calib": ["default_calib.txt"], "atv_sparse": ["assets/*/*"]},
+    package_data=package_data(),
+    # The lowest transformers / triton are what CI's GPU-stack leg installs; torch 2.11 is what the
+    # GPU machines run (CI's CPU legs use 2.13).
     install_requires=[
-        "torch>=2.6",
-        "triton>=3.2; platform_system == 'Linux'",
-        "transformers>=5.0",
+        "torch>=2.11",
+        "triton>=3.6; platform_system == 'Linux'",
+        "transformers>=5.17",
         "safetensors>=0.4",
         "tqdm",
         "numpy",
         "pillow",
     ],
-    extras_require={"test": ["pytest>=8", "matplotlib"], "plot": ["matplotlib"], "vllm": ["vllm>=0.32,<0.34"]},
+    extras_require={"test": ["pytest>=8", "matplotlib", "build"], "plot": ["matplotlib"], "vllm": ["vllm>=0.32,<0.34"]},
     # vLLM loads this in every process it starts; the module imports vllm lazily.
     entry_points={"vllm.general_plugins": ["atv_sparse = atv_sparse.vllm_plugin:register"]},
     cmdclass={"build_py": BuildPy},

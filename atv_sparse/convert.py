@@ -12,7 +12,6 @@ else.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import math
 import sys
@@ -32,6 +31,7 @@ from .formats.safetensors_io import checkpoint_files, checkpoint_tensors
 from .formats.spec import build_quantization_config
 from .models import adapter_for, read_config
 from .patterns import check_sparsity, parse_pattern
+from .preflight import check_device, check_output_location, check_processor, read_budget_report, require_module
 from .prune.pipeline import ABLATION_TOKENS, prune_model
 from .prune.selectors import BUDGET_RULES, CALIB_TOKENS, SampleTokens
 from .prune.targets import resolve_targets
@@ -151,6 +151,10 @@ def _check_args(args) -> None:
     if args.das and (args.method != "tamp" or args.pattern.strip().lower() != "unstructured"):
         raise AtvSparseError("--das applies to --method tamp with --pattern unstructured only")
     args.score_method, args.tokens = score_method, args.calib_tokens or default_tokens
+    if args.budget_from and args.tokens not in ABLATION_TOKENS:
+        raise AtvSparseError(f"--budget-from applies to --calib-tokens {'/'.join(ABLATION_TOKENS)} only")
+    if args.plot:
+        require_module("matplotlib", "plot", "--plot")
     if args.ckpt is not None and args.out is None and not args.dry_run:
         raise AtvSparseError("--out DIR is required when a checkpoint is given")
 
@@ -162,8 +166,7 @@ def _resolve_device(name: str | None) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise AtvSparseError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AtvSparseError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    check_device(device)
     return device
 
 
@@ -216,6 +219,13 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     estimate = _estimate(args, skeleton, adapter, plan, tensors, pattern)
+    # Everything the run needs, checked before any weight is read or calibration pass starts.
+    if out is not None:
+        check_output_location(out, estimate["output_bytes"])
+    budget_target = read_budget_report(args.budget_from) if args.budget_from else None
+    processor = None
+    if adapter.multimodal and (args.eval_per_task or (args.tokens is not None and not _text_calibration(args))):
+        processor = check_processor(ckpt)
     if args.dry_run:
         _print_dry_run(args, ckpt, adapter, plan, pattern, estimate)
         return {"dry_run": True, "targets": list(plan.targets), "skipped": plan.skipped, **estimate}
@@ -224,9 +234,9 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
     samples, tokens = None, None
     if args.tokens is not None:
         t0 = time.perf_counter()
-        samples, tokens = _calibration_samples(args, ckpt, adapter)
+        samples, tokens = _calibration_samples(args, ckpt, adapter, processor)
         times["calibration data"] = time.perf_counter() - t0
-    budget_target, budget_source = _budget_from(args) if args.tokens in ABLATION_TOKENS else (None, None)
+    budget_source = str(Path(args.budget_from)) if args.budget_from else None
 
     t0 = time.perf_counter()
     model = adapter.load(ckpt, dtype)
@@ -293,10 +303,15 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
     return summary
 
 
-def _calibration_samples(args, ckpt: Path, adapter) -> tuple[list[dict], list[SampleTokens] | None]:
+def _text_calibration(args) -> bool:
+    """A vision-language model calibrated on a plain text file (no images)."""
+    return (args.calib or "").endswith(".txt")
+
+
+def _calibration_samples(args, ckpt: Path, adapter, processor) -> tuple[list[dict], list[SampleTokens] | None]:
     """Model inputs per calibration sample, and (vision-language models) their visual / text positions."""
-    if adapter.multimodal and not (args.calib or "").endswith(".txt"):
-        return _multimodal_samples(args, ckpt, adapter)
+    if adapter.multimodal and not _text_calibration(args):
+        return _multimodal_samples(args, ckpt, adapter, processor)
     from transformers import AutoTokenizer
 
     text = read_calibration_text(args.calib) if args.calib else default_calibration_text()
@@ -312,15 +327,13 @@ def _calibration_samples(args, ckpt: Path, adapter) -> tuple[list[dict], list[Sa
     return samples, [SampleTokens.from_inputs(s["input_ids"], None, None) for s in samples]
 
 
-def _multimodal_samples(args, ckpt: Path, adapter):
+def _multimodal_samples(args, ckpt: Path, adapter, processor):
     """Conversations (a file, or the embedded synthetic set) through the checkpoint's own processor."""
     from transformers import AutoConfig
 
     from .calib.multimodal import build_sample, read_multimodal_file
     from .data.synthetic import calibration_conversations
-    from .models.processors import load_processor
 
-    processor = load_processor(ckpt)
     image_token_id = adapter.image_token_id(AutoConfig.from_pretrained(ckpt))
     token = getattr(processor, "image_token", None)
     processor_id = getattr(processor, "image_token_id", None)
@@ -339,20 +352,6 @@ def _multimodal_samples(args, ckpt: Path, adapter):
     samples = [build_sample(processor, conv, image_token_id) for conv in conversations]
     tokens = [SampleTokens.from_inputs(s["input_ids"], s.get("attention_mask"), image_token_id) for s in samples]
     return samples, tokens
-
-
-def _budget_from(args) -> tuple[int | None, str | None]:
-    """ABS / DBS / drift-fixed: the total visual budget of --budget-from's ATV report (None: the
-    drift rule's total on a dense pass, DESIGN.md 4.5)."""
-    if not args.budget_from:
-        return None, None
-    path = Path(args.budget_from)
-    try:
-        report = json.loads(path.read_text())
-        return sum(b["visual_tokens"] for b in report["blocks"]), str(path)
-    except (OSError, ValueError, KeyError, TypeError):
-        raise AtvSparseError(f"--budget-from {path}: not a prune_report.json of an ATV run "
-                             "(needs blocks[].visual_tokens)") from None
 
 
 def _sparsity_json(targets, bitmasks, pattern, skipped) -> dict:

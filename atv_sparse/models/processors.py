@@ -77,10 +77,21 @@ def register_image_only_processors() -> None:
 
 
 def _model_type(model_dir: Path) -> str | None:
+    """The family of ``model_dir``: config.json's model_type, else (a directory holding only a saved
+    processor) the family whose original or image-only class processor_config.json names; older
+    transformers (5.17) do not resolve a registered class from that name and fall back to the tokenizer."""
     try:
-        return json.loads((model_dir / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
+        return json.loads((model_dir / "config.json").read_text())["model_type"]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        pass
+    try:
+        named = json.loads((model_dir / "processor_config.json").read_text())["processor_class"]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return None
+    for model_type, (_, image_only) in IMAGE_ONLY_PROCESSORS.items():
+        if named in (image_only.__name__, image_only.__mro__[1].__name__):
+            return model_type
+    return None
 
 
 def load_processor(model_dir: str | Path) -> ProcessorMixin:
