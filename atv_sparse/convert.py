@@ -343,7 +343,7 @@ def _multimodal_samples(args, ckpt: Path, adapter):
 
 def _budget_from(args) -> tuple[int | None, str | None]:
     """ABS / DBS / drift-fixed: the total visual budget of --budget-from's ATV report (None: the
-    drift rule's total on a dense pass, DESIGN.md 4.5)."""
+    drift rule's total on a dense pass, docs/design.md 4.5)."""
     if not args.budget_from:
         return None, None
     path = Path(args.budget_from)

@@ -1,4 +1,4 @@
-"""ABS, DBS and drift-fixed (DESIGN.md 4.5): signals against direct computations, the max-min
+"""ABS, DBS and drift-fixed (docs/design.md 4.5): signals against direct computations, the max-min
 diversity order on a hand case, the budget scale, and the CLI on a tiny vision-language model."""
 
 import json
