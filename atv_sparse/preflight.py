@@ -83,7 +83,9 @@ def check_processor(ckpt: Path):
 
 
 def read_budget_report(path: str | Path) -> int:
-    """The total visual-token budget of an ATV run's ``prune_report.json`` (``--budget-from``)."""
+    """The total visual-token budget of an ATV run's ``prune_report.json`` (``--budget-from``), which the
+    ABS / DBS / drift-fixed selectors match (without it: the drift rule's total on a dense pass,
+    docs/design.md 4.5)."""
     path = Path(path)
     try:
         report = json.loads(path.read_text())

@@ -1,5 +1,5 @@
 /*
- * atv_sparse_cuda.cuh: the C ABI of libatv_sparse_cuda.so (DESIGN.md 7.3).
+ * atv_sparse_cuda.cuh: the C ABI of libatv_sparse_cuda.so (docs/design.md 7.3).
  *
  * Every entry point takes device pointers, sizes and strides in elements, a device index and a
  * cudaStream_t, launches on that stream, never synchronises and never allocates, and returns an
@@ -8,7 +8,7 @@
  * atv_error_string() turns any of them into text. Python loads the library with ctypes
  * (atv_sparse/ops/cuda_lib.py); nothing here depends on PyTorch.
  *
- * Weight layout: the checkpoint's own (DESIGN.md 6), used as stored, no repacking:
+ * Weight layout: the checkpoint's own (docs/design.md 6), used as stored, no repacking:
  *   values  (N, K / 2) fp16 / bf16, row stride ldv: the kept weights of each row in column order;
  *   bitmask (N, K / 8) uint8, row stride ldb: bit k of byte c is column 8c + k, 1 = kept.
  * Both 2:4 and 4:8 keep exactly four columns of every aligned group of eight, i.e. every mask byte

@@ -1,4 +1,4 @@
-"""ABS, DBS and drift-fixed (DESIGN.md 4.5): signals against direct computations, the max-min
+"""ABS, DBS and drift-fixed (docs/design.md 4.5): signals against direct computations, the max-min
 diversity order on a hand case, the budget scale, and the CLI on a tiny vision-language model."""
 
 import json
@@ -70,15 +70,47 @@ def test_dbs_signal_is_mean_cosine_distance():
         assert abs(signal[i] - sum(others) / 3) < 1e-6
 
 
+# The scaled budget of docs/design.md 4.5, written out independently of ablation_tokens.py:
+# K_bj = min(n_img_j, round(min(1, c * s_b) * n_text_j)), with s_b = 1 for every block under
+# drift-fixed; the total sums K over blocks and samples.
+def reference_total(s_bars, counts, c, fixed):
+    total = 0
+    for s in s_bars:
+        saliency = 1.0 if fixed else s
+        for n_img, n_text in counts:
+            total += min(n_img, round(min(1.0, c * saliency) * n_text))
+    return total
+
+
+def reference_best_total(s_bars, counts, target, fixed):
+    """The reachable total closest to ``target`` (the smaller one on ties, as the smaller c gives).
+
+    Each K_bj steps where c * s_b * n_text = k + 1/2, so evaluating halfway between consecutive
+    steps (and past the last) visits every reachable total without landing on a rounding edge."""
+    steps = sorted({(k + 0.5) / ((1.0 if fixed else s) * n_text)
+                    for s in s_bars for _, n_text in counts for k in range(n_text)})
+    probes = [steps[0] / 2] + [(a + b) / 2 for a, b in zip(steps, steps[1:])] + [steps[-1] * 2]
+    reachable = {reference_total(s_bars, counts, c, fixed) for c in probes}
+    return min(reachable, key=lambda t: (abs(t - target), t))
+
+
 def test_scale_hits_target_and_drift_fixed_is_block_independent():
     tokens = [SampleTokens(torch.tensor([0] + [1] * 20 + [0] * 9, dtype=torch.bool),
                            torch.tensor([1] + [0] * 20 + [1] * 9, dtype=torch.bool))] * 3
+    counts = [(20, 10)] * 3  # (n_img, n_text) of each sample above
+    s_bars = [0.3, 0.1, 0.05]
     fixed = DriftFixedTokens(tokens)
-    c = calibrate_scale(fixed, [0.3, 0.1, 0.05], 60)  # 3 blocks x 3 samples x K -> K = 60 / 9 ~ 6.7
-    assert total_budget(fixed, [0.3, 0.1, 0.05], c) in (54, 63)  # K is the same integer for every block
+    c = calibrate_scale(fixed, s_bars, 60)  # 3 blocks x 3 samples x K -> K = 60 / 9 ~ 6.7
+    assert total_budget(fixed, s_bars, c) in (54, 63)  # K is the same integer for every block
+    # K = 7 (63) is closer to 60 than K = 6 (54).
+    assert reference_best_total(s_bars, counts, 60, fixed=True) == 63
+    assert reference_total(s_bars, counts, c, fixed=True) == 63 == total_budget(fixed, s_bars, c)
     dbs = DbsTokens(tokens)
-    c = calibrate_scale(dbs, [0.3, 0.1, 0.05], 60)
-    assert abs(total_budget(dbs, [0.3, 0.1, 0.05], c) - 60) <= 3
+    c = calibrate_scale(dbs, s_bars, 60)
+    assert abs(total_budget(dbs, s_bars, c) - 60) <= 3
+    # Just above c = 6.5: K = 10, 7, 3 per sample in the three blocks, 3 x 20 = 60 exactly.
+    assert reference_best_total(s_bars, counts, 60, fixed=False) == 60
+    assert reference_total(s_bars, counts, c, fixed=False) == 60 == total_budget(dbs, s_bars, c)
 
 
 @pytest.fixture(scope="module")

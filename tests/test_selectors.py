@@ -1,4 +1,4 @@
-"""Token selectors (DESIGN.md 4.5) against independent computations, on hand-made and random cases."""
+"""Token selectors (docs/design.md 4.5) against independent computations, on hand-made and random cases."""
 
 import math
 

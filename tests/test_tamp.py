@@ -1,4 +1,4 @@
-"""TAMP baseline core (DESIGN.md 4.6): attention contribution, modality similarity, AMIA
+"""TAMP baseline core (docs/design.md 4.6): attention contribution, modality similarity, AMIA
 selection, token-counted statistics and DAS, on hand-checked cases plus a literal float64
 transcription of the spec on random data.
 """
@@ -35,7 +35,7 @@ def _mask(bits: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# literal float64 transcription of DESIGN.md 4.6 (independent of the module's heap / prefix sums)
+# literal float64 transcription of docs/design.md 4.6 (independent of the module's heap / prefix sums)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""The Mixture-of-Transformers probe (DESIGN.md 4.7, ATV paper section 3.2).
+"""The Mixture-of-Transformers probe (docs/design.md 4.7, ATV paper section 3.2).
 
 Does pruning for visual tokens need different weights than pruning for text? The probe gives every
 decoder block two copies of its linears, a textual and a visual pathway, and routes each position

@@ -1,4 +1,4 @@
-"""Bitmask + values: the on-disk form of one pruned weight (DESIGN.md 6).
+"""Bitmask + values: the on-disk form of one pruned weight (docs/design.md 6).
 
 For a weight W (out, in) and its keep-mask:
 - ``bitmask``: uint8 (out, ceil(in / 8)); bit k of byte c is column 8c + k (little endian),

@@ -1,4 +1,4 @@
-"""The ``quantization_config`` block that marks a directory as an atv-sparse checkpoint (DESIGN.md 6)."""
+"""The ``quantization_config`` block that marks a directory as an atv-sparse checkpoint (docs/design.md 6)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from .sparse_linear import SparseLinear
 
 
 class AtvSparseConfig(QuantizationConfigMixin):
-    """The ``quantization_config`` block of config.json (DESIGN.md 6); every key is kept as is."""
+    """The ``quantization_config`` block of config.json (docs/design.md 6); every key is kept as is."""
 
     def __init__(self, pattern: str = "2:4", format_version: int = FORMAT_VERSION, **kwargs):
         self.quant_method = QUANT_METHOD

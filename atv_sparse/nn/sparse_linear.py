@@ -14,7 +14,7 @@ from ..patterns import Pattern, parse_pattern
 
 
 class SparseLinear(nn.Module):
-    """A linear layer with a pruned weight kept compressed (DESIGN.md 6, 7).
+    """A linear layer with a pruned weight kept compressed (docs/design.md 6, 7).
 
     Buffers (their names are the checkpoint keys):
     - ``weight_bitmask``: (out, ceil(in / 8)) uint8, bit k of byte c = column 8c + k, 1 = kept;

@@ -1,4 +1,4 @@
-"""Sparse linear execution: custom ops and backend choice (DESIGN.md 7.1).
+"""Sparse linear execution: custom ops and backend choice (docs/design.md 7.1).
 
 - ``triton_ops``: ``atv_sparse::nm_linear`` / ``atv_sparse::nm_gated`` over the Triton kernels
   (CUDA, or the CPU under ``TRITON_INTERPRET=1``);

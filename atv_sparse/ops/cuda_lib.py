@@ -1,5 +1,5 @@
 """The ``cuda`` backend: ``libatv_sparse_cuda.so`` (csrc/, C ABI) loaded lazily with ctypes and
-exposed as two ``torch.library`` custom ops (DESIGN.md 7.3).
+exposed as two ``torch.library`` custom ops (docs/design.md 7.3).
 
 - ``torch.ops.atv_sparse.nm_linear_cuda(x, values, bitmask, n, m, bias=None)``:
   ``x @ W^T (+ bias)``;

@@ -1,4 +1,4 @@
-"""Which backend runs a sparse linear, per token count (DESIGN.md 7.1).
+"""Which backend runs a sparse linear, per token count (docs/design.md 7.1).
 
 Backends: ``cuda`` (csrc decode kernels, few tokens), ``triton`` (skinny kernel up to 64 tokens,
 tile GEMM above), ``cusparselt`` (2:4 sparse tensor cores, large M), ``reference`` (decompress +

@@ -1,4 +1,4 @@
-"""Custom ops over the Triton N:M kernels of ``atv_sparse.kernels`` (DESIGN.md 7.1).
+"""Custom ops over the Triton N:M kernels of ``atv_sparse.kernels`` (docs/design.md 7.1).
 
 Each op has a fake implementation that repeats the shape checks, so ``torch.compile`` traces a
 model through it without running a kernel. The op picks the skinny kernel (``nm_gemv``) up to

@@ -1,4 +1,4 @@
-"""The paper's selector ablations (DESIGN.md 4.5, supplementary A5): ABS, DBS and drift-fixed.
+"""The paper's selector ablations (docs/design.md 4.5, supplementary A5): ABS, DBS and drift-fixed.
 
 Their saliencies live on other scales than drift (attention weights are about 1/L), so Eq. 6 with
 alpha would give K near 0. Each instead gets one block-independent scale c, chosen so that its

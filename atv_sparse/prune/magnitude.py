@@ -1,4 +1,4 @@
-"""Magnitude pruning (DESIGN.md 4.2): score |W|, no calibration data."""
+"""Magnitude pruning (docs/design.md 4.2): score |W|, no calibration data."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Score -> keep-mask rules shared by every pruner (DESIGN.md 4.1).
+"""Score -> keep-mask rules shared by every pruner (docs/design.md 4.1).
 
 A mask is a bool tensor shaped like the weight, ``True`` = kept. Ties are broken exactly as the
 reference implementations (wanda @8e8fc87, sparsegpt @147d215) break them, so masks match theirs

@@ -31,7 +31,7 @@ def prune_model(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, tar
     feeding the statistics (``selectors.CALIB_TOKENS`` or "tamp"; None for magnitude); samples /
     tokens: model inputs per calibration sample and their visual / text positions (tokens None
     for a text-only model). ABS / DBS / drift-fixed get the scale that makes their total visual
-    budget equal ``budget_target`` (default: the drift rule's total on a dense pass, DESIGN.md
+    budget equal ``budget_target`` (default: the drift rule's total on a dense pass, docs/design.md
     4.5). ``das``: TAMP's layer-wise sparsities (unstructured only).
 
     Returns (the driver's result, settings to record: budget calibration, timings of the extra

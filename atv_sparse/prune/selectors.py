@@ -1,7 +1,7 @@
 """Token selectors: which positions of each calibration sample feed a block's statistics.
 
 The block driver calls ``begin_block(b, runner, num_samples)`` once per block before its
-statistics pass and ``positions(j)`` for each sample during it (DESIGN.md 4.5):
+statistics pass and ``positions(j)`` for each sample during it (docs/design.md 4.5):
 
 - ``mixed``: every position (Wanda's default); ``text``: the text positions; ``visual``: the
   image-token positions.

@@ -1,4 +1,4 @@
-"""SparseGPT (DESIGN.md 4.4): prune column by column, compensating with the inverse Hessian.
+"""SparseGPT (docs/design.md 4.4): prune column by column, compensating with the inverse Hessian.
 
 Follows IST-DASLab/sparsegpt @147d215 operation for operation, so masks equal the reference's
 and surviving fp32 weights agree to fp32 rounding.

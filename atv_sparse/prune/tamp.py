@@ -1,4 +1,4 @@
-"""TAMP baseline (DESIGN.md 4.6): AMIA token selection, token-counted statistics, DAS sparsity.
+"""TAMP baseline (docs/design.md 4.6): AMIA token selection, token-counted statistics, DAS sparsity.
 
 Pure functions only: the caller (the block driver) computes q / k with RoPE, captures each
 linear's input and output rows, and owns the sample loop. Everything here works on one sample
@@ -6,8 +6,8 @@ linear's input and output rows, and owns the sample loop. Everything here works 
 
 Reference: G-JWLee/TAMP @e1dc9d1 (``AdaptiveMultimodalInputActivation`` in
 ``llava/pruners/wanda_pruner.py``, ``compute_the_sparsity_per_group`` in
-``layer_single_base_pruner.py``). Where DESIGN.md differs from it on purpose (neighbours exclude
-i itself, int64 DAS, overshoot subtracted) DESIGN.md is followed.
+``layer_single_base_pruner.py``). Where docs/design.md differs from it on purpose (neighbours exclude
+i itself, int64 DAS, overshoot subtracted) docs/design.md is followed.
 
 Public surface:
 - ``attention_contribution(q, k, last)``: the per-position attention score a (shared by the
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..errors import AtvSparseError
 from .wanda import WandaStats
 
-# AMIA's constants (official code and DESIGN.md 4.6).
+# AMIA's constants (official code and docs/design.md 4.6).
 NUM_NEIGHBOURS = 3
 SUPPRESS_RATE = 0.2  # g_n -= exp(-0.2 * D) * max(g_i*, 0)
 MMD_FACTOR = 0.1  # stop when MMD^2 < 0.1 * sqrt(1 - rho)
@@ -63,7 +63,7 @@ def attention_contribution(q: torch.Tensor, k: torch.Tensor, last: int,
     Computed in fp32 (q and k are upcast before the dot product; the official code multiplies
     in the model dtype and upcasts only the softmax). Keys after ``last`` get weight 0: that is
     the causal mask the model applies to that query, and with right padding those keys are the
-    padding; for ``last = L - 1`` every one of the L keys takes part, as in DESIGN.md.
+    padding; for ``last = L - 1`` every one of the L keys takes part, as in docs/design.md.
     GQA: query head h reads kv head ``h // (heads_q // heads_kv)``, the mapping of
     transformers' ``repeat_kv`` (``repeat_interleave`` over the head dim), done here by a reshape
     instead of materialising the repeated keys.
@@ -218,7 +218,7 @@ def _greedy_order(g0: list[float], nbr: list[list[int]], weight: list[list[float
     g0: (L,) initial scores g; nbr[i]: N(i); weight[i][j] = exp(-0.2 * D_{i, nbr[i][j]}).
     Python floats (float64).
 
-    The literal loop of DESIGN.md 4.6 is, per step: i* = argmax g (first on ties);
+    The literal loop of docs/design.md 4.6 is, per step: i* = argmax g (first on ties);
     g_n -= exp(-0.2 D_{i*n}) * max(g_{i*}, 0) for n in N(i*); S += {i*}; g_S = min(g) - 1.
     This runs the same loop with a lazy max-heap keyed (-g_i, i), which pops the largest g and,
     among equal g, the lowest i. It selects exactly the same positions because:
@@ -274,7 +274,7 @@ def _first_mmd_stop(kernel: torch.Tensor, col_sums: torch.Tensor, mean_all: floa
 
 
 def amia_select(O: torch.Tensor, a: torch.Tensor, visual: torch.Tensor, *, sample: str = "sample") -> torch.Tensor:
-    """AMIA token selection for one linear layer and one calibration sample (DESIGN.md 4.6).
+    """AMIA token selection for one linear layer and one calibration sample (docs/design.md 4.6).
 
     O: (L, d) any float dtype, the linear's own output rows (before RoPE or activation) at the
     sample's non-padding positions; a: (L,) the attention contribution of those positions
@@ -416,7 +416,7 @@ def das_score(m_vv: float, m_ll: float, m_vl: float) -> float:
 
 
 def das_keep_counts(scores: dict[str, float], numels: dict[str, int], sparsity: float) -> dict[str, int]:
-    """Weights to keep per layer under DAS (DESIGN.md 4.6), exact integers summing to keep_tot.
+    """Weights to keep per layer under DAS (docs/design.md 4.6), exact integers summing to keep_tot.
 
     scores: layer -> ``das_score`` (>= 0; a layer with a higher score keeps more); numels:
     layer -> weight count n_l (same keys); sparsity: the global s, 0 <= s < 1.
@@ -496,8 +496,8 @@ def das_keep_counts(scores: dict[str, float], numels: dict[str, int], sparsity: 
 def das_allocation(scores: dict[str, float], numels: dict[str, int], sparsity: float) -> dict[str, float]:
     """DAS layer-wise sparsity: layer -> ``s_l = 1 - keep_l / n_l`` (``das_keep_counts``).
 
-    Unstructured pruning only (DESIGN.md 4.6); each layer is then pruned per row with its s_l
-    (DESIGN.md 4.1), so the weights actually kept are per-row truncations of keep_l.
+    Unstructured pruning only (docs/design.md 4.6); each layer is then pruned per row with its s_l
+    (docs/design.md 4.1), so the weights actually kept are per-row truncations of keep_l.
     """
     keep = das_keep_counts(scores, numels, sparsity)
     return {k: 1 - keep[k] / int(numels[k]) for k in keep}

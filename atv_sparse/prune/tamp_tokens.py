@@ -1,4 +1,4 @@
-"""TAMP's token selection in the block driver (DESIGN.md 4.6): AMIA per linear, DAS sparsities.
+"""TAMP's token selection in the block driver (docs/design.md 4.6): AMIA per linear, DAS sparsities.
 
 ``TampTokens`` is a per-linear selector: before a block's statistics pass it computes each
 sample's attention contribution ``a_j`` from the block's own queries and keys (``roped_qk``); during the pass, each linear's hook asks ``linear_positions(j, name, output)`` for AMIA's

@@ -1,4 +1,4 @@
-"""Wanda (DESIGN.md 4.3): score ``|W| * sqrt(r)``, r the running mean of squared input norms."""
+"""Wanda (docs/design.md 4.3): score ``|W| * sqrt(r)``, r the running mean of squared input norms."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 vLLM finds ``register`` through the ``vllm.general_plugins`` entry point of this package
 (setup.py) and calls it in every process it starts (API server, engine core, each worker), so it
 is idempotent. It registers ``AtvSparseVllmConfig`` under the checkpoint's ``quant_method``,
-``atv_sparse``; vLLM then picks it by itself from config.json (DESIGN.md 6).
+``atv_sparse``; vLLM then picks it by itself from config.json (docs/design.md 6).
 
 vLLM stays an optional dependency: nothing here imports it until ``register`` runs, and the
 load-time checks (``checks``) and the shard slicing (``slicing``) are pure functions usable

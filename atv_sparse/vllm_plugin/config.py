@@ -1,4 +1,4 @@
-"""``AtvSparseVllmConfig``: vLLM's view of config.json's ``quantization_config`` (DESIGN.md 6).
+"""``AtvSparseVllmConfig``: vLLM's view of config.json's ``quantization_config`` (docs/design.md 6).
 
 vLLM builds it from the block (``text_config``'s for a vision-language model) whose
 ``quant_method`` is ``atv_sparse``, then asks it for every layer's method:
