@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import AtvSparseError
@@ -51,32 +52,40 @@ def read_checksums(model_dir: str | Path) -> dict[str, tuple[str, int]]:
     return out
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def verify_checkpoint(model_dir: str | Path) -> dict[str, str]:
     """Hash every shard of ``model_dir`` and compare with ``checksums.json``; file name -> digest.
 
     Every safetensors file the checkpoint loads must be listed and match, size first (free) and
-    then SHA-256; the error names the first file that differs.
+    then SHA-256; the error names the first file (in name order) that differs. Shards are hashed
+    in parallel threads: hashlib releases the GIL, and one core hashes about 1 GB/s, slower than
+    a page-cached or NVMe read.
     """
     model_dir = Path(model_dir)
     expected = read_checksums(model_dir)
-    found = {}
-    for path in checkpoint_files(model_dir):
+    files = checkpoint_files(model_dir)
+    for path in files:
         if path.name not in expected:
             raise AtvSparseError(f"{path}: not listed in {CHECKSUMS_NAME}; the checkpoint's files were changed "
                                  "after it was written; convert it again")
-        digest, size = expected[path.name]
+        size = expected[path.name][1]
         actual_size = path.stat().st_size
         if actual_size != size:
             raise AtvSparseError(f"{path}: {actual_size} bytes, {CHECKSUMS_NAME} recorded {size}; the shard is "
                                  "truncated or damaged; copy or convert it again")
-        with open(path, "rb") as f:
-            actual = hashlib.file_digest(f, "sha256").hexdigest()
+    with ThreadPoolExecutor(max_workers=max(1, min(len(files), os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(_sha256, files))
+    for path, actual in zip(files, digests, strict=True):
+        digest = expected[path.name][0]
         if actual != digest:
             raise AtvSparseError(f"{path}: SHA-256 {actual[:16]}... differs from the {digest[:16]}... recorded in "
                                  f"{CHECKSUMS_NAME}; the shard was damaged after it was written; copy or convert it "
                                  "again")
-        found[path.name] = actual
-    return found
+    return {path.name: digest for path, digest in zip(files, digests, strict=True)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Fuzz the checkpoint loader (safetensors header, config.json) and the calibration readers for a
+# bounded time; any exception other than AtvSparseError fails. About 3 minutes in all
+# (ATV_SPARSE_FUZZ_SECONDS per target, default 55). Where atheris cannot be installed, the
+# deterministic mutation test of the same targets runs instead, and says so loudly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+seconds=${ATV_SPARSE_FUZZ_SECONDS:-55}
+if ! python -c "import atheris" 2>/dev/null; then
+    python -m pip install -q "atheris>=3.0" >/dev/null 2>&1 || true
+fi
+if python -c "import atheris" 2>/dev/null; then
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    for target in header config calib; do
+        mkdir -p "$work/$target"
+        echo "atv-sparse fuzz: $target for ${seconds}s (atheris)"
+        # new inputs go to the scratch dir (first), never into the committed seed corpus
+        python fuzz/fuzz.py "$target" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 \
+            -print_final_stats=1 -artifact_prefix="$work/$target-" "$work/$target" "fuzz/corpus/$target" 2>&1 \
+            | grep -E "^(#[0-9]+ +DONE|stat::number_of_executed_units|Done|==|Traceback|  File|[A-Za-z]*Error)" \
+            || true
+        if ls "$work/$target"-crash-* "$work/$target"-timeout-* "$work/$target"-oom-* >/dev/null 2>&1; then
+            echo "atv-sparse fuzz: $target FOUND A CRASH; inputs:" >&2
+            mkdir -p fuzz/crashes && cp "$work/$target"-* fuzz/crashes/ && ls fuzz/crashes >&2
+            exit 1
+        fi
+    done
+else
+    echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!" >&2
+    echo "!! atv-sparse fuzz: atheris could not be installed; NOT fuzzing. Running the deterministic    !!" >&2
+    echo "!! mutation test of the same targets instead (fixed inputs, no coverage guidance).           !!" >&2
+    echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!" >&2
+    python fuzz/mutate.py --count 6000
+fi
