@@ -17,13 +17,18 @@ if python -c "import atheris" 2>/dev/null; then
         mkdir -p "$work/$target"
         echo "atv-sparse fuzz: $target for ${seconds}s (atheris)"
         # new inputs go to the scratch dir (first), never into the committed seed corpus
+        status=0
         python fuzz/fuzz.py "$target" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 \
-            -print_final_stats=1 -artifact_prefix="$work/$target-" "$work/$target" "fuzz/corpus/$target" 2>&1 \
-            | grep -E "^(#[0-9]+ +DONE|stat::number_of_executed_units|Done|==|Traceback|  File|[A-Za-z]*Error)" \
-            || true
-        if ls "$work/$target"-crash-* "$work/$target"-timeout-* "$work/$target"-oom-* >/dev/null 2>&1; then
-            echo "atv-sparse fuzz: $target FOUND A CRASH; inputs:" >&2
-            mkdir -p fuzz/crashes && cp "$work/$target"-* fuzz/crashes/ && ls fuzz/crashes >&2
+            -print_final_stats=1 -artifact_prefix="$work/$target-" "$work/$target" "fuzz/corpus/$target" \
+            >"$work/$target.log" 2>&1 || status=$?
+        grep -E "^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|Done)" "$work/$target.log" || true
+        if [ "$status" -ne 0 ]; then
+            echo "atv-sparse fuzz: $target FAILED (exit $status): an exception other than AtvSparseError," \
+                 "a hang or an out-of-memory; the end of its log:" >&2
+            tail -n 40 "$work/$target.log" >&2
+            mkdir -p fuzz/crashes
+            cp "$work/$target"-crash-* "$work/$target"-timeout-* "$work/$target"-oom-* fuzz/crashes/ 2>/dev/null || true
+            echo "atv-sparse fuzz: failing inputs copied to fuzz/crashes/ (replay: python fuzz/fuzz.py $target FILE)" >&2
             exit 1
         fi
     done
