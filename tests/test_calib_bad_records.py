@@ -81,7 +81,8 @@ def test_path_escaping_the_directory_is_refused(folder, image):
 
 
 def test_paths_inside_and_absolute_are_kept(folder, monkeypatch):
-    path = write_records(folder / "data.json", [sharegpt("img/../img/ok.png"), sharegpt(str(folder.parent / "outside.png"))])
+    records = [sharegpt("img/../img/ok.png"), sharegpt(str(folder.parent / "outside.png"))]
+    path = write_records(folder / "data.json", records)
     assert [c.image.size for c in read_multimodal_file(path)] == [(12, 9), (12, 9)]
     monkeypatch.chdir(folder)  # a file named relative to the working directory
     assert [c.image.size for c in read_multimodal_file("data.json")] == [(12, 9), (12, 9)]

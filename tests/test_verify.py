@@ -87,7 +87,8 @@ def test_flipped_byte_anywhere_names_the_shard(checkpoints, tmp_path, kind, caps
     for path in shards(bad):
         original = path.read_bytes()
         # first and last byte, the header, and seeded positions all over the data
-        for position in [0, 8, len(original) // 2, len(original) - 1] + [rng.randrange(len(original)) for _ in range(6)]:
+        positions = [0, 8, len(original) // 2, len(original) - 1] + [rng.randrange(len(original)) for _ in range(6)]
+        for position in positions:
             damaged = bytearray(original)
             damaged[position] ^= 1 << rng.randrange(8)
             path.write_bytes(damaged)

@@ -12,9 +12,11 @@ directory and must stay inside it (``../../etc/passwd`` is refused: a downloaded
 send the reader elsewhere; an absolute path is the file author's explicit choice and is kept).
 Images are PNG, JPEG, WebP, GIF, BMP or TIFF of at most ``MAX_IMAGE_PIXELS`` pixels, checked from
 the header before any pixel is decoded. Every problem with the file or a record, whatever JSON
-or PIL raise for it, is an ``AtvSparseError`` naming the file and the sample. The literal ``<image>`` placeholder is removed from the text (the image travels
-separately); :func:`build_sample` renders the conversation with the checkpoint's own chat
-template, which puts the family's placeholder back, and the processor expands it.
+or PIL raise for it, is an ``AtvSparseError`` naming the file and the sample.
+
+The literal ``<image>`` placeholder is removed from the text (the image travels separately);
+:func:`build_sample` renders the conversation with the checkpoint's own chat template, which puts
+the family's placeholder back, and the processor expands it.
 """
 
 from __future__ import annotations

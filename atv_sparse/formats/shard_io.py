@@ -82,7 +82,8 @@ class ShardWriter:
             raise ValueError(f"{self.path}: tensor {name} written out of order (expected {expected})")
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         if data.numel() != self._sizes[name]:
-            raise ValueError(f"{self.path}: tensor {name} has {data.numel()} bytes, its header says {self._sizes[name]}")
+            raise ValueError(f"{self.path}: tensor {name} has {data.numel()} bytes, its header says "
+                             f"{self._sizes[name]}")
         if data.numel():
             self._put(memoryview(data.numpy()))
         self._next += 1
