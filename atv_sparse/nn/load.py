@@ -30,8 +30,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     dense_fallback: keep a dense copy of a layer where dense cuBLAS measured faster than every
     sparse kernel for some token count (never slower than dense; costs that copy's memory).
     verify: hash every shard and compare with the digests the writer recorded
-    (``python -m atv_sparse.verify``). Off by default: SHA-256 runs at about 1 GB/s per core, so
-    it read every byte once more at 10-18% of this function's own time on a 2.1 GB packed
+    (``python -m atv_sparse.verify``). Off by default: SHA-256 runs at about 1 GB/s per core, and
+    reading every byte once more took 10-18% of this function's own time on a 2.1 GB packed
     checkpoint (2-core CPU, page cache warm): some 20 s more for 16 GB, and relatively more
     where loading is faster than here. Check once after a download or copy instead.
 
