@@ -38,7 +38,7 @@ def read_config_json(model_dir: str | Path) -> dict:
         raise AtvSparseError(f"{model_dir}: not a model directory (no config.json)")
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise AtvSparseError(f"{path}: {path.stat().st_size} bytes is too large for a model config")
-    config = parse_json(path.read_bytes(), str(path))
+    config = parse_json(path.read_bytes(), str(path), constants=True)
     if not isinstance(config, dict):
         raise AtvSparseError(f"{path}: not a model config (expected a JSON object)")
     return config

@@ -57,15 +57,17 @@ def _no_duplicates(what: str):
     return hook
 
 
-def parse_json(raw: bytes, what: str):
+def parse_json(raw: bytes, what: str, constants: bool = False):
     """``raw`` as strict UTF-8 JSON, with the file named in every refusal.
 
     json raises more than JSONDecodeError on hostile input: ValueError past 4300 digits in one
     integer, RecursionError for deep nesting; all of them are the file's fault, not ours.
+    constants: accept NaN / Infinity, which Python writes into config.json files (safetensors
+    refuses them in a header).
     """
     try:
         return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates(what),
-                          parse_constant=_refuse_constant)
+                          parse_constant=float if constants else _refuse_constant)
     except AtvSparseError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
