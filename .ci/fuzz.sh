@@ -27,8 +27,15 @@ if python -c "import atheris" 2>/dev/null; then
                  "a hang or an out-of-memory; the end of its log:" >&2
             tail -n 40 "$work/$target.log" >&2
             mkdir -p fuzz/crashes
-            cp "$work/$target"-crash-* "$work/$target"-timeout-* "$work/$target"-oom-* fuzz/crashes/ 2>/dev/null || true
-            echo "atv-sparse fuzz: failing inputs copied to fuzz/crashes/ (replay: python fuzz/fuzz.py $target FILE)" >&2
+            copied=0
+            for input in "$work/$target"-crash-* "$work/$target"-timeout-* "$work/$target"-oom-*; do
+                if [ -e "$input" ]; then cp "$input" fuzz/crashes/ && copied=1; fi
+            done
+            if [ "$copied" = 1 ]; then
+                echo "atv-sparse fuzz: failing inputs copied to fuzz/crashes/ (replay: python fuzz/fuzz.py $target FILE)" >&2
+            else
+                echo "atv-sparse fuzz: libFuzzer wrote no input file; the log above shows the input's bytes" >&2
+            fi
             exit 1
         fi
     done

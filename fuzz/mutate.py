@@ -7,7 +7,7 @@ seeded ``random.Random``: byte-level ones (bit flips, random runs, inserted toke
 ``-1`` or ``1e309``, deletions, truncation, duplicated slices) and JSON-aware ones that replace
 one value anywhere in the JSON part (the safetensors header, config.json, a calibration record)
 by a value of another type (``null``, ``2**64``, ``"3:4"``, ``"re:("``, ``"../../etc/passwd"``,
-deep nesting, ...), re-encoding a safetensors header with its length fixed so the mutation
+``"~user/x.png"``, deep nesting, ...), re-encoding a safetensors header with its length fixed so the mutation
 reaches the checks behind the length field. The same seed gives the same inputs on any
 machine. An exception other than ``AtvSparseError`` stops the run, saves the input under
 ``fuzz/crashes/`` and exits 1.
@@ -32,7 +32,7 @@ TOKENS = [b'"', b"{", b"}", b"[", b"]", b",", b":", b"-1", b"1e309", b"NaN", b"n
           b'"data_offsets"', b"<image>", b"\n"]
 VALUES = [None, True, False, -1, 0, 1, 2**64, 2**63 - 1, 1.5, -0.0, 1e308, "", "3:4", "2:4", "unstructured",
           "re:(", "re:a{99999999999}", "../../etc/passwd", "/etc/passwd", "img/text.png", "img/bomb.png",
-          "img/ok.png", "../outside.png", "F32", "U8", "x" * 3000, [], {}, [1, 2], [[[[[[[[0]]]]]]]],
+          "img/ok.png", "../outside.png", "~no_such_user/x.png", "F32", "U8", "x" * 3000, [], {}, [1, 2], [[[[[[[[0]]]]]]]],
           {"a": None}, "<image>", "\ud800"]
 
 

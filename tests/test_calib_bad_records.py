@@ -91,7 +91,8 @@ def test_paths_inside_and_absolute_are_kept(folder, monkeypatch):
 
 
 @pytest.mark.parametrize("image,words", [("img/a\0b.png", "does not exist"), ("img/" + "x" * 5000, "not a usable path"),
-                                         ("img", "does not exist")])
+                                         ("img", "does not exist"),
+                                         ("~no_such_user_atv/x.png", "no home directory for")])
 def test_unusable_paths(folder, image, words):
     path = write_records(folder / "data.jsonl", [sharegpt(image)])
     with pytest.raises(AtvSparseError, match=words):

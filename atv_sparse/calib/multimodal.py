@@ -187,7 +187,10 @@ def _strip_placeholder(text: str) -> str:
 def _load_image(path: Path, name: str, fail) -> Image.Image:
     from PIL import Image
 
-    image_path = Path(name).expanduser()
+    try:
+        image_path = Path(name).expanduser()
+    except RuntimeError:  # "~someone/..." for a user this machine does not know (found by fuzzing)
+        raise fail(f"image {name[:200]!r} starts with a ~user this machine has no home directory for") from None
     if not image_path.is_absolute():
         # lexical, not resolved: a symlink the user placed inside the directory is theirs to follow
         base = os.path.abspath(path.parent)
