@@ -21,21 +21,21 @@ from __future__ import annotations
 
 import json
 import struct
-import sys
 import tempfile
 import zlib
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # the repository, when run as a script from anywhere
+# atv_sparse comes from the installed package (pip install -e .): putting the repository on
+# sys.path instead would make its kernels/ folder shadow Hugging Face's `kernels` (DESIGN.md 2).
+from atv_sparse.calib import read_calibration_text
+from atv_sparse.calib.multimodal import read_multimodal_file
+from atv_sparse.errors import AtvSparseError
+from atv_sparse.formats.bitmask import validate_compressed
+from atv_sparse.formats.preflight import preflight
+from atv_sparse.formats.safetensors_io import read_header
+from atv_sparse.vllm_plugin.checks import check_block
 
-from atv_sparse.calib import read_calibration_text  # noqa: E402
-from atv_sparse.calib.multimodal import read_multimodal_file  # noqa: E402
-from atv_sparse.errors import AtvSparseError  # noqa: E402
-from atv_sparse.formats.bitmask import validate_compressed  # noqa: E402
-from atv_sparse.formats.preflight import preflight  # noqa: E402
-from atv_sparse.formats.safetensors_io import read_header  # noqa: E402
-from atv_sparse.vllm_plugin.checks import check_block  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 CORPUS = HERE / "corpus"
 TARGETS = ("header", "config", "calib")
