@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 import atv_sparse
 from atv_sparse.convert import main
 from atv_sparse.errors import AtvSparseError
+from atv_sparse.formats.shard_io import write_shard
 
 from conftest import write_tiny_model
 
@@ -158,9 +159,9 @@ def test_write_failure_leaves_nothing(capsys, work, monkeypatch):
         calls.append(path)
         if len(calls) == 3:
             raise OSError(28, "No space left on device")
-        save_file(tensors, path, metadata=metadata)
+        return write_shard(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(ckpt_mod, "save_file", failing_save)
+    monkeypatch.setattr(ckpt_mod, "write_shard", failing_save)
     fails(capsys, [ckpt, "--out", root / "o", "--max-shard-size", "40KB", *QUICK], "No space left", root=root)
     assert len(calls) == 3
 

@@ -46,7 +46,7 @@ def block(**changes) -> dict:
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8", "3:7"])
 def test_block_gives_its_pattern(pattern):
-    assert check_block(block(pattern=pattern)) == parse_pattern(pattern)
+    assert check_block(block(pattern=pattern, sparsity=parse_pattern(pattern).sparsity)) == parse_pattern(pattern)
 
 
 def test_block_unstructured_reads_sparsity():

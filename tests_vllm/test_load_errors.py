@@ -37,3 +37,52 @@ def test_unknown_format_version(tp1):
 def test_unknown_pattern(tp1):
     text = refused(tp1, "bad-pattern@tp1")
     assert "pattern '2:4:8' is not N:M" in text
+
+
+# --- issue 18: the strict quantization_config schema and the header pre-flight, on vLLM's own path ----------
+# vLLM builds the plugin's config from the block (from_config), then hands it the model directory
+# (maybe_update_config): both must refuse, naming the file and the key, before the engine reads a weight.
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+from atv_sparse.errors import AtvSparseError  # noqa: E402
+
+GARBAGE = [("targets", "3:4", "quantization_config.targets"), ("targets", ["re:("], "not a valid regular expression"),
+           ("sparsity", 1.5, "quantization_config.sparsity"), ("sparsity", "3:4", "quantization_config.sparsity"),
+           ("ignore", None, "quantization_config.ignore")]
+
+
+@pytest.mark.parametrize("key,value,words", GARBAGE, ids=[f"{k}={v}" for k, v, _ in GARBAGE])
+def test_garbage_quantization_config_is_refused_by_the_plugin(checkpoints, tmp_path, key, value, words):
+    from conftest import edit_config
+
+    from atv_sparse.vllm_plugin.config import AtvSparseVllmConfig
+
+    good = json.loads((checkpoints["llama-2:4"] / "config.json").read_text())["quantization_config"]
+    bad = edit_config(checkpoints["llama-2:4"], tmp_path / "bad", **{key: value})
+    block = json.loads((bad / "config.json").read_text())["quantization_config"]
+    with pytest.raises(AtvSparseError, match=words.replace("(", r"\(")):
+        AtvSparseVllmConfig.from_config(block)
+    config = AtvSparseVllmConfig.from_config(good)  # a good block in memory, the bad file on disk
+    with pytest.raises(AtvSparseError, match=f"{bad / 'config.json'}.*{words}".replace("(", r"\(")):
+        config.maybe_update_config(str(bad))
+
+
+def test_malformed_header_is_refused_by_the_plugin(checkpoints, tmp_path):
+    from atv_sparse.vllm_plugin.config import AtvSparseVllmConfig
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoints["llama-2:4"], bad)
+    shard = bad / "model.safetensors"
+    raw = shard.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["model.norm.weight"]["data_offsets"][1] = str(header["model.norm.weight"]["data_offsets"][1])
+    text = json.dumps(header).encode()
+    shard.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    config = AtvSparseVllmConfig.from_config(json.loads((bad / "config.json").read_text())["quantization_config"])
+    with pytest.raises(AtvSparseError, match="model.safetensors: tensor model.norm.weight: data_offsets"):
+        config.maybe_update_config(str(bad))

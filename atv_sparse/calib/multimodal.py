@@ -8,15 +8,23 @@ Two file formats, one sample per record:
 - simple JSONL ``{"image": "img/1.png", "text": "..."}``: one user turn, no answer.
 
 ``image`` may be absent or null (a text-only sample); relative paths resolve against the file's
-directory. The literal ``<image>`` placeholder is removed from the text (the image travels
-separately); :func:`build_sample` renders the conversation with the checkpoint's own chat
-template, which puts the family's placeholder back, and the processor expands it.
+directory and must stay inside it (``../../etc/passwd`` is refused: a downloaded data set must not
+send the reader elsewhere; an absolute path is the file author's explicit choice and is kept).
+Images are PNG, JPEG, WebP, GIF, BMP or TIFF of at most ``MAX_IMAGE_PIXELS`` pixels, checked from
+the header before any pixel is decoded. Every problem with the file or a record, whatever JSON
+or PIL raise for it, is an ``AtvSparseError`` naming the file and the sample.
+
+The literal ``<image>`` placeholder is removed from the text (the image travels separately);
+:func:`build_sample` renders the conversation with the checkpoint's own chat template, which puts
+the family's placeholder back, and the processor expands it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +36,11 @@ if TYPE_CHECKING:
     from PIL import Image
 
 IMAGE_PLACEHOLDER = "<image>"
+# Far above what any processor feeds a model (they resize to about 1-4 Mpx) and below PIL's own
+# bomb warning (89 Mpx), so a decompression bomb is refused from its header, never decoded.
+MAX_IMAGE_PIXELS = 64 * 2**20
+# Formats whose decoders are built into PIL; EPS for one would run Ghostscript.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -70,6 +83,8 @@ def _read_records(path: Path, raw: str, limit: int | None) -> list[tuple[object,
             if e.msg != "Extra data":  # "Extra data" after a first object: JSON lines in a .json file
                 raise AtvSparseError(f"multimodal calibration file {path} is not valid JSON "
                                      f"(line {e.lineno}, column {e.colno}: {e.msg})") from None
+        except (ValueError, RecursionError) as e:  # an integer past 4300 digits, nesting past the stack
+            raise AtvSparseError(f"multimodal calibration file {path} is not valid JSON ({_json_problem(e)})") from None
         else:
             if not isinstance(data, list):
                 raise AtvSparseError(f"multimodal calibration file {path}: expected a JSON list of samples, "
@@ -84,9 +99,25 @@ def _read_records(path: Path, raw: str, limit: int | None) -> list[tuple[object,
         where = f"sample {len(records)} (line {lineno})"
         try:
             records.append((json.loads(line), where))
-        except json.JSONDecodeError as e:
-            raise AtvSparseError(f"multimodal calibration file {path}, {where}: not valid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:
+            raise AtvSparseError(f"multimodal calibration file {path}, {where}: not valid JSON "
+                                 f"({_json_problem(e)})") from None
     return records
+
+
+def _json_problem(e: Exception) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return e.msg
+    return "nested too deeply" if isinstance(e, RecursionError) else str(e)[:100]
+
+
+def _encodable(text: str) -> bool:
+    """False for a string JSON decoded from lone surrogate escapes (tokenizers and paths cannot take it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _conversation(path: Path, index: int, record: object, where: str) -> Conversation:
@@ -98,8 +129,8 @@ def _conversation(path: Path, index: int, record: object, where: str) -> Convers
     image_field = record.get("image")
     if isinstance(image_field, list) and len(image_field) <= 1:
         image_field = image_field[0] if image_field else None
-    if image_field is not None and not isinstance(image_field, str):
-        raise fail(f'"image" must be one image path, got {json.dumps(image_field)[:80]}')
+    if image_field is not None and (not isinstance(image_field, str) or not _encodable(image_field)):
+        raise fail(f'"image" must be one image path, got {ascii(image_field)[:80]}')
 
     if "conversations" in record:
         turns = record["conversations"]
@@ -107,9 +138,9 @@ def _conversation(path: Path, index: int, record: object, where: str) -> Convers
             raise fail('"conversations" must be a non-empty list of {"from": ..., "value": ...} turns')
         parsed = []
         for k, turn in enumerate(turns):
-            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or not _encodable(turn["value"]):
                 raise fail(f'turn {k} is not a {{"from": ..., "value": "<text>"}} object')
-            role = ROLES.get(turn.get("from"))
+            role = ROLES.get(turn["from"]) if isinstance(turn.get("from"), str) else None
             if role is None:
                 raise fail(f'turn {k} is from {turn.get("from")!r}; expected "human"/"user" or "gpt"/"assistant"')
             parsed.append((role, turn["value"]))
@@ -128,7 +159,7 @@ def _conversation(path: Path, index: int, record: object, where: str) -> Convers
         turns = [(role, _strip_placeholder(text)) for role, text in parsed]
     elif "text" in record:
         text = record["text"]
-        if not isinstance(text, str):
+        if not isinstance(text, str) or not _encodable(text):
             raise fail('"text" must be a string')
         count = text.count(IMAGE_PLACEHOLDER)
         if count > int(image_field is not None):
@@ -154,19 +185,45 @@ def _strip_placeholder(text: str) -> str:
 
 
 def _load_image(path: Path, name: str, fail) -> Image.Image:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    image_path = Path(name).expanduser()
-    if not image_path.is_absolute():
-        image_path = path.parent / image_path
-    if not image_path.is_file():
-        raise fail(f"image {image_path} does not exist")
     try:
-        with Image.open(image_path) as image:
-            image.load()
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-        raise fail(f"cannot read image {image_path} ({type(e).__name__}: {e})") from None
+        image_path = Path(name).expanduser()
+    except RuntimeError:  # "~someone/..." for a user this machine does not know (found by fuzzing)
+        raise fail(f"image {name[:200]!r} starts with a ~user this machine has no home directory for") from None
+    if not image_path.is_absolute():
+        # lexical, not resolved: a symlink the user placed inside the directory is theirs to follow
+        base = os.path.abspath(path.parent)
+        if os.path.commonpath([os.path.normpath(os.path.join(base, image_path)), base]) != base:
+            raise fail(f"image {name[:200]!r} points outside {path.parent}; relative image paths must stay "
+                       "inside the calibration file's directory")
+        image_path = path.parent / image_path
+    try:
+        is_file = image_path.is_file()
+    except (OSError, ValueError) as e:  # a NUL byte, a name too long for the file system
+        raise fail(f"image {name[:200]!r} is not a usable path ({e})") from None
+    if not is_file:
+        raise fail(f"image {image_path} does not exist")
+    limit = (f"a calibration image may have at most {MAX_IMAGE_PIXELS} pixels (this is a decompression bomb, "
+             "or an image to downscale first)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by our own limit
+            with Image.open(image_path, formats=IMAGE_FORMATS) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise fail(f"image {image_path} is {width} x {height} pixels; {limit}")
+                image.load()
+                return image.convert("RGB")
+    except AtvSparseError:
+        raise
+    except Image.DecompressionBombError as e:  # past twice PIL's own limit, open() refuses before our check
+        raise fail(f"image {image_path}: {str(e).split(',')[0]}; {limit}") from None
+    # PIL's decoders raise whatever their parser trips on in a damaged file (OSError, SyntaxError,
+    # struct.error, IndexError, ...): each means this file is not an image.
+    except Exception as e:
+        raise fail(f"cannot read image {image_path} ({type(e).__name__}: {str(e)[:200]}); give a PNG, JPEG, WebP, "
+                   "GIF, BMP or TIFF file") from None
 
 
 def conversation_messages(conv: Conversation) -> list[dict]:

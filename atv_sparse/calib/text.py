@@ -24,7 +24,12 @@ def default_calibration_text() -> str:
 
 
 def read_calibration_text(path: str | Path) -> str:
-    """The corpus in ``path``: a ``.jsonl`` file of ``{"text": ...}`` lines, or plain text."""
+    """The corpus in ``path``: a ``.jsonl`` file of ``{"text": ...}`` lines, or plain text.
+
+    Any problem with the file is an ``AtvSparseError`` naming it and the line: whatever ``json``
+    raises for a hostile line (an integer past 4300 digits, nesting past the stack), and strings
+    that are not text (lone surrogate escapes, which no tokenizer takes).
+    """
     path = Path(path)
     if not path.is_file():
         raise AtvSparseError(f"calibration file {path} does not exist")
@@ -39,12 +44,19 @@ def read_calibration_text(path: str | Path) -> str:
                 continue
             try:
                 record = json.loads(line)
-                texts.append(record["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (ValueError, RecursionError):
+                record = None
+            if not isinstance(record, dict) or "text" not in record:
                 raise AtvSparseError(f"calibration file {path}, line {lineno}: expected a JSON object "
-                                     '{"text": ...}') from None
+                                     '{"text": ...}')
+            texts.append(record["text"])
             if not isinstance(texts[-1], str):
                 raise AtvSparseError(f"calibration file {path}, line {lineno}: \"text\" is not a string")
+            try:
+                texts[-1].encode("utf-8")
+            except UnicodeEncodeError:
+                raise AtvSparseError(f"calibration file {path}, line {lineno}: \"text\" holds an unpaired "
+                                     "surrogate escape (\\ud800-\\udfff), which is not text") from None
         raw = "\n\n".join(texts)
     if not raw.strip():
         raise AtvSparseError(f"calibration file {path} is empty")

@@ -15,15 +15,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import AtvSparseError
 from .bitmask import compress, unpack_bitmask
 from .safetensors_io import INDEX_NAME, SINGLE_NAME
+from .shard_io import CHECKSUMS_NAME, write_checksums, write_shard
 
 # Files of the source directory that the writer produces itself (never copied).
-_OWN_FILES = {"config.json", INDEX_NAME, "sparsity.json", "prune_report.json"}
+_OWN_FILES = {"config.json", INDEX_NAME, "sparsity.json", "prune_report.json", CHECKSUMS_NAME}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
 
@@ -134,12 +134,13 @@ def write_checkpoint(model: nn.Module, out_dir: Path, *, source_dir: Path | None
 
 def _write_shards(model, tmp: Path, bitmasks, patterns, packed: bool, max_shard_size: int) -> list[str]:
     shard, shard_bytes, written, weight_map = {}, 0, [], {}
+    digests = {}  # temporary shard name -> SHA-256, hashed while writing (no second pass)
 
     def flush():
         nonlocal shard, shard_bytes
         if shard:
             fname = f"part-{len(written):05d}.safetensors"
-            save_file(shard, tmp / fname, metadata={"format": "pt"})
+            digests[fname] = write_shard(shard, tmp / fname, metadata={"format": "pt"})
             written.append((fname, list(shard)))
             shard, shard_bytes = {}, 0
 
@@ -153,6 +154,7 @@ def _write_shards(model, tmp: Path, bitmasks, patterns, packed: bool, max_shard_
     flush()
     if len(written) == 1:
         os.replace(tmp / written[0][0], tmp / SINGLE_NAME)
+        write_checksums(tmp, {SINGLE_NAME: digests[written[0][0]]})
         return [SINGLE_NAME]
     names, total = [], 0
     for i, (fname, keys) in enumerate(written, 1):
@@ -161,6 +163,7 @@ def _write_shards(model, tmp: Path, bitmasks, patterns, packed: bool, max_shard_
         total += (tmp / final).stat().st_size
         weight_map.update({k: final for k in keys})
         names.append(final)
+    write_checksums(tmp, {final: digests[fname] for final, (fname, _) in zip(names, written, strict=True)})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return names

@@ -3,11 +3,16 @@
 Registered under ``quant_method = "atv_sparse"`` when ``atv_sparse`` is imported. Before weights
 load, every linear that has ``P.weight_bitmask`` in the checkpoint becomes a ``SparseLinear``
 shaped from the safetensors headers (an unstructured ``weight_values`` has a per-layer length);
-after loading every pair is validated. Without the import, transformers only warns and loads
-random dense weights, which is why the README insists on importing atv_sparse first.
+after loading every pair is validated. Before any of that, as soon as transformers knows the
+model's directory, the same pre-flight as ``atv_sparse.load`` runs (config.json schema, index,
+every shard header), so both routes refuse a bad file with the same message. Without the import,
+transformers only warns and loads random dense weights, which is why the README insists on
+importing atv_sparse first.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from torch import nn
 from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
@@ -16,7 +21,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import AtvSparseError
-from ..formats.safetensors_io import checkpoint_tensors
+from ..formats.preflight import preflight
 from ..formats.spec import FORMAT_VERSION, QUANT_METHOD, check_quantization_config
 from .sparse_linear import SparseLinear
 
@@ -36,12 +41,23 @@ class AtvSparseConfig(QuantizationConfigMixin):
 class AtvSparseHfQuantizer(HfQuantizer):
     requires_calibration = True
 
+    def validate_environment(self, *args, **kwargs):
+        # The earliest hook: the block is checked before transformers touches any shard. It cannot
+        # name the directory (config._name_or_path is whatever the writer's config.json says);
+        # the full pre-flight follows in _process_model_before_weight_loading.
+        check_quantization_config(self.quantization_config.to_dict(), "config.json")
+
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        pattern = check_quantization_config(self.quantization_config.to_dict(), "config.json")
         if not checkpoint_files:
             raise AtvSparseError("atv_sparse checkpoints load from local safetensors files only")
-        tensors = checkpoint_tensors(checkpoint_files)
-        replace_sparse_linears(model, tensors, pattern)
+        model_dir = Path(checkpoint_files[0]).parent
+        checked = preflight(model_dir)  # config.json on disk, the index and every header
+        # what transformers will use (a config= override included), not only what is on disk
+        pattern = check_quantization_config(self.quantization_config.to_dict(), str(model_dir / "config.json"))
+        if checked.pattern != pattern:
+            raise AtvSparseError(f"{model_dir / 'config.json'}: the quantization_config passed to from_pretrained "
+                                 f"({pattern}) differs from the checkpoint's ({checked.pattern})")
+        replace_sparse_linears(model, checked.tensors, pattern)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for name, module in model.named_modules():

@@ -4,7 +4,10 @@ Each raises ``AtvSparseError`` naming the layer (vLLM's module name, e.g.
 ``model.layers.0.self_attn.qkv_proj``) before any weight is read, so a checkpoint vLLM cannot
 serve is refused while the engine starts instead of failing in the middle of loading.
 
-- ``check_block``: the ``quantization_config`` block (format name and version, pattern).
+- ``check_block``: the ``quantization_config`` block (the strict schema of ``formats.spec``).
+- ``pruned_modules_in_checkpoint``: for a local directory, the whole pre-flight of
+  ``atv_sparse.load`` (config.json, both block copies, index, every shard header), then the
+  pruned modules the headers name.
 - ``layer_is_sparse``: is a vLLM linear (possibly fused: ``qkv_proj`` = q + k + v) pruned? Every
   part or none; a fused group pruned in part cannot run on one kernel.
 - ``check_row_split``: a row-parallel split of an N:M layer must cut the input columns at whole
@@ -19,7 +22,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..errors import AtvSparseError
-from ..formats.safetensors_io import checkpoint_files, checkpoint_tensors
+from ..formats.preflight import preflight
+from ..formats.safetensors_io import checkpoint_files
 from ..formats.spec import check_quantization_config
 from ..patterns import Pattern
 
@@ -28,9 +32,7 @@ VALUES_SUFFIX = ".weight_values"
 
 
 def check_block(block: dict, where: str = "config.json") -> Pattern:
-    """Validate config.json's ``quantization_config`` (format, version, pattern); return the pattern."""
-    if not isinstance(block, dict):
-        raise AtvSparseError(f"{where}: quantization_config is {type(block).__name__}, not a JSON object")
+    """Validate config.json's ``quantization_config`` (every key, ``formats.spec``); return the pattern."""
     return check_quantization_config(block, where)
 
 
@@ -39,16 +41,16 @@ def pruned_modules_in_checkpoint(model_dir: str | Path) -> set[str] | None:
 
     ``None`` when ``model_dir`` is not a local directory with safetensors files (a hub id: the
     plugin then decides from the config's targets / ignore). A module with only one of the two
-    tensors is refused here, naming the missing one.
+    tensors is refused here, naming the missing one; so is anything ``preflight`` refuses.
     """
     path = Path(model_dir)
     if not path.is_dir():
         return None
     try:
-        files = checkpoint_files(path)
+        checkpoint_files(path)
     except AtvSparseError:
         return None
-    names = set(checkpoint_tensors(files))
+    names = set(preflight(path).tensors)
     masks = {n[: -len(BITMASK_SUFFIX)] for n in names if n.endswith(BITMASK_SUFFIX)}
     values = {n[: -len(VALUES_SUFFIX)] for n in names if n.endswith(VALUES_SUFFIX)}
     for module in sorted(masks ^ values):
