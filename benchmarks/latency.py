@@ -72,10 +72,10 @@ def environment() -> dict:
 
 def median_ms(fn, graph: bool, calls: int) -> float:
     """Median ms of one call of ``fn`` (which makes ``calls`` calls), eager or from a CUDA graph."""
-    import triton.testing
+    from atv_sparse.nn.autotune import do_bench_median_ms
 
     if not graph:
-        return triton.testing.do_bench(fn, warmup=25, rep=200, quantiles=[0.5])[0] / calls
+        return do_bench_median_ms(fn, warmup=25, rep=200) / calls
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -84,7 +84,7 @@ def median_ms(fn, graph: bool, calls: int) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    return triton.testing.do_bench(g.replay, warmup=25, rep=200, quantiles=[0.5])[0] / calls
+    return do_bench_median_ms(g.replay, warmup=25, rep=200) / calls
 
 
 def copy_bandwidth_gbs() -> float:
@@ -173,9 +173,7 @@ def bench_shape(out_f, in_f, gated, pattern, dtype, ms_list, backends, graphs, c
 
 def bench_e2e(pattern, dtype, args):
     """Llama-3-8B-shaped decode at batch 1 (static KV cache, CUDA graph) and prefill, dense vs sparse."""
-    import triton.testing
-
-    from atv_sparse.nn.autotune import prepare_model
+    from atv_sparse.nn.autotune import do_bench_median_ms, prepare_model
     from llama_decode import LLAMA3_8B, LlamaDecoder, generate, init_random, sparsify
 
     shape = LLAMA3_8B
@@ -201,8 +199,7 @@ def bench_e2e(pattern, dtype, args):
         with torch.no_grad():
             tokens, seconds = generate(model, prompt, args.e2e_tokens, cuda_graph=True)
             pos = torch.arange(args.e2e_prefill, device="cuda")
-            prefill_ms = triton.testing.do_bench(partial(model, long_prompt, pos), warmup=2, rep=20,
-                                                 quantiles=[0.5])[0]
+            prefill_ms = do_bench_median_ms(partial(model, long_prompt, pos), warmup=2, rep=20)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
             b.numel() * b.element_size() for n, b in model.named_buffers() if "weight" in n)
         result[kind] = {"tokens_per_s": args.e2e_tokens / seconds, "prefill_ms": prefill_ms,
