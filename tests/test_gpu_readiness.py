@@ -82,18 +82,18 @@ def test_stateless_sparse_linear_builds_no_sparse_linear(monkeypatch):
 
 
 def test_stateless_auto_never_picks_a_backend_that_needs_a_layout(monkeypatch):
-    """With every kernel usable (a GPU machine), auto picks cuda / triton, never cusparselt or dense."""
-    picked = []
+    """With every kernel usable (a GPU machine), auto picks cuda / triton, never cusparselt or dense;
+    off a GPU, the reference backend."""
     monkeypatch.setattr(ops, "usable_backends", lambda *a: ["cuda", "triton", "cusparselt"])
-    monkeypatch.setattr(sl_module, "run_packed", lambda backend, x, *a, **k: picked.append(backend) or x)
     ops._stateless_plan.cache_clear()
     try:
-        bitmask, values = nm_pair(16, 64, 2, 4, seed=2)
-        for tokens in (1, 16, 64, 65, 4096):
-            ops.sparse_linear(torch.zeros(tokens, 64).half(), bitmask, values, 64, n=2, m=4)
+        picked = [ops.stateless_backend(torch.device("cuda", 0), 2, 4, torch.float16, 16, 64, tokens)
+                  for tokens in (1, 16, 64, 65, 4096)]
+        on_cpu = ops.stateless_backend(torch.device("cpu"), 2, 4, torch.float16, 16, 64, 1)
     finally:
         ops._stateless_plan.cache_clear()
-    assert picked == ["cuda", "triton", "triton", "triton", "triton"]
+    assert picked == ["cuda", "triton", "triton", "triton", "triton"] and on_cpu == "reference"
+    bitmask, values = nm_pair(16, 64, 2, 4, seed=2)
     with pytest.raises(AtvSparseError, match="'cusparselt' needs a prepared layout"):
         ops.sparse_linear(torch.zeros(1, 64).half(), bitmask, values, 64, backend="cusparselt", n=2, m=4)
 

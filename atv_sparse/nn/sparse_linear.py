@@ -29,6 +29,11 @@ class SparseLinear(nn.Module):
     ``cuda``, ``triton``, ``cusparselt``, ``reference`` for every call. ``prepare()`` builds what
     the plan needs on the module's device (cuSPARSELt's buffer, a dense copy where dense cuBLAS
     measured fastest) and is called by ``atv_sparse.load``, or by the first forward otherwise.
+
+    CUDA graphs: ``prepare()`` builds every layout, and the Triton kernels need no table, so a call
+    makes no host-to-device copy; but the Triton autotuner compiles and times its configs on the
+    first call of each (token bucket, shape): run one forward per token bucket you will capture
+    before capturing (as latency.py and llama_decode do), or set ATV_SPARSE_TRITON_ONE_CONFIG=1.
     """
 
     def __init__(self, in_features: int, out_features: int, pattern: Pattern, bias: bool = False,

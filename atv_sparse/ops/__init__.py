@@ -15,7 +15,6 @@ needs (cuSPARSELt's buffer).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -38,11 +37,20 @@ LAYOUT_BACKENDS = ("cusparselt", "dense")
 
 @functools.lru_cache(maxsize=1024)
 def _stateless_plan(device: torch.device, n: int | None, m: int | None, dtype: torch.dtype, out_features: int,
-                    in_features: int, interpret: str | None) -> Plan:
-    """``heuristic_plan`` over the backends that read bitmask + values as they are (interpret: the
-    TRITON_INTERPRET value, part of the key because it decides whether Triton runs on a CPU)."""
+                    in_features: int) -> Plan:
+    """``heuristic_plan`` over the backends that read bitmask + values as they are; the reference
+    backend off a GPU (as ``SparseLinear``: Triton's interpreter is for tests, not for serving)."""
+    if device.type != "cuda":
+        return Plan.uniform("reference")
     usable = [b for b in usable_backends(device, n, m, dtype, out_features, in_features) if b not in LAYOUT_BACKENDS]
     return heuristic_plan(usable, dense_fallback=False)
+
+
+def stateless_backend(device: torch.device, n: int | None, m: int | None, dtype: torch.dtype, out_features: int,
+                      in_features: int, tokens: int) -> str:
+    """The backend ``sparse_linear(..., backend="auto")`` runs for ``tokens`` tokens."""
+    backend = _stateless_plan(device, n, m, dtype, out_features, in_features).pick(tokens)[0]
+    return "triton" if tokens > TOKEN_LIMITS.get(backend, tokens) else backend
 
 
 def sparse_linear(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, in_features: int,
@@ -67,11 +75,7 @@ def sparse_linear(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, 
                              "atv_sparse.SparseLinear (SparseLinear.from_packed) instead of sparse_linear")
     out_features, tokens = bitmask.shape[0], x.numel() // max(in_features, 1)
     if backend == "auto":
-        plan = _stateless_plan(values.device, n, m, values.dtype, out_features, in_features,
-                               os.environ.get("TRITON_INTERPRET"))
-        backend = plan.pick(tokens)[0]
-        if tokens > TOKEN_LIMITS.get(backend, tokens):
-            backend = "triton"
+        backend = stateless_backend(values.device, n, m, values.dtype, out_features, in_features, tokens)
     else:
         why = layer_status(backend, n, m, values.dtype, out_features, in_features) or machine_status(
             backend, values.device)
