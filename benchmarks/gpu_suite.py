@@ -48,6 +48,8 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
 GPU_TESTS = ["tests/test_gpu_readiness.py", "tests/test_gpu_sparse.py", "tests/test_cuda_lib.py",
              "tests/test_kernels.py", "tests/test_sparse_linear.py"]
+# Caps on the two long parts, so neither eats the budget of the parts after it.
+TESTS_CAP_S, LATENCY_CAP_S = 200, 200
 LLAVA_NEXT_8B_TEXT = dict(vocab_size=128320, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                           num_key_value_heads=8, head_dim=128, max_position_embeddings=8192)
 
@@ -152,7 +154,7 @@ def part_tests(s: Suite) -> dict:
     files = ["tests/test_gpu_readiness.py"] if s.dry_run else GPU_TESTS
     junit = s.out / "03-tests.xml"
     result = s.command("03-tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--maxfail=30",
-                                    f"--junitxml={junit}", *files])
+                                    f"--junitxml={junit}", *files], timeout_s=TESTS_CAP_S)
     if junit.exists():
         import xml.etree.ElementTree as ET
 
@@ -172,7 +174,8 @@ def _latency_args(s: Suite, out: Path) -> list[str]:
 
 def part_latency(s: Suite) -> dict:
     out = s.out / "latency"
-    result = s.command("04-latency", [sys.executable, str(BENCH / "latency.py"), *_latency_args(s, out)])
+    result = s.command("04-latency", [sys.executable, str(BENCH / "latency.py"), *_latency_args(s, out)],
+                       timeout_s=LATENCY_CAP_S)
     result["files"] = sorted(p.name for p in out.glob("*")) if out.exists() else []
     return result
 

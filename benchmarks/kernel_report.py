@@ -442,6 +442,22 @@ def markdown(rows, base_rows, csrc_rows, meta) -> str:
         lines.append(f"| {r['n']}:{r['m']} | {r['dtype']} | {r['variant']} | {_cfg(r)}{' default' if r['default'] else ''} | "
                      f"sm_{r['arch']} | {r['regs']} | {r['stack']} | {r['shared']} | {_mix(r['loop_loads'])} | "
                      f"{r['loads_per_kept']:.2f} |{before}")
+    if base:
+        lines += ["", "## Before and after at M = 1 (sm_90a): loads per kept weight over every config autotune may "
+                  "pick", "", "| pattern | dtype | variant | before: configs, max regs, loads / kept | after: configs, "
+                  "max regs, loads / kept |", "|---|---|---|---|---|"]
+        for pat in DEFAULT_PATTERNS:
+            for dtype in DTYPES:
+                for variant in ("plain", "gated"):
+                    cells = []
+                    for source in (list(base.values()), rows):
+                        rs = [r for r in source if "error" not in r and r["family"] == "gemv" and r["block_m"] == 1
+                              and (r["n"], r["m"]) == pat and r["dtype"] == dtype and r["variant"] == variant
+                              and r["arch"] == "90a"]
+                        lpk = [r["loads_per_kept"] for r in rs]
+                        cells.append(f"{len(rs)}, {max(r['regs'] for r in rs)}, {min(lpk):.2f} .. {max(lpk):.2f}"
+                                     if rs else "-")
+                    lines.append(f"| {pat[0]}:{pat[1]} | {dtype} | {variant} | {cells[0]} | {cells[1]} |")
     lines += ["", "## Every specialisation, summed up per family, pattern and token tile", "",
               "| kernel | pattern | BLOCK_M / M | compiled | max regs | spilling | loads / kept (best .. worst) |",
               "|---|---|---:|---:|---:|---:|---|"]
@@ -510,6 +526,7 @@ def parse_args(argv=None):
     p.add_argument("--only", help="a regular expression: compile only the specialisations whose key matches")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default=str(DEFAULT_OUT), help="Markdown path (JSON beside it); '-' for stdout only")
+    p.add_argument("--render", help="rewrite the Markdown from a JSON this script wrote (no compiling)")
     return p.parse_args(argv)
 
 
@@ -517,6 +534,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import triton
 
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+        text = markdown(data["triton"], data["baseline"], data["csrc"], data["meta"])
+        if args.out == "-":
+            print(text)
+        else:
+            Path(args.out).write_text(text)
+        print(summary_line(summarise(data["triton"]), data["csrc"]))
+        return 0
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
