@@ -134,8 +134,9 @@ def enumerate_specs(modules: dict, archs: list[str], patterns, ci: bool) -> list
                             default = default_config(module, block_m, variant == "gated", m)
                             if ci and block_m not in (1, 4, 16, GEMM_M):
                                 continue
-                            sweep = (not ci or ((n, m) == (2, 4) and dtype == "fp16" and variant == "plain"
-                                                and block_m in (1, 16, GEMM_M) and arch == archs[-1]))
+                            sweep = (not ci or (family == "gemm" and (n, m) == (2, 4) and variant == "plain")
+                                     or ((n, m) == (2, 4) and dtype == "fp16" and variant == "plain"
+                                         and block_m in (1, 16) and arch == archs[-1]))
                             if not sweep:
                                 same = [c for c in configs if default is not None
                                         and _cfg_tuple(c) == _cfg_tuple(default) and c.num_warps == default.num_warps]
@@ -425,8 +426,10 @@ def markdown(rows, base_rows, csrc_rows, meta) -> str:
              "Loads per kept weight: load instructions (global and shared) per thread in the inner loop, "
              "divided by the kept weights a thread handles per iteration. Registers and stack from "
              "`cuobjdump -res-usage`; a stack or local-memory load is a spill.", ""]
+    if meta.get("note"):
+        lines += [f"Note: {meta['note']}.", ""]
     if base:
-        lines += [f"Before: {meta['baseline']}.", ""]
+        lines += [f"Before: {meta['baseline']} (sm_90a, M = 1, plain and gated).", ""]
     lines += ["## Decode kernel (`nm_gemv`) at M = 1, default patterns", "",
               "| pattern | dtype | variant | config (BLOCK_N, BLOCK_V, warps) | arch | regs | stack | smem B | "
               "inner-loop loads per thread | loads / kept weight |" + (" before: regs, stack, loads / kept |" if base else ""),
@@ -578,7 +581,7 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         out.with_suffix(".json").write_text(json.dumps({"meta": meta, "triton": rows, "baseline": base_rows,
-                                                        "csrc": csrc_rows}, indent=1, default=str) + "\n")
+                                                        "csrc": csrc_rows}, separators=(",", ":"), default=str) + "\n")
     s = summarise(rows)
     print(summary_line(s, csrc_rows))
     csrc_bad = any("error" in r or spills(r) for r in csrc_rows)
