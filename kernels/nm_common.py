@@ -20,9 +20,31 @@ def m_bucket(tokens: int) -> int:
     return M_BUCKETS[-1]
 
 
+# "1": every Triton kernel launches its DEFAULT_CONFIG instead of autotuning. Tests set it (conftest.py):
+# each new (dtype, pattern, BLOCK_M, bias, shape, bucket) key would otherwise compile and time every
+# config (18 for the skinny kernel), over a thousand compilations for the kernel tests alone.
+ENV_ONE_CONFIG = "ATV_SPARSE_TRITON_ONE_CONFIG"
+
+
 def interpreting() -> bool:
     """Triton's CPU interpreter (how CI runs the kernels): one config, no tuning."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def one_config() -> bool:
+    """Launch the default config without autotuning (the interpreter, or ATV_SPARSE_TRITON_ONE_CONFIG=1)."""
+    return interpreting() or os.environ.get(ENV_ONE_CONFIG) == "1"
+
+
+def launch(kernel, config: "triton.Config", grid, *args, **constexprs) -> None:
+    """Run an ``@triton.autotune`` kernel: autotuned, or with ``config`` when ``one_config()``.
+
+    grid: a function of the meta-parameters (the config's block sizes), as for ``kernel[grid]``."""
+    if one_config():
+        meta = {**constexprs, **config.kwargs}
+        kernel.fn[grid(meta)](*args, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+    else:
+        kernel[grid](*args, **constexprs)
 
 
 @triton.jit
@@ -40,17 +62,27 @@ def load_group_masks(mask_ptr, rn, g, stride_bn, valid, GROUP: tl.constexpr):
 @triton.jit
 def store_output(out_ptr, acc, rm, rn, M, N, stride_om, stride_on, bias_ptr,
                  HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr):
-    """out[rm, rn] = acc (+ bias), cast to the output dtype."""
+    """out[rm, rn] = acc (+ bias), cast to the output dtype; acc is (len(rm), len(rn))."""
+    store_tile(out_ptr, acc, rm[:, None], rn[None, :], M, N, stride_om, stride_on, bias_ptr, HAS_BIAS, OUT_BF16)
+
+
+@triton.jit
+def store_tile(out_ptr, acc, tok, row, M, N, stride_om, stride_on, bias_ptr,
+               HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr):
+    """out[tok, row] = acc (+ bias[row]) for index tensors tok, row broadcastable to acc's shape.
+
+    Token offsets in 64 bits: tok * stride_om reaches 2^31 at M x N >= 2^31 elements (a 152k-token
+    vocabulary lm_head at ~14k tokens), where int32 offsets would wrap and write out of bounds."""
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + row, mask=row < N, other=0.0).to(tl.float32)
     if OUT_BF16:
         # Round to nearest even by hand: Triton's interpreter (how CI runs the kernels) truncates
         # fp32 -> bf16 and ignores fp_downcast_rounding; on a GPU the cast below is then exact.
         bits = acc.to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
         acc = bits.to(tl.float32, bitcast=True)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    tl.store(out_ptr + tok.to(tl.int64) * stride_om + row * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=(tok < M) & (row < N))
 
 
 def check_problem(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, n: int, m: int) -> None:

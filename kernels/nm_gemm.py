@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .nm_common import check_problem, interpreting, load_group_masks, m_bucket, store_output
+from .nm_common import check_problem, interpreting, launch, load_group_masks, m_bucket, store_output
 
 
 @triton.jit
@@ -36,12 +36,16 @@ def _popcount8(v):
     return (v + (v >> 4)) & 0x0F
 
 
+# The config tests and the interpreter launch (nm_common.one_config).
+DEFAULT_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)
+
+
 def _configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
-    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the usual fp16 tensor-core tiles, small M first
-    shapes = [(16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 32, 4, 4), (64, 128, 32, 4, 3),
-              (128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 256, 32, 8, 3)]
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the usual fp16 tensor-core tiles, small M first.
+    # Not (64, 128, 32, 4, 3) nor (128, 256, 32, 8, 3): with the in-register decompression they
+    # spill (40-352 bytes of stack on sm_80, up to 104 on sm_90a; kernel-report.md).
+    shapes = [(16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 32, 4, 4), (128, 64, 32, 4, 3),
+              (128, 128, 32, 8, 3)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in shapes]
 
@@ -69,7 +73,7 @@ def _nm_gemm_kernel(
         kept = ((bits >> p[None, :]) & 1) != 0
         rank = _popcount8(bits & ((1 << p[None, :]) - 1))
         w = tl.load(values_ptr + rn[:, None] * stride_vn + g[None, :] * NKEEP + rank, mask=nk & kept, other=0.0)
-        xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+        xt = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk,
                      mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
         if DOT_FP32:
             xt, w = xt.to(tl.float32), w.to(tl.float32)
@@ -88,11 +92,10 @@ def nm_gemm(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, n: int
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))
 
-    _nm_gemm_kernel[grid](
-        x, values, bitmask, bias if bias is not None else values, out,
-        M, N, K, KV, m_bucket(M),
-        x.stride(0), x.stride(1), values.stride(0), bitmask.stride(0), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, OUT_BF16=out.dtype == torch.bfloat16,
-        DOT_FP32=x.dtype == torch.bfloat16 and interpreting(), NKEEP=n, GROUP=m,
-    )
+    launch(_nm_gemm_kernel, DEFAULT_CONFIG, grid,
+           x, values, bitmask, bias if bias is not None else values, out,
+           M, N, K, KV, m_bucket(M),
+           x.stride(0), x.stride(1), values.stride(0), bitmask.stride(0), out.stride(0), out.stride(1),
+           HAS_BIAS=bias is not None, OUT_BF16=out.dtype == torch.bfloat16,
+           DOT_FP32=x.dtype == torch.bfloat16 and interpreting(), NKEEP=n, GROUP=m)
     return out

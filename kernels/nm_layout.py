@@ -1,4 +1,4 @@
-"""The Triton kernels' N:M layout: the on-disk values + bitmask, read through a position table.
+"""The Triton kernels' N:M layout: the on-disk values + bitmask, and its decode in PyTorch.
 
 For a pattern n:m with m in {4, 8}, every row of a weight W (out x in) keeps exactly n values per
 group of m consecutive columns. The kernels read
@@ -11,7 +11,9 @@ group of m consecutive columns. The kernels read
   (within the group) of its kept values, ``log2(m)`` bits each, lowest first.
 
 So kept value v of a row sits in group g = v // n, as the group's r = v % n-th kept value, at
-column ``g * m + ((lut[mask_g] >> (r * log2(m))) & (m - 1))``. Metadata is 1 bit per weight:
+column ``g * m + ((lut[mask_g] >> (r * log2(m))) & (m - 1))``: the index of the r-th set bit of
+mask_g, which the kernels compute with bit operations (``nm_gemv.kth_set_bit``); the table here
+is the PyTorch twin the tests compare against. Metadata is 1 bit per weight:
 2:4 and 4:8 both move 1.125 bytes per weight against dense fp16's 2 (the 1.78x ceiling).
 
 Worked example, one row of 8 columns under 2:4, kept columns 0, 3 | 5, 6::

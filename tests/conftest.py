@@ -8,6 +8,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():  # Triton kernels run in Triton's interpreter on a CPU-only machine
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# One config per Triton kernel, no autotuning: on a GPU every new key would compile and time up to 18
+# configs (the kernel tests alone: 1,000+ compilations, past a lent GPU's 15 minutes). The autotuned
+# path has tests of its own (test_kernels.py::test_autotuned_launch_on_gpu) that unset it.
+os.environ.setdefault("ATV_SPARSE_TRITON_ONE_CONFIG", "1")
 torch.set_num_threads(1)  # 2 threads on a shared 2-core machine make forwards erratic
 
 TEXT_DIMS = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -18,7 +18,9 @@ CALIB = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
 
 
 def convert(ckpt, out, *extra):
-    return run([str(ckpt), "--out", str(out), *CALIB, *extra])
+    # --device cpu: compared against CPU references; on a GPU machine the driver would default to
+    # cuda, whose other summation order can flip near-tie masks
+    return run([str(ckpt), "--out", str(out), *CALIB, "--device", "cpu", *extra])
 
 
 def source_state(ckpt):

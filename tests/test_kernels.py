@@ -143,3 +143,22 @@ def test_fused_gate_up_error_bound(n, m, dtype, tokens):
     kernel_err = (out.cpu().double() - ref).abs().max().item()
     torch_err = (plain.double() - ref).abs().max().item()
     assert torch.isfinite(out).all() and kernel_err <= 2 * torch_err, (kernel_err, torch_err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning times configs on a GPU")
+@pytest.mark.parametrize("which,tokens", [("gemv", 1), ("gemv", 16), ("gemm", 70)], ids=str)
+def test_autotuned_launch_on_gpu(monkeypatch, which, tokens):
+    """The rest of the suite runs one config (ATV_SPARSE_TRITON_ONE_CONFIG=1, conftest.py); these few
+    shapes go through @triton.autotune and every config it may pick (compiled and timed)."""
+    monkeypatch.delenv("ATV_SPARSE_TRITON_ONE_CONFIG", raising=False)
+    gen = torch.Generator().manual_seed(tokens)
+    out_f, in_f = 272, 512
+    bitmask, values = compress(torch.randn(out_f, in_f, generator=gen).half(), nm_keep(out_f, in_f, 2, 4, gen), 2, 4)
+    x = torch.randn(tokens, in_f, generator=gen).half()
+    dense = decompress(bitmask, values, in_f)
+    ref = x.double() @ dense.double().T
+    plain = torch.nn.functional.linear(x, dense)
+    out = torch.full((tokens, out_f), float("nan"), dtype=torch.float16, device="cuda")
+    kernel(which)(x.cuda(), values.cuda(), bitmask.cuda(), 2, 4, out=out)
+    assert torch.isfinite(out).all()
+    assert (out.cpu().double() - ref).abs().max() <= 2 * (plain.double() - ref).abs().max()

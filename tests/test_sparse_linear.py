@@ -179,7 +179,7 @@ def write_tiny(tmp_path, arch, fmt="packed", pattern="2:4", dtype="float32"):
     src = write_tiny_model(tmp_path / f"{arch}-src", arch)
     out = tmp_path / f"{arch}-{pattern}-{fmt}-{dtype}"
     atv_sparse.convert.run([str(src), "--method", "magnitude", "--pattern", pattern, "--out", str(out),
-                            "--format", fmt, "--dtype", dtype, "--quiet"])
+                            "--format", fmt, "--dtype", dtype, "--quiet", "--device", "cpu"])
     return src, out
 
 

@@ -18,7 +18,12 @@ import torch
 
 from ..errors import AtvSparseError
 
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def _bit_shifts(device: torch.device) -> torch.Tensor:
+    """(8,) uint8 0..7 made on ``device`` by a fill kernel: a constant tensor kept on the CPU and
+    copied over per call would be a host-to-device copy, which CUDA-graph capture forbids."""
+    return torch.arange(8, dtype=torch.uint8, device=device)
 
 
 def pack_bitmask(keep: torch.Tensor) -> torch.Tensor:
@@ -26,13 +31,13 @@ def pack_bitmask(keep: torch.Tensor) -> torch.Tensor:
     out_features, in_features = keep.shape
     padded = torch.zeros(out_features, -(-in_features // 8) * 8, dtype=torch.uint8, device=keep.device)
     padded[:, :in_features] = keep
-    bits = padded.reshape(out_features, -1, 8) * _BIT_WEIGHTS.to(keep.device)
+    bits = padded.reshape(out_features, -1, 8) << _bit_shifts(keep.device)
     return bits.sum(dim=-1, dtype=torch.uint8)
 
 
 def unpack_bitmask(bitmask: torch.Tensor, in_features: int) -> torch.Tensor:
     """bitmask: (out, ceil(in / 8)) uint8 -> keep: (out, in) bool."""
-    bits = bitmask.unsqueeze(-1) & _BIT_WEIGHTS.to(bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> _bit_shifts(bitmask.device)) & 1
     return (bits != 0).reshape(bitmask.shape[0], -1)[:, :in_features]
 
 

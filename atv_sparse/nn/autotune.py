@@ -30,12 +30,23 @@ ROTATE_BYTES = 256 * 2**20  # > 2x the L2 cache of an H100 (50 MB) or A100 (40 M
 MAX_COPIES = 16
 
 
-def bench_median_ms(backend: str, tokens: int, fn: Callable[[], object]) -> float:
-    """Median time of ``fn`` in ms (``triton.testing.do_bench``, CUDA events); backend and tokens
-    only label the call."""
+def first_quantile(result) -> float:
+    """The first quantile of a ``triton.testing.do_bench(..., quantiles=[...])`` result: with a single
+    quantile do_bench returns a bare float (triton 3.6 and 3.9, ``testing._summarize_statistics``),
+    with several a list."""
+    return float(result[0]) if isinstance(result, (list, tuple)) else float(result)
+
+
+def do_bench_median_ms(fn: Callable[[], object], warmup: int = 10, rep: int = 50) -> float:
+    """Median time of ``fn`` in ms over ``rep`` ms of calls (``triton.testing.do_bench``, CUDA events)."""
     import triton.testing
 
-    return float(triton.testing.do_bench(fn, warmup=10, rep=50, quantiles=[0.5])[0])
+    return first_quantile(triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5]))
+
+
+def bench_median_ms(backend: str, tokens: int, fn: Callable[[], object]) -> float:
+    """``do_bench_median_ms`` as ``measure_entry``'s timer; backend and tokens only label the call."""
+    return do_bench_median_ms(fn)
 
 
 def random_like(template: SparseLinear, seed: int) -> SparseLinear:
@@ -65,7 +76,7 @@ def measure_entry(template: SparseLinear, usable: list[str], dense_fallback: boo
     layers = [random_like(template, seed) for seed in range(copies)]
     every = tuple(usable) + ("dense",)
     for layer in layers:
-        layer._build_layouts(Plan(every, (-1,) * len(every)))
+        layer._build_layouts(Plan(every, tuple(0 if b == "cusparselt" else -1 for b in every)))
     choice, alg_ids, times_ms = [], [], {}
     device = template.weight_values.device
     for tokens in BUCKETS:

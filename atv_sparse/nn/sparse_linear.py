@@ -29,6 +29,11 @@ class SparseLinear(nn.Module):
     ``cuda``, ``triton``, ``cusparselt``, ``reference`` for every call. ``prepare()`` builds what
     the plan needs on the module's device (cuSPARSELt's buffer, a dense copy where dense cuBLAS
     measured fastest) and is called by ``atv_sparse.load``, or by the first forward otherwise.
+
+    CUDA graphs: ``prepare()`` builds every layout, and the Triton kernels need no table, so a call
+    makes no host-to-device copy; but the Triton autotuner compiles and times its configs on the
+    first call of each (token bucket, shape): run one forward per token bucket you will capture
+    before capturing (as latency.py and llama_decode do), or set ATV_SPARSE_TRITON_ONE_CONFIG=1.
     """
 
     def __init__(self, in_features: int, out_features: int, pattern: Pattern, bias: bool = False,
@@ -114,10 +119,13 @@ class SparseLinear(nn.Module):
     # --- backend choice -------------------------------------------------------------------------
 
     def backend_status(self, backend: str, device: torch.device | None = None) -> str | None:
-        """None when ``backend`` can run this layer on ``device`` (default: the layer's), else why not."""
+        """None when ``backend`` can run this layer on ``device`` (default: the layer's), else why not.
+
+        The layer's own reason (dtype, pattern, shape) comes first: it holds on every machine, so a
+        float32 layer says "float32" on a GPU machine too, not that its tensors are still on the CPU."""
         device = self.weight_values.device if device is None else device
-        return (machine_status(backend, device) or layer_status(
-            backend, self.pattern.n, self.pattern.m, self.weight_values.dtype, self.out_features, self.in_features))
+        return (layer_status(backend, self.pattern.n, self.pattern.m, self.weight_values.dtype, self.out_features,
+                             self.in_features) or machine_status(backend, device))
 
     def usable_backends(self) -> list[str]:
         return [b for b in BACKENDS[1:] if self.backend_status(b) is None]
@@ -183,31 +191,8 @@ class SparseLinear(nn.Module):
 
     def run(self, backend: str, x: torch.Tensor, alg_id: int = 0) -> torch.Tensor:
         """One call on a given backend (no checks: ``forward`` dispatches; benchmarks call this)."""
-        n, m, bias = self.pattern.n, self.pattern.m, self.bias
-        if backend == "triton":
-            if self.gated:
-                return triton_ops.nm_gated(x, self.weight_values, self.weight_bitmask, n, m)
-            return triton_ops.nm_linear(x, self.weight_values, self.weight_bitmask, n, m, bias)
-        if backend == "cuda":
-            from ..ops import cuda_lib
-
-            if self.gated:
-                half = self.out_features // 2
-                v, b = self.weight_values, self.weight_bitmask
-                return cuda_lib.nm_gated_cuda(x, v[:half], b[:half], v[half:], b[half:], n, m)
-            return cuda_lib.nm_linear_cuda(x, self.weight_values, self.weight_bitmask, n, m, bias)
-        if backend == "cusparselt":
-            from ..ops.cusparselt import cslt_linear
-
-            y = cslt_linear(x, self.cslt_weight, self.out_features, alg_id, bias)
-        elif backend == "dense":
-            y = F.linear(x, self.dense_weight_copy, bias)
-        else:
-            y = F.linear(x, self.dense_weight(), bias)
-        if self.gated:
-            half = self.out_features // 2
-            return F.silu(y[..., :half]) * y[..., half:]
-        return y
+        return run_packed(backend, x, self.weight_bitmask, self.weight_values, self.in_features, self.pattern.n,
+                          self.pattern.m, self.bias, self.gated, alg_id, self.cslt_weight, self.dense_weight_copy)
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes held per layout (the checkpoint pair, cuSPARSELt's buffer, a dense copy, bias)."""
@@ -224,3 +209,37 @@ class SparseLinear(nn.Module):
                 f"bias={self.bias is not None}{', gated=True' if self.gated else ''}, backend={self.backend}"
                 f"{' (' + plan + ')' if plan else ''}, bytes={sum(nbytes.values())} "
                 f"({layouts}; dense {dense / 2**20:.2f}MiB)")
+
+
+def run_packed(backend: str, x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, in_features: int,
+               n: int | None, m: int | None, bias: torch.Tensor | None = None, gated: bool = False,
+               alg_id: int = 0, cslt_weight: torch.Tensor | None = None,
+               dense_copy: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T + bias`` (or the gated ``silu(x Wg^T) * (x Wu^T)``) on one backend, no checks.
+
+    Shared by ``SparseLinear.run`` and the stateless ``atv_sparse.ops.sparse_linear``; only the
+    ``cusparselt`` and ``dense`` backends need a prepared layout (``cslt_weight``, ``dense_copy``).
+    """
+    if backend == "triton":
+        if gated:
+            return triton_ops.nm_gated(x, values, bitmask, n, m)
+        return triton_ops.nm_linear(x, values, bitmask, n, m, bias)
+    if backend == "cuda":
+        from ..ops import cuda_lib
+
+        if gated:
+            half = values.shape[0] // 2
+            return cuda_lib.nm_gated_cuda(x, values[:half], bitmask[:half], values[half:], bitmask[half:], n, m)
+        return cuda_lib.nm_linear_cuda(x, values, bitmask, n, m, bias)
+    if backend == "cusparselt":
+        from ..ops.cusparselt import cslt_linear
+
+        y = cslt_linear(x, cslt_weight, bitmask.shape[0], alg_id, bias)
+    elif backend == "dense":
+        y = F.linear(x, dense_copy, bias)
+    else:
+        y = F.linear(x, decompress(bitmask, values, in_features), bias)
+    if gated:
+        half = bitmask.shape[0] // 2
+        return F.silu(y[..., :half]) * y[..., half:]
+    return y

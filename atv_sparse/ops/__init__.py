@@ -7,16 +7,19 @@
 - ``dispatch``: which backend serves which token count (``Plan``), the measured per-shape table.
 
 Every op has a fake implementation, so ``torch.compile`` traces through it, and allocates only its
-output, so CUDA graphs capture it. ``sparse_linear`` below is the stateless entry point; a
-``SparseLinear`` module additionally keeps the layouts a plan needs (cuSPARSELt's buffer).
+output, so CUDA graphs capture it. ``sparse_linear`` below is the stateless entry point (it
+builds no layout per call); a ``SparseLinear`` module additionally keeps the layouts a plan
+needs (cuSPARSELt's buffer).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..errors import AtvSparseError
-from .dispatch import BACKENDS, machine_status
+from .dispatch import BACKENDS, TOKEN_LIMITS, Plan, heuristic_plan, layer_status, machine_status, usable_backends
 from .triton_ops import nm_gated, nm_linear
 
 __all__ = ["BACKENDS", "available_backends", "machine_status", "nm_gated", "nm_linear", "sparse_linear"]
@@ -28,25 +31,57 @@ def available_backends(device: torch.device | str) -> list[str]:
     return [b for b in BACKENDS[1:] if machine_status(b, device) is None]
 
 
+# Backends that need a layout built once per layer (SparseLinear.prepare): never used by a stateless call.
+LAYOUT_BACKENDS = ("cusparselt", "dense")
+
+
+@functools.lru_cache(maxsize=1024)
+def _stateless_plan(device: torch.device, n: int | None, m: int | None, dtype: torch.dtype, out_features: int,
+                    in_features: int) -> Plan:
+    """``heuristic_plan`` over the backends that read bitmask + values as they are; the reference
+    backend off a GPU (as ``SparseLinear``: Triton's interpreter is for tests, not for serving)."""
+    if device.type != "cuda":
+        return Plan.uniform("reference")
+    usable = [b for b in usable_backends(device, n, m, dtype, out_features, in_features) if b not in LAYOUT_BACKENDS]
+    return heuristic_plan(usable, dense_fallback=False)
+
+
+def stateless_backend(device: torch.device, n: int | None, m: int | None, dtype: torch.dtype, out_features: int,
+                      in_features: int, tokens: int) -> str:
+    """The backend ``sparse_linear(..., backend="auto")`` runs for ``tokens`` tokens."""
+    backend = _stateless_plan(device, n, m, dtype, out_features, in_features).pick(tokens)[0]
+    return "triton" if tokens > TOKEN_LIMITS.get(backend, tokens) else backend
+
+
 def sparse_linear(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, in_features: int,
                   bias: torch.Tensor | None = None, backend: str = "auto", n: int | None = None,
                   m: int | None = None) -> torch.Tensor:
     """y = x @ W^T + bias with W compressed (pattern n:m, or unstructured when m is None).
 
     x: (..., in) in the values' dtype; bitmask: (out, ceil(in / 8)) uint8; values: kept weights,
-    (out, in * n / m) for N:M, 1-D otherwise. Returns (..., out). Stateless: ``auto`` uses the
-    kernels that need no prepared layout (cuda / triton for few tokens on a GPU, else reference);
-    ``cusparselt`` needs a ``SparseLinear``, which keeps its compressed buffer between calls.
+    (out, in * n / m) for N:M, 1-D otherwise. Returns (..., out).
+
+    Stateless (the vLLM plugin's forward): it prepares nothing and keeps nothing, so it uses only
+    backends that read bitmask + values as they are. ``auto``: the decode kernels (cuda / triton)
+    where they apply, else reference (decompress + ``F.linear``). ``cusparselt`` needs a compressed
+    buffer kept between calls: use an ``atv_sparse.SparseLinear`` for it.
     """
-    from ..nn.sparse_linear import SparseLinear
-    from ..patterns import Pattern
+    from ..nn.sparse_linear import run_packed
 
     if backend not in BACKENDS:
         raise AtvSparseError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    if backend == "cusparselt":
-        raise AtvSparseError("backend 'cusparselt' needs a prepared layout: run the layer as an "
+    if backend in LAYOUT_BACKENDS:
+        raise AtvSparseError(f"backend '{backend}' needs a prepared layout: run the layer as an "
                              "atv_sparse.SparseLinear (SparseLinear.from_packed) instead of sparse_linear")
-    pattern = Pattern(n, m, 1 - n / m if m else 1 - values.numel() / max(bitmask.shape[0] * in_features, 1))
-    layer = SparseLinear.from_packed(bitmask, values, in_features, pattern, bias=bias, backend=backend,
-                                     validate=False)
-    return layer(x)
+    out_features, tokens = bitmask.shape[0], x.numel() // max(in_features, 1)
+    if backend == "auto":
+        backend = stateless_backend(values.device, n, m, values.dtype, out_features, in_features, tokens)
+    else:
+        why = layer_status(backend, n, m, values.dtype, out_features, in_features) or machine_status(
+            backend, values.device)
+        if why is None and tokens > TOKEN_LIMITS.get(backend, tokens):
+            why = f"it runs up to {TOKEN_LIMITS[backend]} tokens, got {tokens}"
+        if why is not None:
+            raise AtvSparseError(f"sparse_linear: backend '{backend}' cannot run this layer ({out_features} x "
+                                 f"{in_features}, {values.dtype}) here: {why}")
+    return run_packed(backend, x, bitmask, values, in_features, n, m, bias)

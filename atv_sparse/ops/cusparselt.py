@@ -56,7 +56,12 @@ def cslt_pack(dense_weight: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("atv_sparse::cslt_linear", mutates_args=())
 def cslt_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, alg_id: int,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: (..., in) fp16 / bf16 CUDA; packed: ``cslt_pack``'s buffer; bias: (out,) or None -> (..., out)."""
+    """x: (..., in) fp16 / bf16 CUDA; packed: ``cslt_pack``'s buffer; bias: (out,) or None -> (..., out).
+
+    alg_id >= 0: torch hands it to cuSPARSELt unconditionally, whose ids start at 0."""
+    if alg_id < 0:
+        raise AtvSparseError(f"cslt_linear: cuSPARSELt algorithm id {alg_id} is not valid (ids start at 0; "
+                             "search_alg_id finds one)")
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     tokens = rows.shape[0]
     pad = -tokens % ROW_MULTIPLE

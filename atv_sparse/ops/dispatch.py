@@ -43,14 +43,22 @@ def bucket_index(tokens: int) -> int:
 
 @dataclass(frozen=True)
 class Plan:
-    """backends[i] (and alg_ids[i] for cuSPARSELt, else -1) serve token counts in bucket i."""
+    """backends[i] (and alg_ids[i] for cuSPARSELt, else -1) serve token counts in bucket i.
+
+    A cuSPARSELt entry always holds an id >= 0: torch passes the id to cuSPARSELt unconditionally
+    (CUSPARSELT_MATMUL_ALG_CONFIG_ID), whose valid ids start at 0."""
 
     backends: tuple[str, ...]
     alg_ids: tuple[int, ...]
 
     @classmethod
     def uniform(cls, backend: str) -> "Plan":
-        return cls((backend,) * len(BUCKETS), (-1,) * len(BUCKETS))
+        return cls((backend,) * len(BUCKETS), (0 if backend == "cusparselt" else -1,) * len(BUCKETS))
+
+    def __post_init__(self):
+        bad = [i for i, (b, a) in enumerate(zip(self.backends, self.alg_ids)) if b == "cusparselt" and a < 0]
+        if bad:
+            raise ValueError(f"Plan: cuSPARSELt needs an algorithm id >= 0, entry {bad[0]} has {self.alg_ids[bad[0]]}")
 
     def pick(self, tokens: int) -> tuple[str, int]:
         i = bucket_index(tokens)
@@ -197,7 +205,9 @@ def plan_from_entry(entry: dict, usable: list[str]) -> Plan | None:
     machine no longer has)."""
     if entry.get("buckets") != list(BUCKETS):
         return None
-    backends, alg_ids = tuple(entry["choice"]), tuple(entry["alg_ids"])
+    backends = tuple(entry["choice"])
+    # a hand-edited (or older) table may hold -1 for cuSPARSELt: its default id 0 then
+    alg_ids = tuple(max(a, 0) if b == "cusparselt" else a for b, a in zip(backends, entry["alg_ids"]))
     if any(b not in usable and b not in ("dense", "reference") for b in backends):
         return None
     return Plan(backends, alg_ids)

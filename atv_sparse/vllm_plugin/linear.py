@@ -16,8 +16,9 @@ head replication and fused offsets are vLLM's, never re-derived here) and re-pac
 
 After loading every pair is validated (popcounts, N:M groups) and nothing dense is kept. The
 kernels read the checkpoint layout as it is (kernels/nm_layout.py), so no other layout is built.
-The forward is ``atv_sparse.ops.sparse_linear`` with backend ``auto``, SparseLinear's dispatcher
-(Triton kernels on a GPU where they apply, else the reference path, which decompresses per call),
+The forward is ``atv_sparse.ops.sparse_linear`` with backend ``auto``, the stateless dispatcher
+(the cuda / Triton kernels on a GPU where they apply, never cuSPARSELt, whose compressed buffer
+would have to be rebuilt per call; else the reference path, which decompresses per call),
 wrapped in the custom op ``atv_sparse::vllm_linear``: vLLM compiles its models with Dynamo in
 fullgraph mode, which cannot trace the dispatcher's device and environment checks; an opaque op
 with a fake implementation is one node of the graph whatever backend it picks.
