@@ -37,8 +37,9 @@ from .wanda import WandaStats, wanda_score
 # Wanda score), SparseGPT's Hessian, or no calibration at all.
 METHODS = ("magnitude", "wanda", "sparsegpt", "tamp")
 CALIBRATED_METHODS = ("wanda", "sparsegpt", "tamp")
-# Receives each pruned linear (full module name, module) while its weights are materialised.
-Sink = Callable[[str, nn.Module], None]
+# Receives each pruned linear (full module name, module, packed keep-mask) while its weights are
+# materialised: the streaming checkpoint writer.
+Sink = Callable[[str, nn.Module, torch.Tensor], None]
 
 
 @dataclasses.dataclass
@@ -63,9 +64,9 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
     inputs per sample, at least ``input_ids`` (1, T) int64). ``selector`` picks the positions
     feeding each block's statistics (default: all). ``sparsities`` overrides an unstructured
     pattern's sparsity per module (TAMP's DAS). ``residency`` says where the weights are (default:
-    the model is in host memory; each block visits ``device`` in turn). ``sink(name, linear)``
-    is called with every pruned linear while its weights are still materialised (the streaming
-    checkpoint writer), before its block is freed.
+    the model is in host memory; each block visits ``device`` in turn). ``sink(name, linear,
+    bitmask)`` is called with every pruned linear while its weights are still materialised (the streaming
+    checkpoint writer), before its block is freed; ``result.bitmasks`` then stays empty.
 
     Targets outside the decoder blocks (named explicitly by the user) are pruned where they run:
     linears that run before block 0 (vision tower, projector) from statistics over all their
@@ -84,10 +85,11 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
 
     def prune_into_result(name, mod, stats):
         layer_pattern = Pattern(None, None, sparsities[name]) if sparsities and name in sparsities else pattern
-        result.bitmasks[name] = pack_bitmask(_prune_linear(mod, method, layer_pattern, stats, blocksize,
-                                                           percdamp)).cpu()
-        if sink is not None:
-            sink(name, mod)
+        bitmask = pack_bitmask(_prune_linear(mod, method, layer_pattern, stats, blocksize, percdamp)).cpu()
+        if sink is None:
+            result.bitmasks[name] = bitmask
+        else:  # the sink owns it: a model larger than memory has bitmasks larger than a block
+            sink(name, mod, bitmask)
 
     captured = None
     if not calibrated:
