@@ -422,10 +422,10 @@ def _estimate(args, skeleton, adapter, plan, tensors, pattern, device) -> dict:
         # Every linear's Hessian at once, then one linear's H copy, its inverse factor and fp32 weights.
         stats = sum(lin.in_features ** 2 * 4 for lin in block0)
         stats += max(2 * lin.in_features ** 2 * 4 + 2 * lin.weight.numel() * 4 for lin in block0)
-    elif args.score_method in ("wanda", "tamp"):
-        stats = sum(lin.in_features * 4 for lin in block0)
+    elif args.score_method in ("wanda", "tamp"):  # fp32 vectors, then one linear's fp32 scores
+        stats = sum(lin.in_features * 4 for lin in block0) + max(lin.weight.numel() * 4 for lin in block0)
     else:
-        stats = 0
+        stats = max(lin.weight.numel() * 4 for lin in block0)
     on_host = device.type == "cpu"
     head = skeleton.get_output_embeddings()
     head_params = {id(p) for p in head.parameters()} if head is not None else set()
