@@ -160,6 +160,8 @@ def run(args) -> dict:
         lstatus, lwall, lpeak = measured([sys.executable, "-c", code, str(out)], load_log)
         row.update(load_status=lstatus, load_wall_s=round(lwall, 1), load_peak_rss_bytes=lpeak,
                    load_peak_over_output=round(lpeak / row["output_bytes"], 4))
+    if status == 0 and args.validate:
+        row["validated_linears"] = validate(out)
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
     rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
@@ -168,6 +170,36 @@ def run(args) -> dict:
     RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
     print(json.dumps({k: v for k, v in row.items() if k not in ("log_tail", "machine")}))
     return row
+
+
+def validate(out: Path, in_features: dict[str, int] | None = None) -> int:
+    """The loader's checks on a packed output, one module at a time (a 13B output is not loaded whole
+    on this machine): config block, every header, then ``validate_compressed`` per pruned linear
+    (dtypes, shapes, N:M groups, popcounts). Returns the number of linears checked."""
+    from safetensors import safe_open
+
+    sys.path.insert(0, str(HERE.parent))
+    from atv_sparse.formats.bitmask import validate_compressed
+    from atv_sparse.formats.safetensors_io import checkpoint_files, checkpoint_tensors
+    from atv_sparse.formats.spec import check_quantization_config
+
+    config = json.loads((out / "config.json").read_text())
+    pattern = check_quantization_config(config["quantization_config"], str(out / "config.json"))
+    tensors = checkpoint_tensors(checkpoint_files(out))
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    checked = 0
+    for key, (path, _) in tensors.items():
+        if not key.endswith(".weight_bitmask"):
+            continue
+        name = key.removesuffix(".weight_bitmask")
+        with safe_open(path, "pt") as f:
+            bitmask = f.get_tensor(key)
+        with safe_open(tensors[f"{name}.weight_values"][0], "pt") as f:
+            values = f.get_tensor(f"{name}.weight_values")
+        validate_compressed(name, bitmask, values, bitmask.shape[0], inter if "down_proj" in name else hidden,
+                            pattern.n, pattern.m)
+        checked += 1
+    return checked
 
 
 def table() -> str:
@@ -213,6 +245,8 @@ def main() -> None:
     r.add_argument("--seqlen", type=int, default=128)
     r.add_argument("--load", action="store_true", help="also measure atv_sparse.load of the output")
     r.add_argument("--keep", action="store_true", help="keep the output directory")
+    r.add_argument("--validate", action="store_true",
+                   help="run the loader's checks on the output module by module (for outputs too large to load)")
     r.add_argument("--label", default="streamed", help="which code ran (the table's first column)")
     r.add_argument("--pythonpath", default=None,
                    help="run atv_sparse from this source tree instead (an older version, for comparison)")
