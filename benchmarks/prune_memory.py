@@ -24,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -118,7 +119,9 @@ def measured(cmd: list[str], log: Path, pythonpath: str | None = None) -> tuple[
     env = {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {})}
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        # Another source tree runs from a neutral directory: the repo root would shadow packages.
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                cwd=tempfile.gettempdir() if pythonpath else None)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, time.perf_counter() - t0, usage.ru_maxrss * 1024
@@ -214,6 +217,11 @@ def table() -> str:
              "load peak | load peak / output |",
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
+        if r.get("note"):  # a run stopped on purpose: its peak so far, and why
+            lines.append(f"| {r['code']} | {r['shape']} | {r['method']} {r['pattern']} | {r['nsamples']} x {r['seqlen']} | "
+                         f"{r['checkpoint_bytes'] / gb:.2f} GB | {r['peak_rss_bytes'] / gb:.2f} GB | "
+                         f"{100 * r['peak_over_checkpoint']:.1f}% | {r['note']} | | | |")
+            continue
         if r["status"] != 0:
             lines.append(f"| {r['code']} | {r['shape']} | {r['method']} {r['pattern']} | {r['nsamples']} x {r['seqlen']} | "
                          f"{r['checkpoint_bytes'] / gb:.2f} GB | failed (exit {r['status']}) | | | | | |")
