@@ -21,7 +21,6 @@ one ``from_pretrained`` loads, bit for bit.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Iterable
