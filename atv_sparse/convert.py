@@ -26,7 +26,7 @@ from . import __version__
 from .calib import DEFAULT_CALIBRATION, default_calibration_text, read_calibration_text, text_windows
 from .errors import AtvSparseError
 from .formats.bitmask import unpack_bitmask
-from .formats.checkpoint import check_output_dir, packed_nbytes, parse_size, write_checkpoint
+from .formats.checkpoint import CheckpointStream, check_output_dir, packed_nbytes, parse_size
 from .formats.safetensors_io import checkpoint_files, checkpoint_tensors
 from .formats.spec import build_quantization_config
 from .models import adapter_for, read_config
@@ -210,15 +210,16 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
         check_output_dir(out, args.overwrite, ckpt)
     dtype = DTYPES[args.dtype]
 
-    # Targets on the meta skeleton: no weight is read before every check passed.
-    skeleton = adapter.build_meta(ckpt, dtype)
+    # The model is a skeleton whose weights stay in the shards (every header checked here): targets
+    # resolve on it, then each block is read, pruned, written and freed in turn (docs/design.md 3).
+    model, weights = adapter.open_lazy(ckpt, dtype)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plan = resolve_targets(skeleton, adapter.layers_prefix(skeleton), pattern, args.targets, args.ignore,
+        plan = resolve_targets(model, adapter.layers_prefix(model), pattern, args.targets, args.ignore,
                                args.skip_incompatible)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    estimate = _estimate(args, skeleton, adapter, plan, tensors, pattern)
+    estimate = _estimate(args, model, adapter, plan, tensors, pattern, device)
     # Everything the run needs, checked before any weight is read or calibration pass starts.
     if out is not None:
         check_output_location(out, estimate["output_bytes"])
@@ -229,7 +230,6 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
     if args.dry_run:
         _print_dry_run(args, ckpt, adapter, plan, pattern, estimate)
         return {"dry_run": True, "targets": list(plan.targets), "skipped": plan.skipped, **estimate}
-    del skeleton
 
     samples, tokens = None, None
     if args.tokens is not None:
@@ -238,20 +238,42 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
         times["calibration data"] = time.perf_counter() - t0
     budget_source = str(Path(args.budget_from)) if args.budget_from else None
 
-    t0 = time.perf_counter()
-    model = adapter.load(ckpt, dtype)
-    times["load"] = time.perf_counter() - t0
     layers = adapter.decoder_layers(model)
     targets = {name: model.get_submodule(name) for name in plan.targets}
-    result, settings_budget, extra_times = prune_model(
-        model, layers, adapter.layers_prefix(model), targets, args.score_method, pattern, samples, tokens, device,
-        calib_tokens=args.tokens, alpha=args.alpha, budget_rule=args.budget_rule, seed=args.seed, das=args.das,
-        budget_target=budget_target, budget_source=budget_source, blocksize=args.blocksize, percdamp=args.percdamp,
-        progress=not args.quiet)
-    times.update(extra_times)
-    times.update({k: v for k, v in result.timings.items() if v})
+    with CheckpointStream(model, out, read=weights.read, pruned=set(targets),
+                          patterns={name: pattern for name in targets}, packed=args.format == "packed",
+                          source_dir=ckpt, max_shard_size=max_shard, overwrite=args.overwrite) as stream:
+        pruned: dict[str, tuple[dict, int]] = {}  # name -> (sparsity.json entry, zeros); bitmasks go to the writer
 
-    sparsity_json = _sparsity_json(targets, result.bitmasks, pattern, plan.skipped)
+        def sink(name, linear, bitmask):
+            pruned[name] = _module_entry(linear, bitmask, pattern)
+            stream.put(name, linear, bitmask)
+
+        result, settings_budget, extra_times = prune_model(
+            model, layers, adapter.layers_prefix(model), targets, args.score_method, pattern, samples, tokens,
+            device, calib_tokens=args.tokens, alpha=args.alpha, budget_rule=args.budget_rule, seed=args.seed,
+            das=args.das, budget_target=budget_target, budget_source=budget_source, blocksize=args.blocksize,
+            percdamp=args.percdamp, progress=not args.quiet, residency=weights, sink=sink)
+        times.update(extra_times)
+        times.update({k: v for k, v in result.timings.items() if v})
+        written = _finish(args, ckpt, adapter, plan, model, targets, pruned, result, pattern, device,
+                          settings_budget, times, embedded, stream)
+    summary = _summary(args, ckpt, out, adapter, plan, model, pruned, pattern, written, times, embedded)
+    _print_summary(summary)
+    return summary
+
+
+def peak_rss_bytes() -> int:
+    """The largest resident set this process has had so far (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _finish(args, ckpt, adapter, plan, model, targets, pruned, result, pattern, device, settings_budget, times,
+            embedded, stream) -> dict:
+    """sparsity.json, prune_report.json, config; the last shard closed and the directory moved into place."""
+    sparsity_json = _sparsity_json(targets, pruned, pattern, plan.skipped)
     default_calib = "<synthetic tasks, calibration split>" if adapter.multimodal else DEFAULT_CALIBRATION
     settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
                 "calibration": args.calib or default_calib, "dtype": str(next(model.parameters()).dtype),
@@ -276,7 +298,7 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
 
     def final_report():
         times["write"] = time.perf_counter() - t0
-        return {**report, "timings_s": dict(times)}
+        return {**report, "timings_s": dict(times), "peak_rss_bytes": peak_rss_bytes()}
 
     extra = {"sparsity.json": sparsity_json, "prune_report.json": final_report}
     if args.plot:
@@ -288,19 +310,12 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
     else:
         plot_dir, extra_files = None, {}
     try:
-        written = write_checkpoint(model, out, source_dir=ckpt, bitmasks=result.bitmasks,
-                                   patterns={name: pattern for name in targets}, packed=args.format == "packed",
-                                   quantization_config=qconfig,
-                                   extra_json=extra, extra_files=extra_files,
-                                   max_shard_size=max_shard, overwrite=args.overwrite)
+        written = stream.finish(qconfig, extra, extra_files)
     finally:
         if plot_dir is not None:
             shutil.rmtree(plot_dir, ignore_errors=True)
     times["write"] = time.perf_counter() - t0
-
-    summary = _summary(args, ckpt, out, adapter, plan, model, result, pattern, written, times, embedded)
-    _print_summary(summary)
-    return summary
+    return written
 
 
 def _text_calibration(args) -> bool:
@@ -354,46 +369,76 @@ def _multimodal_samples(args, ckpt: Path, adapter, processor):
     return samples, tokens
 
 
-def _sparsity_json(targets, bitmasks, pattern, skipped) -> dict:
-    modules = {}
-    for name, linear in targets.items():
-        keep = unpack_bitmask(bitmasks[name], linear.in_features)
-        entry = {"shape": [linear.out_features, linear.in_features], "pattern": str(pattern),
-                 "sparsity": 1 - keep.sum().item() / keep.numel()}
-        if pattern.is_nm:
-            groups = keep.reshape(keep.shape[0], -1, pattern.m).sum(-1)
-            entry["pattern_check"] = "ok" if bool((groups == pattern.n).all()) else "FAILED"
-        else:
-            entry["pattern_check"] = "n/a (unstructured)"
-        modules[name] = entry
+def _module_entry(linear, bitmask, pattern) -> tuple[dict, int]:
+    """sparsity.json's entry for one pruned linear, and its number of zeros (from its keep-mask)."""
+    keep = unpack_bitmask(bitmask, linear.in_features)
+    entry = {"shape": [linear.out_features, linear.in_features], "pattern": str(pattern),
+             "sparsity": 1 - keep.sum().item() / keep.numel()}
+    if pattern.is_nm:
+        groups = keep.reshape(keep.shape[0], -1, pattern.m).sum(-1)
+        entry["pattern_check"] = "ok" if bool((groups == pattern.n).all()) else "FAILED"
+    else:
+        entry["pattern_check"] = "n/a (unstructured)"
+    return entry, keep.logical_not().sum().item()
+
+
+def _sparsity_json(targets, pruned, pattern, skipped) -> dict:
+    modules = {name: pruned[name][0] for name in targets}
     for name, why in skipped.items():
         modules[name] = {"pattern": "dense", "sparsity": 0.0, "pattern_check": f"skipped: {why}"}
     return {"pattern": str(pattern), "modules": modules}
 
 
-def _estimate(args, skeleton, adapter, plan, tensors, pattern) -> dict:
-    """Output bytes and peak memory, from shapes alone."""
+# Resident memory of the Python process with torch and transformers imported, before any weight.
+RUNTIME_BYTES = 600 * 10**6
+
+
+def _estimate(args, skeleton, adapter, plan, tensors, pattern, device) -> dict:
+    """Output bytes and the streamed run's peak memory, from shapes alone.
+
+    Memory follows one phase at a time: the capture (everything outside the blocks but the output
+    head, plus the cached activations), one block (its weights, its statistics: fp32 vectors for
+    Wanda, fp32 Hessians and SparseGPT's working copies, the activations, its packed output until
+    written), and the output head when it is a target. Statistics and activations count on the
+    host when the compute device is the CPU.
+    """
     element = next(skeleton.parameters()).element_size()
     src_bytes = sum(math.prod(info["shape"]) * _element_size(info["dtype"]) for _, info in tensors.values())
     model_bytes = sum(p.numel() * element for p in skeleton.parameters())
-    out_bytes = model_bytes
-    if args.format == "packed":
-        for lin in plan.targets.values():
-            kept = lin.out_features * (lin.in_features - int(lin.in_features * pattern.sparsity))
-            out_bytes += packed_nbytes(lin.out_features, lin.in_features, kept, element) - lin.weight.numel() * element
+
+    def packed_delta(lin) -> int:
+        kept = lin.out_features * (lin.in_features - int(lin.in_features * pattern.sparsity))
+        return packed_nbytes(lin.out_features, lin.in_features, kept, element) - lin.weight.numel() * element
+
+    out_bytes = model_bytes + (sum(packed_delta(lin) for lin in plan.targets.values()) if args.format == "packed" else 0)
     layers = adapter.decoder_layers(skeleton)
     block_bytes = max(sum(p.numel() * element for p in block.parameters()) for block in layers)
     hidden = skeleton.config.get_text_config().hidden_size
-    acts = args.nsamples * args.seqlen * hidden * element if args.tokens is not None else 0
+    acts = 2 * args.nsamples * args.seqlen * hidden * element if args.tokens is not None else 0  # inputs + outputs
     prefix = adapter.layers_prefix(skeleton) + ".0."
     block0 = [lin for name, lin in plan.targets.items() if name.startswith(prefix)] or list(plan.targets.values())
     if args.score_method == "sparsegpt":
+        # Every linear's Hessian at once, then one linear's H copy, its inverse factor and fp32 weights.
         stats = sum(lin.in_features ** 2 * 4 for lin in block0)
-    elif args.score_method == "wanda":
-        stats = sum(lin.in_features * 4 for lin in block0)
+        stats += max(2 * lin.in_features ** 2 * 4 + 2 * lin.weight.numel() * 4 for lin in block0)
+    elif args.score_method in ("wanda", "tamp"):  # fp32 vectors, then one linear's fp32 scores
+        stats = sum(lin.in_features * 4 for lin in block0) + max(lin.weight.numel() * 4 for lin in block0)
     else:
-        stats = 0
-    return {"input_bytes": src_bytes, "output_bytes": out_bytes, "peak_host_bytes": model_bytes + acts,
+        stats = max(lin.weight.numel() * 4 for lin in block0)
+    on_host = device.type == "cpu"
+    head = skeleton.get_output_embeddings()
+    head_params = {id(p) for p in head.parameters()} if head is not None else set()
+    tied = head is not None and any(id(p) in head_params for p in skeleton.get_input_embeddings().parameters())
+    block_params = {id(p) for block in layers for p in block.parameters()}
+    outside = sum(p.numel() * element for p in skeleton.parameters()
+                  if id(p) not in block_params and (tied or id(p) not in head_params))
+    phases = {"capture": outside + acts,
+              "block": block_bytes + (stats + acts if on_host else 0) + block_bytes}  # + its output until written
+    if any(lin is head for lin in plan.targets.values()):
+        phases["output head"] = sum(p.numel() * element for p in head.parameters()) + acts
+    phase = max(phases, key=phases.get)
+    return {"input_bytes": src_bytes, "output_bytes": out_bytes, "runtime_bytes": RUNTIME_BYTES,
+            "peak_host_bytes": RUNTIME_BYTES + phases[phase], "peak_phase": phase, "peak_block_bytes": block_bytes,
             "peak_device_bytes": block_bytes + stats, "activation_bytes": acts}
 
 
@@ -411,23 +456,24 @@ def _print_dry_run(args, ckpt, adapter, plan, pattern, est) -> None:
         print(f"{name:<{width}}  {'':>18}  dense ({why})")
     print(f"targets: {len(plan.targets)} pruned, {len(plan.skipped)} skipped")
     print(f"estimated output ({args.format}): {_human(est['output_bytes'])} (input {_human(est['input_bytes'])})")
-    print(f"estimated peak memory: host {_human(est['peak_host_bytes'])} (model + "
-          f"{_human(est['activation_bytes'])} calibration activations), device {_human(est['peak_device_bytes'])} "
+    print(f"estimated peak memory: host {_human(est['peak_host_bytes'])} (runtime {_human(est['runtime_bytes'])} + "
+          f"the {est['peak_phase']} phase; one block holds {_human(est['peak_block_bytes'])}, calibration "
+          f"activations {_human(est['activation_bytes'])}), device {_human(est['peak_device_bytes'])} "
           "(one block + its statistics)")
 
 
-def _summary(args, ckpt, out, adapter, plan, model, result, pattern, written, times, embedded) -> dict:
-    pruned_zero = sum(unpack_bitmask(bm, model.get_submodule(n).in_features).logical_not().sum().item()
-                      for n, bm in result.bitmasks.items())
-    target_numel = sum(model.get_submodule(n).weight.numel() for n in result.bitmasks)
+def _summary(args, ckpt, out, adapter, plan, model, pruned, pattern, written, times, embedded) -> dict:
+    pruned_zero = sum(zeros for _, zeros in pruned.values())
+    target_numel = sum(model.get_submodule(n).weight.numel() for n in pruned)
     total_numel = sum(p.numel() for p in model.parameters())
     src_bytes = sum(f.stat().st_size for f in checkpoint_files(ckpt))
     return {"source": "bundled tiny VLM" if embedded else str(ckpt), "out": str(out), "method": args.method,
             "pattern": str(pattern), "format": args.format,
-            "architecture": adapter.architecture, "modules_pruned": len(result.bitmasks),
+            "architecture": adapter.architecture, "modules_pruned": len(pruned),
             "modules_skipped": len(plan.skipped), "sparsity_targets": pruned_zero / max(target_numel, 1),
             "sparsity_model": pruned_zero / max(total_numel, 1), "timings_s": dict(times),
-            "bytes_before": src_bytes, "bytes_after": written["bytes"], "files": written["files"]}
+            "bytes_before": src_bytes, "bytes_after": written["bytes"], "files": written["files"],
+            "peak_rss_bytes": peak_rss_bytes()}
 
 
 def _print_summary(s: dict) -> None:
@@ -438,6 +484,8 @@ def _print_summary(s: dict) -> None:
     print(f"  time           : {timing}")
     print(f"  weights        : {_human(s['bytes_before'])} -> {_human(s['bytes_after'])} "
           f"({s['bytes_after'] / max(s['bytes_before'], 1):.2f}x, {s['format']})")
+    print(f"  peak memory    : {_human(s['peak_rss_bytes'])} resident "
+          f"({s['peak_rss_bytes'] / max(s['bytes_before'], 1):.2f}x the input checkpoint)")
     print(f"  output         : {s['out']}")
 
 

@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 import atv_sparse
 from atv_sparse.convert import main
 from atv_sparse.errors import AtvSparseError
-from atv_sparse.formats.shard_io import write_shard
 
 from conftest import write_tiny_model
 
@@ -154,14 +153,15 @@ def test_write_failure_leaves_nothing(capsys, work, monkeypatch):
     import atv_sparse.formats.checkpoint as ckpt_mod
 
     calls = []
+    save_shard = ckpt_mod._save_shard
 
-    def failing_save(tensors, path, metadata=None):
+    def failing_save(entries, spill, path):
         calls.append(path)
         if len(calls) == 3:
             raise OSError(28, "No space left on device")
-        return write_shard(tensors, path, metadata=metadata)
+        return save_shard(entries, spill, path)
 
-    monkeypatch.setattr(ckpt_mod, "write_shard", failing_save)
+    monkeypatch.setattr(ckpt_mod, "_save_shard", failing_save)
     fails(capsys, [ckpt, "--out", root / "o", "--max-shard-size", "40KB", *QUICK], "No space left", root=root)
     assert len(calls) == 3
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from atv_sparse import convert, preflight
-from atv_sparse.models.adapter import ModelAdapter
+from atv_sparse.models.lazy import LazyWeights
 from atv_sparse.tiny_vlm import bundled_model_dir
 from test_bad_input import fails
 
@@ -28,7 +28,7 @@ def no_work(monkeypatch):
             raise WorkStarted(what)
         return boom
     monkeypatch.setattr(convert, "prune_model", started("a calibration pass started"))
-    monkeypatch.setattr(ModelAdapter, "load", started("weights were read"))
+    monkeypatch.setattr(LazyWeights, "read", started("weights were read"))
     return started
 
 

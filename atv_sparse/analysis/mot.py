@@ -23,8 +23,8 @@ be the image token id. A forward hook clears the mask afterwards, so a linear th
 mask (a block called directly, or a forward given ``inputs_embeds``) fails loudly instead of
 routing stale rows; calibration code sets the mask itself with ``probe.routing(mask)``.
 
-Pruning (``mot_prune``): Wanda (4.3), block by block with propagation through the probe, the
-block driver's capture and block runner reused:
+Pruning (``mot_prune``): Wanda (4.3), block by block with propagation through the probe, on the
+block walk every pruning pass uses (prune/walk.py):
 
     capture block-0 inputs (model forward, routed)
     for each block b:
@@ -51,8 +51,8 @@ from tqdm.auto import tqdm
 from ..errors import AtvSparseError
 from ..formats.bitmask import pack_bitmask
 from ..patterns import Pattern, parse_pattern
-from ..prune.driver import BlockRunner, capture_block_inputs
 from ..prune.masks import pattern_mask
+from ..prune.walk import check_finite, walk_blocks
 from ..prune.wanda import WandaStats, wanda_score
 
 PATHWAYS = ("text", "visual")
@@ -320,40 +320,33 @@ def mot_prune(probe: MoTProbe, samples: list[dict], pathway: str = "visual", cal
     mask_args = {"n": pattern.n, "m": pattern.m} if pattern.is_nm else {"sparsity": pattern.sparsity}
     report = MoTReport(pathway, calib, str(pattern), {}, {}, [], list(probe.shared))
 
-    hidden, kwargs, store = capture_block_inputs(probe.model, probe.layers, samples, device, progress)
-    num_blocks = len(probe.layers)
-    for b, block in enumerate(probe.layers):
-        label = f"({b + 1}/{num_blocks})"
-        block.to(device)
-        run = BlockRunner(block, hidden, kwargs, device)
+    walk = walk_blocks(probe.model, probe.layers, samples, device, progress=progress,
+                       sample_context=lambda j: probe.routing(routes[j].to(device)))
+    for step in walk:
+        b, run = step.index, step.run
         block_targets = probe.pathway(pathway, b)
         t0 = time.perf_counter()
-        stats = _statistics(probe, run, block_targets, routes, rows, device, f"{label}: Calibrating", progress)
+        stats = _statistics(run, block_targets, rows, device, f"{step.label}: Calibrating", progress)
         info = {"block": b, "text_rows": sum(int((r & ~v).sum()) for r, v in zip(rows, routes, strict=True)),
                 "visual_rows": sum(int((r & v).sum()) for r, v in zip(rows, routes, strict=True)),
                 "time_calibrate_s": time.perf_counter() - t0}
         t0 = time.perf_counter()
         for name, linear in block_targets.items():
-            if not torch.isfinite(stats[name].scaler_row).all():
-                raise AtvSparseError(f"layer {name}: NaN or Inf in the calibration statistics; the model overflows "
-                                     "on this data (use float32 or bfloat16)")
+            check_finite(name, stats[name].scaler_row)
             keep = pattern_mask(wanda_score(linear.weight.data, stats[name]), **mask_args)
             linear.weight.data.masked_fill_(~keep, 0)
             report.bitmasks[name] = pack_bitmask(keep).cpu()
             report.sparsity[name] = 1 - keep.sum().item() / keep.numel()
         info["time_prune_s"] = time.perf_counter() - t0
-        if b + 1 < num_blocks:
+        if b + 1 < step.count:
             t0 = time.perf_counter()
-            for j in tqdm(range(len(samples)), desc=f"{label}: Propagating", disable=not progress, leave=False):
-                with probe.routing(routes[j].to(device)):
-                    hidden[j] = run(j).to(store)
+            step.propagate()
             info["time_propagate_s"] = time.perf_counter() - t0
-        block.to("cpu")
         report.blocks.append(info)
     return report
 
 
-def _statistics(probe, run, block_targets, routes, rows, device, desc, progress) -> dict[str, WandaStats]:
+def _statistics(run, block_targets, rows, device, desc, progress) -> dict[str, WandaStats]:
     """Wanda statistics of ``block_targets`` over each sample's chosen rows, the block still dense."""
     stats = {name: WandaStats(linear.in_features, device=device) for name, linear in block_targets.items()}
     current = {}
@@ -366,8 +359,7 @@ def _statistics(probe, run, block_targets, routes, rows, device, desc, progress)
     try:
         for j in tqdm(range(len(rows)), desc=desc, disable=not progress, leave=False):
             current["rows"] = rows[j].to(device)
-            with probe.routing(routes[j].to(device)):
-                run(j)
+            run(j)  # routed by the runner's sample context
     finally:
         for h in handles:
             h.remove()

@@ -1,13 +1,16 @@
 """Writing a pruned model as a Hugging Face directory: compressed (bitmask + values) or dense.
 
-The writer streams: tensors are visited in state-dict order, a pruned weight is compressed only
-when its shard is written, and each shard is freed before the next. Everything goes to a hidden
-temporary directory beside ``out_dir`` that is renamed into place only when complete, so a failed
-or interrupted write never leaves a directory that looks like a checkpoint.
+The writer streams: tensors reach the output shards in state-dict order as they become final (a
+pruned block's as soon as it is pruned, ``CheckpointStream``), and a shard's bytes go to disk as
+they arrive (``ShardWriter``), so memory never holds the model or a whole shard. Everything goes
+to a hidden temporary directory beside ``out_dir`` that is renamed into place only when complete,
+so a failed or interrupted write never leaves a directory that looks like a checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -20,7 +23,9 @@ from torch import nn
 from ..errors import AtvSparseError
 from .bitmask import compress, unpack_bitmask
 from .safetensors_io import INDEX_NAME, SINGLE_NAME
-from .shard_io import CHECKSUMS_NAME, write_checksums, write_shard
+from .shard_io import CHECKSUMS_NAME, DTYPE_NAMES, safetensors_header, write_checksums
+
+_CHUNK = 1 << 26  # bytes read back from the spill file at a time
 
 # Files of the source directory that the writer produces itself (never copied).
 _OWN_FILES = {"config.json", INDEX_NAME, "sparsity.json", "prune_report.json", CHECKSUMS_NAME}
@@ -60,26 +65,6 @@ def packed_nbytes(out_features: int, in_features: int, kept: int, element_size: 
     return out_features * -(-in_features // 8) + kept * element_size
 
 
-def _named_tensors(model: nn.Module, bitmasks: dict[str, torch.Tensor], patterns: dict, packed: bool):
-    """Yield (name, thunk) in state-dict order; a thunk makes the tensor(s) to write.
-
-    Tied tensors (same storage, e.g. lm_head tied to the embeddings) are written once, under the
-    first name, as ``save_pretrained`` does.
-    """
-    seen = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        tensor = tensor.detach()
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        module_name = name.removesuffix(".weight")
-        if packed and name.endswith(".weight") and module_name in bitmasks:
-            yield name, (lambda t=tensor, mn=module_name: _packed(mn, t, bitmasks[mn], patterns[mn]))
-        else:
-            yield name, (lambda n=name, t=tensor: {n: t.contiguous()})
-
-
 def _packed(module_name: str, weight: torch.Tensor, bitmask: torch.Tensor, pattern) -> dict:
     keep = unpack_bitmask(bitmask, weight.shape[1])
     mask_t, values = compress(weight, keep, pattern.n, pattern.m)
@@ -89,7 +74,7 @@ def _packed(module_name: str, weight: torch.Tensor, bitmask: torch.Tensor, patte
 def write_checkpoint(model: nn.Module, out_dir: Path, *, source_dir: Path | None, bitmasks: dict[str, torch.Tensor],
                      patterns: dict, packed: bool, quantization_config: dict | None, extra_json: dict[str, dict],
                      max_shard_size: int, overwrite: bool, extra_files: dict[str, Path] | None = None) -> dict:
-    """Write ``model`` (pruned in place) to ``out_dir``; return {"files": [...], "bytes": total}.
+    """Write ``model`` (in memory, pruned in place) to ``out_dir``; return {"files", "bytes", "shards"}.
 
     bitmasks: module name -> packed keep-mask; patterns: module name -> Pattern. ``packed``
     writes bitmask + values for those modules and ``quantization_config`` into config.json;
@@ -97,20 +82,99 @@ def write_checkpoint(model: nn.Module, out_dir: Path, *, source_dir: Path | None
     directory is moved into place (so a report can include the write time). ``extra_files``:
     file name -> a finished file to move in (a plot).
     Auxiliary files of ``source_dir`` (tokenizer, processor, generation config) are copied.
+    A model too large for memory is written block by block with ``CheckpointStream`` instead.
     """
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, overwrite, source_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        shards = _write_shards(model, tmp, bitmasks, patterns, packed, max_shard_size)
-        if source_dir is not None:
-            _copy_aux_files(Path(source_dir), tmp)
+    state = model.state_dict()
+    pruned = set(bitmasks) if packed else set()
+    with CheckpointStream(model, out_dir, read=state.__getitem__, pruned=pruned, patterns=patterns, packed=packed,
+                          source_dir=source_dir, max_shard_size=max_shard_size, overwrite=overwrite) as stream:
+        for name in pruned:
+            stream.put(name, model.get_submodule(name), bitmasks[name])
+        return stream.finish(quantization_config, extra_json, extra_files)
+
+
+class CheckpointStream:
+    """A checkpoint written while the model is pruned: tensors go to the output shards in state-dict
+    order as soon as they are final, so memory holds one block, not the model.
+
+        with CheckpointStream(skeleton, out, read=weights.read, pruned=targets, ...) as stream:
+            ... stream.put(name, linear, bitmask) for every pruned linear, in any order ...
+            stream.finish(quantization_config, extra_json)
+
+    ``read(key)``: a tensor of the source as the model holds it (every key except the weights of
+    ``pruned`` modules, which only ``put`` provides: packed, or dense with zeros). Tied tensors are
+    written once, under the first name, as ``save_pretrained`` does. Everything goes to a hidden
+    temporary directory beside ``out_dir``, renamed into place by ``finish``; leaving the ``with``
+    block any other way removes it, and a failed write (disk full) is an error naming ``out_dir``.
+    """
+
+    def __init__(self, model: nn.Module, out_dir: Path, *, read, pruned: set[str], patterns: dict, packed: bool,
+                 source_dir: Path | None, max_shard_size: int, overwrite: bool):
+        self.model, self.out_dir, self.read = model, Path(out_dir), read
+        self.patterns, self.packed, self.source_dir, self.overwrite = patterns, packed, source_dir, overwrite
+        self.max_shard_size = max_shard_size
+        self.waiting = {f"{name}.weight" for name in pruned}
+        self.order, seen = [], set()
+        for key, tensor in model.state_dict(keep_vars=True).items():
+            if id(tensor) in seen:  # tied: the same Parameter under a second name
+                continue
+            seen.add(id(tensor))
+            self.order.append(key)
+        self.ready: dict[str, dict[str, torch.Tensor]] = {}
+        self.cursor = 0
+
+    def __enter__(self) -> "CheckpointStream":
+        check_output_dir(self.out_dir, self.overwrite, self.source_dir)
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
+        self.shards = ShardWriter(self.tmp, self.max_shard_size)
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        if kind is None:
+            return
+        self.shards.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise AtvSparseError(f"writing {self.out_dir} failed: {error}; nothing was written") from None
+
+    def put(self, name: str, linear: nn.Module, bitmask: torch.Tensor) -> None:
+        """Module ``name`` is pruned: its weight (and keep-mask) is final; write what is now in order."""
+        weight = linear.weight.detach()
+        if self.packed:
+            tensors = _packed(name, weight, bitmask, self.patterns[name])
+        else:
+            tensors = {f"{name}.weight": weight.contiguous()}
+        self.ready[f"{name}.weight"] = {k: v.cpu() for k, v in tensors.items()}
+        self._advance()
+
+    def _advance(self) -> None:
+        while self.cursor < len(self.order):
+            key = self.order[self.cursor]
+            if key in self.ready:
+                tensors = self.ready.pop(key)
+            elif key in self.waiting:
+                return  # not pruned yet: everything after it waits, to keep state-dict order
+            else:
+                tensors = {key: self.read(key).contiguous().cpu()}
+            self.shards.add(tensors)
+            self.cursor += 1
+
+    def finish(self, quantization_config: dict | None, extra_json: dict[str, dict],
+               extra_files: dict[str, Path] | None = None) -> dict:
+        """Close the last shard, write the index, config and extra files, move the directory into place."""
+        self._advance()
+        if self.cursor < len(self.order):
+            raise AssertionError(f"{self.order[self.cursor]} was never put; every pruned module must be")
+        shards = self.shards.finish()
+        tmp, model = self.tmp, self.model
+        if self.source_dir is not None:
+            _copy_aux_files(Path(self.source_dir), tmp)
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         if isinstance(config.get("text_config"), dict):
             config["text_config"].pop("quantization_config", None)
-        if packed:
+        if self.packed:
             config["quantization_config"] = quantization_config
             if isinstance(config.get("text_config"), dict):  # where VLM language models read it
                 config["text_config"]["quantization_config"] = quantization_config
@@ -122,51 +186,97 @@ def write_checkpoint(model: nn.Module, out_dir: Path, *, source_dir: Path | None
             (tmp / fname).write_text(json.dumps(content, indent=2) + "\n")
         for fname, src in (extra_files or {}).items():
             shutil.move(src, tmp / fname)
-        _move_into_place(tmp, out_dir, overwrite)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise AtvSparseError(f"writing {out_dir} failed: {e}; nothing was written") from None
-        raise
-    files = sorted(p.name for p in out_dir.iterdir())
-    return {"files": files, "bytes": sum((out_dir / f).stat().st_size for f in shards), "shards": shards}
+        _move_into_place(tmp, self.out_dir, self.overwrite)
+        files = sorted(p.name for p in self.out_dir.iterdir())
+        return {"files": files, "bytes": sum((self.out_dir / f).stat().st_size for f in shards), "shards": shards}
 
 
-def _write_shards(model, tmp: Path, bitmasks, patterns, packed: bool, max_shard_size: int) -> list[str]:
-    shard, shard_bytes, written, weight_map = {}, 0, [], {}
-    digests = {}  # temporary shard name -> SHA-256, hashed while writing (no second pass)
+class ShardWriter:
+    """Named tensors -> safetensors shards of at most ``max_shard_size`` bytes, in arrival order.
 
-    def flush():
-        nonlocal shard, shard_bytes
-        if shard:
-            fname = f"part-{len(written):05d}.safetensors"
-            digests[fname] = write_shard(shard, tmp / fname, metadata={"format": "pt"})
-            written.append((fname, list(shard)))
-            shard, shard_bytes = {}, 0
+    A shard's data is appended to a spill file as tensors arrive, so memory never holds a shard;
+    closing the shard writes the file ``safetensors.torch.save_file`` would write (same header,
+    same data order, byte for byte) from the spill file. Shards are named part-N until
+    ``finish`` knows their count and renames them (with the index when there are several).
+    """
 
-    for _, make in _named_tensors(model, bitmasks, patterns, packed):
-        tensors = {k: v.cpu() for k, v in make().items()}
+    def __init__(self, tmp: Path, max_shard_size: int):
+        self.tmp, self.max_shard_size = tmp, max_shard_size
+        self.spill_path = tmp / ".spill"
+        self.spill = open(self.spill_path, "w+b")
+        self.entries: list[tuple[str, str, list[int], int, int]] = []  # name, dtype, shape, spill offset, bytes
+        self.shard_bytes = 0
+        self.written: list[tuple[str, list[str]]] = []
+        self.digests: dict[str, str] = {}  # part name -> SHA-256, hashed while the shard is written
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Tensors that belong together (a packed weight's bitmask and values) go to one shard."""
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        if shard and shard_bytes + nbytes > max_shard_size:
-            flush()
-        shard.update(tensors)
-        shard_bytes += nbytes
-    flush()
-    if len(written) == 1:
-        os.replace(tmp / written[0][0], tmp / SINGLE_NAME)
-        write_checksums(tmp, {SINGLE_NAME: digests[written[0][0]]})
-        return [SINGLE_NAME]
-    names, total = [], 0
-    for i, (fname, keys) in enumerate(written, 1):
-        final = f"model-{i:05d}-of-{len(written):05d}.safetensors"
-        os.replace(tmp / fname, tmp / final)
-        total += (tmp / final).stat().st_size
-        weight_map.update({k: final for k in keys})
-        names.append(final)
-    write_checksums(tmp, {final: digests[fname] for final, (fname, _) in zip(names, written, strict=True)})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    return names
+        if self.entries and self.shard_bytes + nbytes > self.max_shard_size:
+            self.flush()
+        for name, t in tensors.items():
+            raw = t.contiguous().reshape(-1).view(torch.uint8)
+            offset = self.spill.tell()
+            self.spill.write(memoryview(raw.numpy()))
+            self.entries.append((name, DTYPE_NAMES[t.dtype], list(t.shape), offset, raw.numel()))
+        self.shard_bytes += nbytes
+
+    def flush(self) -> None:
+        if self.entries:
+            fname = f"part-{len(self.written):05d}.safetensors"
+            self.digests[fname] = _save_shard(self.entries, self.spill, self.tmp / fname)
+            self.written.append((fname, [e[0] for e in self.entries]))
+            self.entries, self.shard_bytes = [], 0
+            self.spill.seek(0)
+            self.spill.truncate()
+
+    def close(self) -> None:
+        if not self.spill.closed:
+            self.spill.close()
+        self.spill_path.unlink(missing_ok=True)
+
+    def finish(self) -> list[str]:
+        """Close the last shard; final names, and the index for several shards. Returns the file names."""
+        self.flush()
+        self.close()
+        tmp, written = self.tmp, self.written
+        if len(written) == 1:
+            os.replace(tmp / written[0][0], tmp / SINGLE_NAME)
+            write_checksums(tmp, {SINGLE_NAME: self.digests[written[0][0]]})
+            return [SINGLE_NAME]
+        names, total, weight_map = [], 0, {}
+        for i, (fname, keys) in enumerate(written, 1):
+            final = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+            os.replace(tmp / fname, tmp / final)
+            total += (tmp / final).stat().st_size
+            weight_map.update({k: final for k in keys})
+            names.append(final)
+        write_checksums(tmp, {final: self.digests[fname] for final, (fname, _) in zip(names, written, strict=True)})
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def _save_shard(entries: list[tuple[str, str, list[int], int, int]], spill, path: Path) -> str:
+    """Write one safetensors file (header, then each tensor's bytes read back from the spill file),
+    hashing every byte on its way out; returns the file's SHA-256 hex digest."""
+    raw, ordered = safetensors_header([(name, dtype, shape, nbytes) for name, dtype, shape, _, nbytes in entries],
+                                      {"format": "pt"})
+    start = {e[0]: e[3] for e in entries}
+    digest = hashlib.sha256(raw)
+    spill.flush()
+    with open(path, "wb") as out:
+        out.write(raw)
+        for name, _, _, nbytes in ordered:
+            done = 0
+            while done < nbytes:
+                chunk = os.pread(spill.fileno(), min(nbytes - done, _CHUNK), start[name] + done)
+                if not chunk:
+                    raise OSError(errno.EIO, f"short read of the spill file while writing {path}")
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+    return digest.hexdigest()
 
 
 def _copy_aux_files(source_dir: Path, tmp: Path) -> None:

@@ -31,19 +31,34 @@ from ..errors import AtvSparseError
 
 CHECKSUMS_NAME = "checksums.json"
 
-_DTYPE_NAMES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
+DTYPE_NAMES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
                 torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
                 torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
                 torch.complex64: "C64", torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64"}
 # safetensors' Dtype enum order, the dict's order above; it writes the highest first.
-_DTYPE_RANK = {name: rank for rank, name in enumerate(_DTYPE_NAMES.values())}
+DTYPE_RANK = {name: rank for rank, name in enumerate(DTYPE_NAMES.values())}
 
 
 def _spec(name: str, tensor: torch.Tensor) -> tuple[str, str, list[int], int]:
-    dtype = _DTYPE_NAMES.get(tensor.dtype)
+    dtype = DTYPE_NAMES.get(tensor.dtype)
     if dtype is None:
         raise AtvSparseError(f"tensor {name}: dtype {tensor.dtype} cannot be stored in safetensors by atv_sparse")
     return name, dtype, list(tensor.shape), tensor.numel() * tensor.element_size()
+
+
+def safetensors_header(entries, metadata: dict[str, str] | None = None) -> tuple[bytes, list]:
+    """The 8-byte length and padded JSON header safetensors writes for ``entries`` (name, dtype
+    name, shape, bytes), and the entries in its on-disk order (widest dtype first, then name)."""
+    ordered = sorted(entries, key=lambda e: (-DTYPE_RANK[e[1]], e[0]))
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    for name, dtype, shape, nbytes in ordered:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header with spaces to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw, ordered
 
 
 class ShardWriter:
@@ -55,22 +70,14 @@ class ShardWriter:
     """
 
     def __init__(self, path: str | Path, specs, metadata: dict[str, str] | None = None):
-        entries = sorted((_spec(n, t) for n, t in specs), key=lambda e: (-_DTYPE_RANK[e[1]], e[0]))
-        header, offset = {}, 0
-        if metadata:
-            header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
-        for name, dtype, shape, nbytes in entries:
-            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        raw += b" " * (-len(raw) % 8)
+        raw, entries = safetensors_header([_spec(n, t) for n, t in specs], metadata)
         self.order = [e[0] for e in entries]
         self._sizes = {e[0]: e[3] for e in entries}
         self._next = 0
         self._hash = hashlib.sha256()
         self.path = Path(path)
         self._file = open(self.path, "wb")
-        self._put(struct.pack("<Q", len(raw)) + raw)
+        self._put(raw)
 
     def _put(self, data) -> None:
         self._file.write(data)

@@ -12,12 +12,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
 from torch import nn
 
 from ..errors import AtvSparseError
+
+if TYPE_CHECKING:
+    from .lazy import LazyWeights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +64,24 @@ class ModelAdapter:
 
     def build_meta(self, model_dir: Path, dtype: str | torch.dtype = "auto") -> nn.Module:
         """The model's skeleton on the meta device (no weights read): for dry runs."""
+        config, dtype = self._config(model_dir, dtype)
+        with torch.device("meta"):
+            return self.model_class._from_config(config, dtype=dtype)
+
+    def open_lazy(self, model_dir: Path, dtype: str | torch.dtype = "auto") -> tuple[nn.Module, "LazyWeights"]:
+        """(the skeleton, its ``LazyWeights``): weights read from the shards one module at a time, every
+        shard header checked first. Brought whole, it equals ``load(model_dir, dtype)`` bit for bit."""
+        from .lazy import open_lazy
+
+        config, dtype = self._config(model_dir, dtype)
+        return open_lazy(self.model_class, config, Path(model_dir), dtype)
+
+    @staticmethod
+    def _config(model_dir: Path, dtype: str | torch.dtype):
         config = transformers.AutoConfig.from_pretrained(model_dir)
         if dtype == "auto":
             dtype = getattr(config, "dtype", None) or torch.float32
-        with torch.device("meta"):
-            return self.model_class._from_config(config, dtype=dtype)
+        return config, dtype
 
 
 SUPPORTED_ARCHITECTURES = {

@@ -18,10 +18,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .attention import roped_qk
 from .selectors import AtvTokens, atv_budget
+from .walk import RESIDENT, Residency, walk_blocks
 
 
 class _ScaledTokens(AtvTokens):
@@ -143,23 +143,15 @@ def calibrate_scale(selector: _ScaledTokens, s_bars: list[float], target: int) -
 
 @torch.no_grad()
 def dense_saliencies(model, layers, samples, selector: _ScaledTokens, device, alpha: float, budget_rule: str,
-                     progress: bool = True) -> tuple[list[float], int]:
+                     progress: bool = True, residency: Residency = RESIDENT) -> tuple[list[float], int]:
     """A dense pass over every block: (s_bar of the selector's signal per block, the drift rule's total K)."""
-    from .driver import BlockRunner, capture_block_inputs
-
-    hidden, kwargs, store = capture_block_inputs(model, layers, samples, device, progress)
     drift = AtvTokens(selector.tokens, alpha, budget_rule)
     s_bars, drift_total = [], 0
-    for b, block in enumerate(layers):
-        block.to(device)
-        runner = BlockRunner(block, hidden, kwargs, device)
-        pooled = torch.cat(selector.block_signals(runner, len(samples)))
+    for step in walk_blocks(model, layers, samples, device, residency=residency, progress=progress):
+        pooled = torch.cat(selector.block_signals(step.run, len(samples)))
         s_bars.append(pooled.mean().item() if pooled.numel() else 0.0)
-        drift_total += drift.begin_block(b, runner, len(samples))["visual_tokens"]
-        for j in tqdm(range(len(samples)), desc=f"({b + 1}/{len(layers)}): Budget dense pass",
-                      disable=not progress, leave=False):
-            hidden[j] = runner(j).to(store)
-        block.to("cpu")
+        drift_total += drift.begin_block(step.index, step.run, len(samples))["visual_tokens"]
+        step.propagate("Budget dense pass")
     return s_bars, drift_total
 
 

@@ -7,16 +7,16 @@
         Pruning       statistics -> masks -> weights zeroed (SparseGPT: updated) in place
         Propagating   run the pruned b -> inputs of block b + 1
 
-Blocks visit the compute device one at a time; calibration activations stay on the CPU unless
-they fit comfortably on the device. The driver always runs the model's own modules: it never
-re-implements a decoder layer.
+The loop itself is walk.py's ``walk_blocks``: blocks visit the compute device (or are read from the
+checkpoint) one at a time; calibration activations stay on the CPU unless they fit comfortably on
+the device. The driver always runs the model's own modules: it never re-implements a decoder layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Protocol
+from typing import Callable
 
 import torch
 from torch import nn
@@ -30,30 +30,16 @@ from .masks import pattern_mask
 from .selectors import MixedTokens
 from .sparsegpt import HessianStats, sparsegpt_prune
 from .tamp import TampStats
+from .walk import RESIDENT, Residency, TokenSelector, capture_block_inputs, check_finite, walk_blocks
 from .wanda import WandaStats, wanda_score
 
 # Score / update rules: Wanda's statistics over sequences, TAMP's over selected tokens (then the
 # Wanda score), SparseGPT's Hessian, or no calibration at all.
 METHODS = ("magnitude", "wanda", "sparsegpt", "tamp")
 CALIBRATED_METHODS = ("wanda", "sparsegpt", "tamp")
-
-
-class TokenSelector(Protocol):
-    """The hook point "which token positions feed the statistics of this block" (see selectors.py).
-
-    ``begin_block`` is called once per block before its statistics pass with a ``BlockRunner``
-    (``runner.pair(j) -> (x_in, x_out)`` runs the still-dense block on sample j's current
-    inputs); it returns a dict merged into the block's report. ``positions(j)`` gives the
-    positions (1-D int64) of sample j that feed the statistics, or ``None`` for all of them.
-    A selector that chooses per linear (TAMP) also has ``linear_positions(j, name, output)``,
-    called from the hook of linear ``name`` with its output; the driver then uses that instead.
-    """
-
-    name: str
-
-    def begin_block(self, block_index: int, runner: "BlockRunner", num_samples: int) -> dict: ...
-
-    def positions(self, sample_index: int) -> torch.Tensor | None: ...
+# Receives each pruned linear (full module name, module, packed keep-mask) while its weights are
+# materialised: the streaming checkpoint writer.
+Sink = Callable[[str, nn.Module, torch.Tensor], None]
 
 
 @dataclasses.dataclass
@@ -66,123 +52,21 @@ class PruneResult:
     timings: dict[str, float]
 
 
-class _StopForward(Exception):
-    pass
-
-
-class _InputCatcher(nn.Module):
-    """Stands in for block 0: records its inputs and stops the forward."""
-
-    def __init__(self, block: nn.Module, sink: list):
-        super().__init__()
-        self.block = block
-        self.sink = sink
-
-    def forward(self, *args, **kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        self.sink.append((hidden, {k: v for k, v in kwargs.items()}))
-        raise _StopForward
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.block, name)  # e.g. attention_type read by the decoder loop
-
-
-def _to(obj, device):
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
-def _same(a, b) -> bool:
-    if torch.is_tensor(a) and torch.is_tensor(b):
-        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a is b or (not torch.is_tensor(a) and not torch.is_tensor(b) and a == b)
-
-
-def _dedup_kwargs(kwargs: dict, previous: dict | None) -> dict:
-    """Reuse the previous sample's kwarg objects where equal (text windows share all of them)."""
-    if previous is None:
-        return kwargs
-    return {k: previous[k] if k in previous and _same(v, previous[k]) else v for k, v in kwargs.items()}
-
-
-def storage_device(device: torch.device, nbytes: int) -> torch.device:
-    """Where cached activations live: on the compute device only when they take < 25% of its free memory."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if nbytes < 0.25 * free:
-            return device
-    return torch.device("cpu")
-
-
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[dict],
-                         device: torch.device, progress: bool = True) -> tuple[list, list, torch.device]:
-    """Run the model up to block 0 for each sample; return (hidden states, kwargs, storage device).
-
-    samples: model inputs per sample (``input_ids`` (1, T) and, for a vision-language model, its
-    image inputs), passed to ``model(**sample)``, so vision towers and projectors run densely
-    and 3-D M-RoPE positions come out exactly as the model computes them.
-
-    Everything but the blocks visits ``device`` for the capture; block 0 is swapped for a catcher
-    that records ``hidden_states`` and the keyword arguments the model passes its layers.
-    """
-    catcher_sink: list = []
-    first = layers[0]
-    layers[0] = _InputCatcher(first, catcher_sink)
-    kept_aside = [layers[i] for i in range(1, len(layers))]
-    for i in range(1, len(layers)):
-        layers[i] = nn.Identity()  # so model.to(device) moves no other block
-    hidden, kwargs, previous = [], [], None
-    store = None
-    try:
-        model.to(device)
-        for sample in tqdm(samples, desc="Capturing block-0 inputs", disable=not progress, leave=False):
-            try:
-                model(**_to(sample, device), use_cache=False)
-            except _StopForward:
-                pass
-            h, kw = catcher_sink.pop()
-            if store is None:
-                store = storage_device(device, h.numel() * h.element_size() * len(samples) * 2)
-            kw = _dedup_kwargs(_to(kw, store), previous)
-            hidden.append(h.to(store))
-            kwargs.append(kw)
-            previous = kw
-    finally:
-        model.to("cpu")
-        layers[0] = first
-        for i, block in enumerate(kept_aside, 1):
-            layers[i] = block
-    return hidden, kwargs, store
-
-
-def _block_output(out):
-    """A decoder layer returns a tensor (transformers 5) or a tuple starting with it (older)."""
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 @torch.no_grad()
 def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, targets: dict[str, nn.Linear],
                  method: str, pattern: Pattern, samples: list[dict] | None, device: torch.device,
                  selector: TokenSelector | None = None, blocksize: int = 128, percdamp: float = 0.01,
-                 sparsities: dict[str, float] | None = None, progress: bool = True) -> PruneResult:
+                 sparsities: dict[str, float] | None = None, progress: bool = True,
+                 residency: Residency = RESIDENT, sink: Sink | None = None) -> PruneResult:
     """Prune ``targets`` (full module names -> linears) in place, block by block.
 
     method: "magnitude" (no samples needed), "wanda", "sparsegpt" or "tamp" (``samples``: model
     inputs per sample, at least ``input_ids`` (1, T) int64). ``selector`` picks the positions
     feeding each block's statistics (default: all). ``sparsities`` overrides an unstructured
-    pattern's sparsity per module (TAMP's DAS). The model stays on the CPU; each block visits
-    ``device`` in turn.
+    pattern's sparsity per module (TAMP's DAS). ``residency`` says where the weights are (default:
+    the model is in host memory; each block visits ``device`` in turn). ``sink(name, linear,
+    bitmask)`` is called with every pruned linear while its weights are still materialised (the streaming
+    checkpoint writer), before its block is freed; ``result.bitmasks`` then stays empty.
 
     Targets outside the decoder blocks (named explicitly by the user) are pruned where they run:
     linears that run before block 0 (vision tower, projector) from statistics over all their
@@ -201,62 +85,66 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
 
     def prune_into_result(name, mod, stats):
         layer_pattern = Pattern(None, None, sparsities[name]) if sparsities and name in sparsities else pattern
-        result.bitmasks[name] = pack_bitmask(_prune_linear(mod, method, layer_pattern, stats, blocksize,
-                                                           percdamp)).cpu()
+        bitmask = pack_bitmask(_prune_linear(mod, method, layer_pattern, stats, blocksize, percdamp)).cpu()
+        if sink is None:
+            result.bitmasks[name] = bitmask
+        else:  # the sink owns it: a model larger than memory has bitmasks larger than a block
+            sink(name, mod, bitmask)
 
+    captured = None
     if not calibrated:
         for name, mod in outside.items():
+            residency.bring(mod, device)
             prune_into_result(name, mod, None)
+            residency.free(mod)
     else:
         if not samples:
-            raise AtvSparseError(f"method {method} needs calibration samples (--nsamples >= 1)")
+            raise AtvSparseError(f"method {method} needs calibration samples (num_samples >= 1)")
         t0 = time.perf_counter()
-        before = {}
         if outside:
-            before = _stats_while(model, outside, method, device,
-                                  lambda: capture_block_inputs(model, layers, samples, device, progress))
+            before = _stats_while(outside, method, device,
+                                  lambda: capture_block_inputs(model, layers, samples, device, progress, residency))
             for name, st in before.items():
+                residency.bring(outside[name], device)
                 prune_into_result(name, outside[name], st)
             after_blocks = {n: m for n, m in outside.items() if n not in before}
-        hidden, kwargs, store = capture_block_inputs(model, layers, samples, device, progress)
+        # Captured again through the pruned linears (still materialised; the capture frees them).
+        captured = capture_block_inputs(model, layers, samples, device, progress, residency)
         timings["capture"] = time.perf_counter() - t0
 
-    num_blocks = len(layers)
-    for b, block in enumerate(layers):
+    for step in walk_blocks(model, layers, samples if calibrated else None, device, residency=residency,
+                            progress=progress, captured=captured):
+        b, run = step.index, step.run
         prefix = f"{layers_prefix}.{b}."
         block_targets = {name: mod for name, mod in in_blocks.items() if name.startswith(prefix)}
         report = {"block": b, "modules": len(block_targets)}
-        label = f"({b + 1}/{num_blocks})"
-        block.to(device)
-        run = BlockRunner(block, hidden, kwargs, device) if calibrated else None
 
         stats = {}
         if calibrated and block_targets:
             t0 = time.perf_counter()
             report.update(selector.begin_block(b, run, len(samples)))
             stats, counts = _collect_stats(run, block_targets, method, selector, len(samples), device,
-                                           f"{label}: Calibrating", progress)
+                                           f"{step.label}: Calibrating", progress)
             report.update(counts)
             report["time_calibrate_s"] = time.perf_counter() - t0
             timings["calibrate"] += report["time_calibrate_s"]
 
         t0 = time.perf_counter()
-        for name, mod in tqdm(block_targets.items(), desc=f"{label}: Pruning", disable=not progress, leave=False):
+        for name, mod in tqdm(block_targets.items(), desc=f"{step.label}: Pruning", disable=not progress,
+                              leave=False):
             prune_into_result(name, mod, stats.pop(name, None))
         report["time_prune_s"] = time.perf_counter() - t0
         timings["prune"] += report["time_prune_s"]
 
-        if calibrated and (b + 1 < num_blocks or after_blocks):
+        if calibrated and (b + 1 < step.count or after_blocks):
             t0 = time.perf_counter()
-            for j in tqdm(range(len(samples)), desc=f"{label}: Propagating", disable=not progress, leave=False):
-                hidden[j] = run(j).to(store)
+            step.propagate()
             report["time_propagate_s"] = time.perf_counter() - t0
             timings["propagate"] += report["time_propagate_s"]
-        block.to("cpu")
         result.blocks.append(report)
     if after_blocks:
         t0 = time.perf_counter()
-        _prune_output_head(model, after_blocks, hidden, method, device, prune_into_result)
+        _prune_output_head(model, after_blocks, captured[0], method, device, prune_into_result, residency)
         timings["prune"] += time.perf_counter() - t0
     return result
 
@@ -265,13 +153,10 @@ _STATS = {"wanda": WandaStats, "tamp": TampStats, "sparsegpt": HessianStats}
 
 
 def _check_finite(name: str, st) -> None:
-    values = st.hessian if isinstance(st, HessianStats) else st.scaler_row
-    if not torch.isfinite(values).all():
-        raise AtvSparseError(f"layer {name}: NaN or Inf in the calibration statistics; the model "
-                             "overflows on this data (try --dtype float32 or bfloat16)")
+    check_finite(name, st.hessian if isinstance(st, HessianStats) else st.scaler_row)
 
 
-def _stats_while(model, linears: dict[str, nn.Linear], method: str, device, work) -> dict:
+def _stats_while(linears: dict[str, nn.Linear], method: str, device, work) -> dict:
     """Statistics of every input row of ``linears`` while ``work()`` runs; only those that ran."""
     stats = {name: _STATS[method](mod.in_features, device=device) for name, mod in linears.items()}
     handles = [mod.register_forward_hook(lambda m, args, out, st=stats[name]: st.update(args[0]))
@@ -287,46 +172,24 @@ def _stats_while(model, linears: dict[str, nn.Linear], method: str, device, work
     return ran
 
 
-def _prune_output_head(model, linears: dict[str, nn.Linear], hidden: list, method: str, device, prune) -> None:
+def _prune_output_head(model, linears: dict[str, nn.Linear], hidden: list, method: str, device, prune,
+                       residency: Residency) -> None:
     """Prune ``lm_head`` from the final norm of the last block's outputs (all positions)."""
     head = model.get_output_embeddings()
     for name, mod in linears.items():
         if mod is not head:
             raise AtvSparseError(f"target {name} never ran while the model processed the calibration samples, "
-                                 "so it has no statistics; remove it from --targets")
+                                 "so it has no statistics; remove it from the targets")
     norm = model.get_decoder().norm
-    norm.to(device)
-    head.to(device)
+    residency.bring(norm, device)
+    residency.bring(head, device)
     try:
-        stats = _stats_while(model, linears, method, device,
-                             lambda: [head(norm(h.to(device))) for h in hidden])
+        stats = _stats_while(linears, method, device, lambda: [head(norm(h.to(device))) for h in hidden])
+        for name, mod in linears.items():
+            prune(name, mod, stats[name])
     finally:
-        norm.to("cpu")
-        head.to("cpu")
-    for name, mod in linears.items():
-        prune(name, mod, stats[name])
-
-
-class BlockRunner:
-    """One block on the compute device with every sample's current inputs.
-
-    ``runner(j)``: the block's output for sample j, (1, T, H) on the device; ``pair(j)``: (x_in,
-    x_out); ``block``, ``hidden[j]`` and ``kwargs[j]`` (as the model passes them) for selectors that
-    need the block's internals.
-    """
-
-    def __init__(self, block, hidden, kwargs, device):
-        self.block, self.hidden, self.kwargs, self.device = block, hidden, kwargs, device
-
-    def device_kwargs(self, j: int) -> dict:
-        return _to(self.kwargs[j], self.device)
-
-    def __call__(self, j: int) -> torch.Tensor:
-        return _block_output(self.block(self.hidden[j].to(self.device), **self.device_kwargs(j)))
-
-    def pair(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_in, x_out) of sample j: what a token selector compares."""
-        return self.hidden[j], self(j)
+        residency.free(norm)
+        residency.free(head)
 
 
 def _collect_stats(run, block_targets, method, selector, num_samples, device, desc, progress):
@@ -337,7 +200,7 @@ def _collect_stats(run, block_targets, method, selector, num_samples, device, de
     """
     stats = {name: _STATS[method](mod.in_features, device=device) for name, mod in block_targets.items()}
     positions, sample = None, 0
-    per_linear = getattr(selector, "linear_positions", None)
+    per_linear = selector.linear_positions if selector.per_linear else None
 
     def hook(module, args, output):
         x, name = args[0], module_names[module]

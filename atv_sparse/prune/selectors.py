@@ -10,6 +10,9 @@ statistics pass and ``positions(j)`` for each sample during it (docs/design.md 4
 - ``random``: the same K_j as ``atv``, positions drawn with a seeded generator.
 - ``abs``, ``dbs``, ``drift-fixed``: the paper's ablations (ablation_tokens.py).
 
+The interface (``walk.TokenSelector``) and ``pipeline.make_selector``, which builds one by name,
+live below and above this module, so that selectors never import the modules that use them.
+
 Positions are returned sorted ascending, so a selection of every position reads exactly the rows
 ``mixed`` reads, in the same order.
 """
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AtvSparseError
+from .walk import TokenSelector
 
 CALIB_TOKENS = ("mixed", "text", "visual", "atv", "random", "abs", "dbs", "drift-fixed")
 BUDGET_RULES = ("code", "paper")
@@ -47,19 +51,13 @@ class SampleTokens:
         return cls(visual=visual.cpu(), text=(real & ~visual).cpu())
 
 
-class MixedTokens:
+class MixedTokens(TokenSelector):
     """Every position."""
 
     name = "mixed"
 
     def __init__(self, tokens: list[SampleTokens] | None = None):
         self.tokens = tokens
-
-    def begin_block(self, block_index, runner, num_samples) -> dict:
-        return {}
-
-    def positions(self, j):
-        return None
 
 
 class _MaskTokens(MixedTokens):
@@ -116,7 +114,7 @@ def top_drift(drift: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k]
 
 
-class AtvTokens:
+class AtvTokens(TokenSelector):
     """ATV-Pruning's asymmetric pool: all text tokens + the K_j most drifting visual tokens."""
 
     name = "atv"
@@ -192,29 +190,3 @@ class RandomTokens(AtvTokens):
     def _choose(self, j, drift, k):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._block * 10_007 + j)
         return torch.randperm(drift.numel(), generator=gen)[:k]
-
-
-def make_selector(name: str, tokens: list[SampleTokens] | None, alpha: float = 1.0, budget_rule: str = "code",
-                  seed: int = 0):
-    """The selector called ``name`` (one of ``CALIB_TOKENS``, or ``tamp`` for TAMP's AMIA)."""
-    if name == "mixed":
-        return MixedTokens(tokens)
-    if tokens is None:
-        raise AtvSparseError(f"{name} token selection needs a vision-language model with image calibration data")
-    if name == "text":
-        return TextTokens(tokens)
-    if name == "visual":
-        return VisualTokens(tokens)
-    if name == "atv":
-        return AtvTokens(tokens, alpha, budget_rule)
-    if name == "random":
-        return RandomTokens(tokens, alpha, budget_rule, seed)
-    if name == "tamp":
-        from .tamp_tokens import TampTokens
-
-        return TampTokens(tokens)
-    if name in ("abs", "dbs", "drift-fixed"):
-        from .ablation_tokens import ABLATION_SELECTORS
-
-        return ABLATION_SELECTORS[name](tokens)
-    raise AtvSparseError(f"--calib-tokens {name!r}: choose one of {', '.join(CALIB_TOKENS)}")

@@ -12,17 +12,18 @@ import time
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .attention import roped_qk
 from .selectors import SampleTokens
+from .walk import RESIDENT, Residency, TokenSelector, walk_blocks
 from .tamp import amia_select, attention_contribution, das_allocation, das_score, modality_similarity
 
 
-class TampTokens:
+class TampTokens(TokenSelector):
     """AMIA's selection for every linear of a block, from that linear's own output rows."""
 
     name = "tamp"
+    per_linear = True
 
     def __init__(self, tokens: list[SampleTokens]):
         self.tokens = tokens
@@ -39,9 +40,6 @@ class TampTokens:
         self._selected = {}
         return {"time_attention_s": time.perf_counter() - t0, "tamp_selected": self._selected}
 
-    def positions(self, j):
-        return None
-
     def linear_positions(self, j: int, name: str, output: torch.Tensor) -> torch.Tensor:
         """output: (1, T, out) of linear ``name`` on sample j -> AMIA's positions (int64)."""
         t = self.tokens[j]
@@ -54,16 +52,13 @@ class TampTokens:
 
 @torch.no_grad()
 def das_sparsities(model, layers, layers_prefix: str, targets: dict[str, nn.Linear], samples: list[dict],
-                   tokens: list[SampleTokens], device: torch.device, sparsity: float,
-                   progress: bool = True) -> tuple[dict[str, float], dict[str, float]]:
+                   tokens: list[SampleTokens], device: torch.device, sparsity: float, progress: bool = True,
+                   residency: Residency = RESIDENT) -> tuple[dict[str, float], dict[str, float]]:
     """DAS: a dense pass over every block; per target linear, m_vv, m_ll, m_vl of its output rows
     averaged over samples give ``score_l = 3 - m_vv - m_ll - m_vl``, then ``das_allocation``.
 
     Returns (sparsity per module name, score per module name).
     """
-    from .driver import BlockRunner, capture_block_inputs
-
-    hidden, kwargs, store = capture_block_inputs(model, layers, samples, device, progress)
     sums: dict[str, list[float]] = {name: [0.0, 0.0, 0.0] for name in targets}
     current = [0]
 
@@ -75,21 +70,15 @@ def das_sparsities(model, layers, layers_prefix: str, targets: dict[str, nn.Line
             acc[0], acc[1], acc[2] = acc[0] + sims.m_vv, acc[1] + sims.m_ll, acc[2] + sims.m_vl
         return hook
 
-    for b, block in enumerate(layers):
-        block.to(device)
-        runner = BlockRunner(block, hidden, kwargs, device)
-        prefix = f"{layers_prefix}.{b}."
+    for step in walk_blocks(model, layers, samples, device, residency=residency, progress=progress):
+        prefix = f"{layers_prefix}.{step.index}."
         handles = [mod.register_forward_hook(hook_for(name)) for name, mod in targets.items()
                    if name.startswith(prefix)]
         try:
-            for j in tqdm(range(len(samples)), desc=f"({b + 1}/{len(layers)}): DAS dense pass",
-                          disable=not progress, leave=False):
-                current[0] = j
-                hidden[j] = runner(j).to(store)
+            step.propagate("DAS dense pass", before_sample=lambda j: current.__setitem__(0, j))
         finally:
             for h in handles:
                 h.remove()
-        block.to("cpu")
     n = len(samples)
     scores = {name: das_score(*(v / n for v in acc)) for name, acc in sums.items()}
     numels = {name: mod.weight.numel() for name, mod in targets.items()}
