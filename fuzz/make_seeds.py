@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 import targets
 from atv_sparse.formats.bitmask import compress
-from atv_sparse.formats.shard_io import write_shard
 from atv_sparse.formats.spec import build_quantization_config
 from atv_sparse.patterns import parse_pattern
 
@@ -45,9 +45,9 @@ def main() -> int:
     shutil.rmtree(corpus, ignore_errors=True)
     for target in targets.TARGETS:
         (corpus / target).mkdir(parents=True)
-    write_shard(packed_shard(), corpus / "header" / "packed.safetensors", {"format": "pt"})
+    save_file(packed_shard(), corpus / "header" / "packed.safetensors", metadata={"format": "pt"})
     g = torch.Generator().manual_seed(1)
-    write_shard({"a": torch.randint(0, 9, (2, 3), generator=g), "b": torch.randn(5, generator=g).double(),
+    save_file({"a": torch.randint(0, 9, (2, 3), generator=g), "b": torch.randn(5, generator=g).double(),
                  "c": torch.zeros(0, 4), "d": torch.tensor(True)}, corpus / "header" / "dense.safetensors")
 
     from atv_sparse.convert import main as convert

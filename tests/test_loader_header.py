@@ -11,13 +11,13 @@ import struct
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from safetensors import safe_open
 
 import atv_sparse
 from atv_sparse.convert import main
 from atv_sparse.errors import AtvSparseError
 from atv_sparse.formats.safetensors_io import INDEX_NAME, checkpoint_files, checkpoint_tensors, read_header
-from atv_sparse.formats.shard_io import write_shard
 
 
 def random_tensors(seed: int) -> dict[str, torch.Tensor]:
@@ -43,7 +43,7 @@ def rewrite(path, header=None, data=None, header_bytes=None):
 @pytest.fixture
 def shard(tmp_path):
     path = tmp_path / "model.safetensors"
-    write_shard(random_tensors(0), path, {"format": "pt"})
+    save_file(random_tensors(0), path, metadata={"format": "pt"})
     return path
 
 
@@ -153,7 +153,7 @@ def write_sharded(root, seed=1):
     names = sorted(tensors)
     parts = {"model-00001-of-00002.safetensors": names[:2], "model-00002-of-00002.safetensors": names[2:]}
     for fname, keys in parts.items():
-        write_shard({k: tensors[k] for k in keys}, root / fname, {"format": "pt"})
+        save_file({k: tensors[k] for k in keys}, root / fname, metadata={"format": "pt"})
     weight_map = {k: fname for fname, keys in parts.items() for k in keys}
     (root / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return weight_map
@@ -188,7 +188,7 @@ def test_tensor_in_two_shards_is_refused(tmp_path):
     name = sorted(weight_map)[0]
     other = "model-00002-of-00002.safetensors"
     tensors = {k: v for k, v in random_tensors(1).items() if weight_map[k] == other}
-    write_shard({**tensors, name: random_tensors(1)[name]}, tmp_path / other)
+    save_file({**tensors, name: random_tensors(1)[name]}, tmp_path / other)
     with pytest.raises(AtvSparseError, match=f"tensor {name} is also in"):
         checkpoint_tensors(checkpoint_files(tmp_path))
 

@@ -14,7 +14,8 @@ import atv_sparse
 from atv_sparse.convert import main
 from atv_sparse.errors import AtvSparseError
 from atv_sparse.formats.safetensors_io import read_header
-from atv_sparse.formats.shard_io import CHECKSUMS_NAME, ShardWriter, write_shard
+from atv_sparse.formats.checkpoint import ShardWriter
+from atv_sparse.formats.shard_io import CHECKSUMS_NAME
 from atv_sparse.verify import main as verify_main
 from atv_sparse.verify import verify_checkpoint
 
@@ -31,26 +32,22 @@ def random_tensor(dtype, shape, g):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_shard_bytes_equal_safetensors_and_digest_is_sha256(tmp_path, seed):
+    """The streaming writer's shard is save_file's file byte for byte; its recorded digest is hashlib's."""
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     tensors = {}
     for i, name in enumerate(NAMES + [f"t{k}" for k in range(12)]):
         shape = [rng.choice([0, 1, 3, 13]) for _ in range(rng.randint(0, 3))]
         tensors[name] = random_tensor(rng.choice(DTYPES), shape, g)
-    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
-    digest = write_shard(tensors, ours, {"format": "pt"})
+    writer = ShardWriter(tmp_path, 1 << 40)
+    writer.add(tensors)
+    assert writer.finish() == ["model.safetensors"]
+    theirs = tmp_path / "theirs.safetensors"
     save_file(tensors, theirs, metadata={"format": "pt"})
-    assert ours.read_bytes() == theirs.read_bytes()
-    assert digest == hashlib.sha256(theirs.read_bytes()).hexdigest()
-
-
-def test_streaming_writer_refuses_out_of_order(tmp_path):
-    tensors = {"a": torch.ones(2), "b": torch.ones(3, dtype=torch.float64)}
-    writer = ShardWriter(tmp_path / "x.safetensors", tensors.items())
-    assert writer.order == ["b", "a"]  # widest dtype first, as safetensors
-    with pytest.raises(ValueError, match="out of order"):
-        writer.write("a", tensors["a"])
-    writer.abort()
+    ours = (tmp_path / "model.safetensors").read_bytes()
+    assert ours == theirs.read_bytes()
+    recorded = json.loads((tmp_path / CHECKSUMS_NAME).read_text())["files"]["model.safetensors"]
+    assert recorded == {"sha256": hashlib.sha256(ours).hexdigest(), "bytes": len(ours)}
 
 
 @pytest.fixture(scope="module")
