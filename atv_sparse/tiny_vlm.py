@@ -115,7 +115,8 @@ def load_bundled(dtype: torch.dtype | None = None):
 
 
 class ConversationEncoder:
-    """Token ids and answer labels of chat-formatted conversations, as the processor would build them.
+    """Token ids and answer labels of chat-formatted conversations, as the processor would build them
+    for images of ``num_image_tokens`` tokens (64 here; the tiny LLaVA-NeXT's 112 px scenes: 336).
 
     ``encode(turns, has_image)`` -> (input_ids, labels), 1-D int64; labels are -100 except on each
     answer and its EOS. The text is split at turn boundaries, which are pre-token boundaries of the
@@ -123,8 +124,9 @@ class ConversationEncoder:
     the ids of the whole string; the pieces are cached.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, num_image_tokens: int = NUM_IMAGE_TOKENS):
         self.tokenizer = tokenizer
+        self.num_image_tokens = num_image_tokens
         self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
         self._cache: dict[str, list[int]] = {}
 
@@ -143,7 +145,7 @@ class ConversationEncoder:
             head = f"{bos}USER: " if k == 0 else "USER: "
             prompt = self._ids(f"{head}{question} ASSISTANT:")
             if k == 0 and has_image:
-                prompt = (self._ids(f"{bos}USER: ") + [self.image_token_id] * NUM_IMAGE_TOKENS
+                prompt = (self._ids(f"{bos}USER: ") + [self.image_token_id] * self.num_image_tokens
                           + self._ids(f"\n{question} ASSISTANT:"))
             reply = self._ids(f" {answer}{eos}")
             ids += prompt + reply

@@ -45,7 +45,6 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -60,6 +59,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from atv_sparse import tiny_vlm  # noqa: E402
 from atv_sparse.data import synthetic  # noqa: E402
+from atv_sparse.tiny_training import (answer_token_losses, collate, per_turn_mean, save,  # noqa: E402
+                                     teacher_forced_scores)
 
 
 def parse_args(argv=None):
@@ -101,17 +102,6 @@ def lr_at(step: int, minutes: float, args) -> float:
         return args.lr * (step + 1) / args.warmup
     progress = max((step - args.warmup) / max(1, args.steps - args.warmup), minutes / args.max_minutes)
     return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def collate(encoded: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int):
-    """Right-padded (input_ids, labels, attention_mask), each (B, T)."""
-    length = max(len(ids) for ids, _ in encoded)
-    ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(encoded), length), -100, dtype=torch.long)
-    mask = torch.zeros((len(encoded), length), dtype=torch.long)
-    for i, (x, y) in enumerate(encoded):
-        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = x, y, 1
-    return ids, labels, mask
 
 
 PATCH = tiny_vlm.PATCH_SIZE
@@ -261,31 +251,6 @@ class AuxHeads(torch.nn.Module):
         return sum(F.cross_entropy(part, target[:, k]) for k, part in enumerate(parts)) / REF_SLOTS
 
 
-def answer_token_losses(model, ids, labels, mask, pixel_values=None):
-    """Per answer token: (cross-entropy (n,), argmax == target (n,), row index (n,), turn index
-    (n,)) and ``starts`` (B, T - 1) bool, the positions that predict each answer's first token, in
-    turn order; logits only where a label follows (the lm_head on every position would cost more
-    than the 6 blocks' MLP)."""
-    hidden = model.model(input_ids=ids, pixel_values=pixel_values, attention_mask=mask,
-                         use_cache=False).last_hidden_state
-    target = labels[:, 1:]
-    supervised = target != -100
-    starts = supervised & ~F.pad(supervised[:, :-1], (1, 0), value=False)
-    turn = starts.flatten().cumsum(0).view_as(target) - 1
-    rows, cols = supervised.nonzero(as_tuple=True)
-    logits = model.lm_head(hidden[rows, cols]).float()
-    goal = target[rows, cols]
-    return F.cross_entropy(logits, goal, reduction="none"), logits.argmax(-1) == goal, rows, turn[rows, cols], starts
-
-
-def per_turn_mean(losses: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
-    """(n_turns,) the mean token loss of each answer: every answer weighs the same, whether it is
-    a one-token yes / no or a 40-token caption."""
-    n = int(turn.max()) + 1
-    total = torch.zeros(n, dtype=losses.dtype).index_add(0, turn, losses)
-    return total / torch.bincount(turn, minlength=n).to(losses.dtype)
-
-
 class Batcher:
     """Draws training conversations and turns them into model inputs."""
 
@@ -333,31 +298,11 @@ class Batcher:
         return (*collate(encoded, self.pad_id), None)
 
 
-@torch.no_grad()
 def validate(model, processor, items: list[synthetic.Item], batch_size: int = 64) -> dict:
     """Teacher-forced exact match and mean answer NLL per task on single-turn ``items``."""
-    encoder = tiny_vlm.ConversationEncoder(processor.tokenizer)
-    model.eval()
-    correct: dict[str, list[bool]] = {}
-    nll: dict[str, list[float]] = {}
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        for has_image in (True, False):
-            part = [it for it in chunk if (it.scene is not None) == has_image]
-            if not part:
-                continue
-            ids, labels, mask = collate([encoder.encode([(it.question, it.answer)], has_image) for it in part],
-                                        processor.tokenizer.pad_token_id)
-            pixels = (processor.image_processor([it.image() for it in part], return_tensors="pt")["pixel_values"]
-                      if has_image else None)
-            losses, hits, rows, _, _ = answer_token_losses(model, ids, labels, mask, pixels)
-            for i, it in enumerate(part):
-                sel = rows == i
-                correct.setdefault(it.task, []).append(bool(hits[sel].all()))
-                nll.setdefault(it.task, []).append(float(losses[sel].sum()))
-    acc = {t: sum(v) / len(v) for t, v in correct.items()}
-    result = {"accuracy": acc, "average": sum(acc.values()) / len(acc),
-              "nll": {t: sum(v) / len(v) for t, v in nll.items()}, **image_feature_stats(model, processor, items)}
+    scores = teacher_forced_scores(model, processor, items, tiny_vlm.ConversationEncoder(processor.tokenizer),
+                                   lambda it: it.image(), lambda it: it.question, batch_size)
+    result = {**scores, **image_feature_stats(model, processor, items)}
     model.train()
     return result
 
@@ -376,15 +321,6 @@ def image_feature_stats(model, processor, items: list[synthetic.Item]) -> dict:
     common = feats.mean(0, keepdim=True)
     return {"image_feature_norm": float(common.norm(dim=-1).mean()),
             "image_feature_spread": float((feats - common).norm(dim=-1).mean())}
-
-
-def save(model, processor, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
 
 
 def main(argv=None) -> int:

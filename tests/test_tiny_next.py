@@ -1,0 +1,111 @@
+"""The tiny LLaVA-NeXT builder (atv_sparse.tiny_next): anyres inputs through the real
+LlavaNextProcessor path, and training stages that freeze what they say they freeze."""
+
+import random
+
+import pytest
+import torch
+
+from atv_sparse import tiny_next, tiny_vlm
+from atv_sparse.data import synthetic
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_next.build_processor()
+
+
+@pytest.fixture(scope="module")
+def model(processor):
+    return tiny_next.build_model(processor.tokenizer, seed=0)
+
+
+def _encode(processor, image, question):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(images=image, text=prompt, return_tensors="pt")
+
+
+@pytest.mark.parametrize("task", ["attribute", "count", "ocr", "compose_colour"])
+def test_synthetic_scene_tiles_into_five_crops(processor, model, task):
+    item = synthetic.generate(task, "test", 1, seed=3)[0]
+    image = item.scene.render(item.render_seed, size=tiny_next.IMAGE_SIZE)
+    enc = _encode(processor, image, item.question)
+    image_id = model.config.image_token_index
+    assert tuple(enc["pixel_values"].shape) == (1, 5, 3, tiny_next.CROP_SIZE, tiny_next.CROP_SIZE)
+    assert int((enc["input_ids"] == image_id).sum()) == tiny_next.NUM_IMAGE_TOKENS == 336
+    with torch.no_grad():  # transformers checks that the features fill exactly the image tokens
+        logits = model(**enc).logits
+    assert logits.shape[:2] == enc["input_ids"].shape and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("size", [(56, 112), (112, 56), (90, 100), (168, 56)])
+def test_other_aspect_ratios_fill_their_image_tokens(processor, model, size):
+    enc = _encode(processor, synthetic.generate("attribute", "test", 1)[0].scene.render(0, size=56).resize(size),
+                  "What colour is the circle?")
+    with torch.no_grad():
+        model(**enc)
+    assert int((enc["input_ids"] == model.config.image_token_index).sum()) > tiny_next.TOKENS_PER_CROP
+
+
+def test_vision_tower_copied_from_bundled_model(processor):
+    from transformers import LlavaForConditionalGeneration
+
+    bundled = LlavaForConditionalGeneration.from_pretrained(tiny_vlm.bundled_model_dir())
+    model = tiny_next.build_model(processor.tokenizer, vision_from=bundled)
+    theirs = bundled.model.vision_tower.state_dict()
+    for name, tensor in model.model.vision_tower.state_dict().items():
+        assert torch.equal(tensor, theirs[name]), name
+
+
+@pytest.mark.parametrize("stage", list(tiny_next.STAGES))
+def test_stage_trains_exactly_its_groups(processor, stage):
+    """One optimizer step per stage: frozen parameters are bit-identical afterwards, and every
+    trained group moved."""
+    model = tiny_next.build_model(processor.tokenizer, seed=1)
+    trainable = set(tiny_next.set_stage(model, stage))
+    groups = tiny_next.parameter_groups(model)
+    for group, params in groups.items():
+        for name, p in params:
+            assert p.requires_grad == (group in tiny_next.STAGES[stage]), (stage, name)
+            assert (name in trainable) == p.requires_grad
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    rng = random.Random(f"stage|{stage}")
+    item = synthetic.draw_item("attribute", "train", rng)
+    if stage == "text":
+        enc = processor.tokenizer(f"<s>USER: {item.question} ASSISTANT: {item.answer}</s>", return_tensors="pt",
+                                  add_special_tokens=False)
+    else:
+        enc = _encode(processor, item.scene.render(item.render_seed, size=tiny_next.IMAGE_SIZE), item.question)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = model(**enc, labels=enc["input_ids"]).loss
+    loss.backward()
+    opt.step()
+
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group, params in groups.items():
+        moved = {names[id(p)] for _, p in params} & changed
+        if group in tiny_next.STAGES[stage]:
+            assert moved, f"{stage}: nothing in {group} was updated"
+        else:
+            assert not moved, f"{stage}: frozen {group} changed: {sorted(moved)[:3]}"
+
+
+def test_training_encoder_builds_the_processor_ids(processor):
+    """The training script encodes conversations by hand (ConversationEncoder with 336 image
+    tokens); the ids must be exactly what LlavaNextProcessor builds from the chat template."""
+    encoder = tiny_vlm.ConversationEncoder(processor.tokenizer, tiny_next.NUM_IMAGE_TOKENS)
+    rng = random.Random("encoder")
+    for task in ("attribute", "ocr", "mcq"):
+        item = synthetic.draw_item(task, "train", rng)
+        ids, labels = encoder.encode([(item.question, item.answer)], has_image=True)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.question}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": item.answer}]}]
+        prompt = processor.apply_chat_template(messages)
+        enc = processor(images=item.scene.render(item.render_seed, size=tiny_next.IMAGE_SIZE), text=prompt,
+                        return_tensors="pt")
+        assert enc["input_ids"][0].tolist() == ids.tolist(), task
+        answer = processor.tokenizer(f" {item.answer}</s>", add_special_tokens=False)["input_ids"]
+        assert labels[labels != -100].tolist() == answer
