@@ -10,7 +10,8 @@ from torch import nn
 
 import atv_sparse
 from atv_sparse.errors import AtvSparseError
-from atv_sparse.nn.autotune import measure_entry, prepare_model
+from atv_sparse.nn.autotune import prepare_model
+from atv_sparse.ops.autotune import measure_entry
 from atv_sparse.nn.fused import FusedQKV, QKVSlice, SparseMLP
 from atv_sparse.nn.sparse_linear import SparseLinear
 from atv_sparse.ops import available_backends, sparse_linear
@@ -142,11 +143,11 @@ def test_measured_entry_picks_fastest_and_dense_only_when_faster(tmp_path):
     usable = ["triton"] if "triton" in available_backends("cpu") else []
     if not usable:
         pytest.skip("needs Triton (interpreter) on this machine")
-    entry = measure_entry(module, usable, dense_fallback=True, timer=timer)
+    entry = measure_entry(module.layer_shape(), "cpu", usable, dense_fallback=True, timer=timer)
     assert set(calls) == {"triton", "dense"}
     expected = ["triton" if 1.0 + t / 100 <= 3.0 - t / 1000 else "dense" for t in BUCKETS]
     assert entry["choice"] == expected and "dense" in expected and "triton" in expected
-    no_dense = measure_entry(module, usable, dense_fallback=False, timer=timer)
+    no_dense = measure_entry(module.layer_shape(), "cpu", usable, dense_fallback=False, timer=timer)
     assert no_dense["choice"] == ["triton"] * len(BUCKETS)
     # the table round-trips through its file, and stale entries are ignored
     path = tmp_path / "table.json"

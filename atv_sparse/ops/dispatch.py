@@ -7,7 +7,7 @@ the weight through cuBLAS, kept only where it measured faster than every sparse 
 
 A ``Plan`` holds one backend (and cuSPARSELt algorithm id) per token bucket: a call with M
 tokens uses the entry of the smallest bucket >= M. Plans come from a per-shape table measured
-once on the device (``atv_sparse.nn.autotune``) and cached in a JSON file, or from
+once on the device (``atv_sparse.ops.autotune``) and cached in a JSON file, or from
 ``heuristic_plan`` when nothing was measured.
 """
 
