@@ -281,3 +281,21 @@ def test_loaded_model_holds_only_packed_weights(tmp_path):
     packed = sum(sum(m.resident_bytes().values()) for m in sparse)
     dense = sum(m.in_features * m.out_features * 2 for m in sparse)
     assert packed < 0.6 * dense  # 2:4 fp16: 1.125 of 2 bytes per weight
+
+
+def test_ops_import_nothing_from_nn():
+    """ops sits below nn (SparseLinear and the vLLM plugin both call ops.runner): no module of ops imports nn."""
+    import ast
+    from pathlib import Path
+
+    import atv_sparse.ops
+
+    for path in sorted(Path(atv_sparse.ops.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n.startswith(("..nn", "atv_sparse.nn")) for n in names), f"{path.name} imports {names}"

@@ -18,6 +18,10 @@ import torch
 
 from ..errors import AtvSparseError
 
+# The checkpoint names of a pruned module P's two tensors: P.weight_bitmask and P.weight_values.
+BITMASK_SUFFIX = ".weight_bitmask"
+VALUES_SUFFIX = ".weight_values"
+
 
 def bitmask_shape(out_features: int, in_features: int) -> tuple[int, int]:
     """Shape of ``weight_bitmask``: (out, ceil(in / 8)), one bit per column, 8 columns a byte."""
@@ -86,7 +90,7 @@ def validate_compressed(name: str, bitmask: torch.Tensor, values: torch.Tensor, 
     Checks dtypes and shapes, zero padding bits, every N:M group holding exactly N ones, and the
     popcount equal to the number of values.
     """
-    mask_name, values_name = f"{name}.weight_bitmask", f"{name}.weight_values"
+    mask_name, values_name = name + BITMASK_SUFFIX, name + VALUES_SUFFIX
     hint = "the checkpoint is corrupt or truncated; re-run atv_sparse.convert"
     expected = bitmask_shape(out_features, in_features)
     if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != expected:

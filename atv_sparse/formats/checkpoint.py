@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import AtvSparseError
-from .bitmask import compress, unpack_bitmask
+from .bitmask import BITMASK_SUFFIX, VALUES_SUFFIX, compress, unpack_bitmask
 from .safetensors_io import INDEX_NAME, SINGLE_NAME
 from .shard_io import DTYPE_NAMES, safetensors_header, write_checksums
 from .staging import StagedOutputDir, copy_aux_files
@@ -49,7 +49,7 @@ def parse_size(text: str | int) -> int:
 def _packed(module_name: str, weight: torch.Tensor, bitmask: torch.Tensor, pattern) -> dict:
     keep = unpack_bitmask(bitmask, weight.shape[1])
     mask_t, values = compress(weight, keep, pattern.n, pattern.m)
-    return {f"{module_name}.weight_bitmask": mask_t, f"{module_name}.weight_values": values}
+    return {module_name + BITMASK_SUFFIX: mask_t, module_name + VALUES_SUFFIX: values}
 
 
 def write_checkpoint(model: nn.Module, out_dir: Path, *, source_dir: Path | None, bitmasks: dict[str, torch.Tensor],

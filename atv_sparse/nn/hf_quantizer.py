@@ -21,7 +21,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import AtvSparseError
-from ..formats.bitmask import bitmask_shape, values_shape
+from ..formats.bitmask import BITMASK_SUFFIX, VALUES_SUFFIX, bitmask_shape, values_shape
 from ..formats.spec import QUANT_METHOD, QuantizationBlock
 from ..formats.validate import validate_checkpoint
 from .sparse_linear import SparseLinear
@@ -86,27 +86,25 @@ def replace_sparse_linears(model: nn.Module, tensors: dict, pattern) -> list[str
     tensors: checkpoint tensor name -> (file, safetensors header entry). Shapes are checked against
     the linear's here, so a mismatch names the tensor instead of failing inside transformers.
     """
-    suffix = ".weight_bitmask"
-    names = sorted(k[: -len(suffix)] for k in tensors if k.endswith(suffix))
+    names = sorted(k[: -len(BITMASK_SUFFIX)] for k in tensors if k.endswith(BITMASK_SUFFIX))
     for name in names:
         parent_name, _, child = name.rpartition(".")
+        mask_key, values_key = name + BITMASK_SUFFIX, name + VALUES_SUFFIX
         try:
             linear = model.get_submodule(name)
         except AttributeError:
-            raise AtvSparseError(f"{name}.weight_bitmask in {tensors[name + suffix][0]}: the model has no "
-                                 f"module {name}") from None
+            raise AtvSparseError(f"{mask_key} in {tensors[mask_key][0]}: the model has no module {name}") from None
         if not isinstance(linear, nn.Linear):
-            raise AtvSparseError(f"{name}.weight_bitmask: module {name} is a {type(linear).__name__}, not a Linear")
-        values_key = name + ".weight_values"
+            raise AtvSparseError(f"{mask_key}: module {name} is a {type(linear).__name__}, not a Linear")
         if values_key not in tensors:
             raise AtvSparseError(f"{values_key}: missing from the checkpoint (its bitmask is in "
-                                 f"{tensors[name + suffix][0]}); the checkpoint is incomplete")
+                                 f"{tensors[mask_key][0]}); the checkpoint is incomplete")
         values_info = tensors[values_key][1]
-        mask_info = tensors[name + suffix][1]
+        mask_info = tensors[mask_key][1]
         out_f, in_f = linear.out_features, linear.in_features
         mask_shape, nm_values_shape = bitmask_shape(out_f, in_f), values_shape(out_f, in_f, pattern.n, pattern.m)
         if mask_info["dtype"] != "U8" or mask_info["shape"] != list(mask_shape):
-            raise AtvSparseError(f"{name}.weight_bitmask: expected U8 {list(mask_shape)} for a "
+            raise AtvSparseError(f"{mask_key}: expected U8 {list(mask_shape)} for a "
                                  f"({out_f} x {in_f}) linear, found {mask_info['dtype']} {mask_info['shape']}")
         num_values = values_info["shape"][0] if len(values_info["shape"]) == 1 else None
         if pattern.is_nm and values_info["shape"] != list(nm_values_shape):

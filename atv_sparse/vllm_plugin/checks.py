@@ -23,12 +23,10 @@ from typing import Callable, Iterable
 
 from ..errors import AtvSparseError
 from ..formats.validate import validate_checkpoint
+from ..formats.bitmask import BITMASK_SUFFIX, VALUES_SUFFIX
 from ..formats.safetensors_io import checkpoint_files
 from ..formats.spec import check_quantization_config
 from ..patterns import Pattern
-
-BITMASK_SUFFIX = ".weight_bitmask"
-VALUES_SUFFIX = ".weight_values"
 
 
 def check_block(block: dict, where: str = "config.json") -> Pattern:

@@ -23,8 +23,9 @@ import torch
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
+from ..formats.bitmask import BITMASK_SUFFIX
 from ..formats.spec import QUANT_METHOD, QuantizationBlock
-from .checks import BITMASK_SUFFIX, layer_is_sparse, pruned_modules_in_checkpoint, selected_by_config
+from .checks import layer_is_sparse, pruned_modules_in_checkpoint, selected_by_config
 from .linear import AtvSparseLinearMethod
 
 
