@@ -26,7 +26,9 @@ from . import __version__
 from .calib import DEFAULT_CALIBRATION, default_calibration_text, read_calibration_text, text_windows
 from .errors import AtvSparseError
 from .formats.bitmask import unpack_bitmask
-from .formats.checkpoint import CheckpointStream, check_output_dir, packed_nbytes, parse_size
+from .formats.bitmask import packed_nbytes
+from .formats.checkpoint import CheckpointStream, parse_size
+from .formats.staging import CLI_OUTPUT_FLAGS, check_output_dir
 from .formats.safetensors_io import checkpoint_files, checkpoint_tensors
 from .formats.spec import build_quantization_config
 from .models import adapter_for, read_config
@@ -207,7 +209,7 @@ def _convert(args, ckpt: Path, out: Path | None, pattern, device, max_shard, tim
                              "tasks ask about images (use python -m atv_sparse.evaluate --ppl FILE for text)")
     tensors = checkpoint_tensors(checkpoint_files(ckpt))
     if out is not None:
-        check_output_dir(out, args.overwrite, ckpt)
+        check_output_dir(out, args.overwrite, ckpt, CLI_OUTPUT_FLAGS)
     dtype = DTYPES[args.dtype]
 
     # The model is a skeleton whose weights stay in the shards (every header checked here): targets

@@ -100,7 +100,7 @@ def cpu_median_ms(fn, reps: int = 3) -> float:
 
 def median_ms(fn, graph: bool, calls: int, device: str = "cuda") -> float:
     """Median ms of one call of ``fn`` (which makes ``calls`` calls), eager or from a CUDA graph."""
-    from atv_sparse.nn.autotune import do_bench_median_ms
+    from atv_sparse.ops.autotune import do_bench_median_ms
 
     if device == "cpu":
         return cpu_median_ms(fn) / calls

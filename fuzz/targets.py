@@ -31,7 +31,7 @@ from atv_sparse.calib import read_calibration_text
 from atv_sparse.calib.multimodal import read_multimodal_file
 from atv_sparse.errors import AtvSparseError
 from atv_sparse.formats.bitmask import validate_compressed
-from atv_sparse.formats.preflight import preflight
+from atv_sparse.formats.validate import validate_checkpoint
 from atv_sparse.formats.safetensors_io import read_header
 from atv_sparse.vllm_plugin.checks import check_block
 
@@ -105,7 +105,7 @@ def header(data: bytes) -> None:
 def config(data: bytes) -> None:
     work = workdir()
     (work.ckpt / "config.json").write_bytes(data)
-    checked = preflight(work.ckpt)
+    checked = validate_checkpoint(work.ckpt)
     if checked.pattern is not None:
         check_block(checked.config["quantization_config"], "config.json")
 

@@ -44,7 +44,7 @@ Arguments (pointers / sizes / strides / meta-parameters):
                 M_BUCKET and (N, KV)
 
 Autotuning runs on the first call of each key (token bucket, N, KV): warm every bucket before
-capturing a CUDA graph (``atv_sparse.nn.autotune`` measures every bucket at load; latency.py and
+capturing a CUDA graph (``atv_sparse.ops.autotune`` measures every bucket at load; latency.py and
 llama_decode run each shape once before capture), or set ATV_SPARSE_TRITON_ONE_CONFIG=1.
 
 Parallelism at decode comes from many narrow row tiles (BLOCK_N down to 8 rows: 512 programs for

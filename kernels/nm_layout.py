@@ -51,8 +51,9 @@ def _position_table(n: int, m: int) -> tuple[int, ...]:
 
 def position_lut(n: int, m: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(2^m,) int32: kept columns of each n-of-m group mask (0 for masks without exactly n bits)."""
-    if m not in SUPPORTED_GROUPS or not 0 < n < m:
-        raise ValueError(f"the Triton layout supports n:m with m in {SUPPORTED_GROUPS} and 0 < n < m, got {n}:{m}")
+    # callers check the pattern first (atv_sparse.ops.triton_ops, naming the op): here it is an invariant
+    assert m in SUPPORTED_GROUPS and 0 < n < m, f"the Triton layout supports n:m with m in {SUPPORTED_GROUPS} and " \
+                                                f"0 < n < m, got {n}:{m}"
     return torch.tensor(_position_table(n, m), dtype=torch.int32, device=device)
 
 

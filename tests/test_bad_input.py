@@ -173,7 +173,7 @@ def test_interrupted_write_leaves_nothing(work, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt_mod, "_copy_aux_files", interrupted)
+    monkeypatch.setattr(ckpt_mod, "copy_aux_files", interrupted)
     before = snapshot(root)
     with pytest.raises(KeyboardInterrupt):
         main([str(ckpt), "--out", str(root / "o"), *QUICK])

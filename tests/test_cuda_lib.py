@@ -87,10 +87,10 @@ def test_ops_raise_when_library_missing(monkeypatch, tmp_path, fresh_cache):
     gen = torch.Generator().manual_seed(0)
     _, bitmask, values = random_nm(6, 32, 2, 4, torch.float16, gen)
     x = torch.randn(2, 32, generator=gen).half()
-    with pytest.raises(RuntimeError, match=r"atv_sparse::nm_linear_cuda: the CUDA backend is unavailable: "
-                                           r"libatv_sparse_cuda.so not built"):
+    with pytest.raises(AtvSparseError, match=r"atv_sparse::nm_linear_cuda: the CUDA backend is unavailable: "
+                                             r"libatv_sparse_cuda.so not built"):
         torch.ops.atv_sparse.nm_linear_cuda(x, values, bitmask, 2, 4)
-    with pytest.raises(RuntimeError, match=r"atv_sparse::nm_gated_cuda: .*not built"):
+    with pytest.raises(AtvSparseError, match=r"atv_sparse::nm_gated_cuda: .*not built"):
         torch.ops.atv_sparse.nm_gated_cuda(x, values, bitmask, values, bitmask, 2, 4)
 
 

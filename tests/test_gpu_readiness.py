@@ -57,7 +57,7 @@ def test_median_timers_take_do_bench_single_quantile_float(monkeypatch):
         return triton.testing._summarize_statistics(times, quantiles, return_mode)
 
     monkeypatch.setattr(triton.testing, "do_bench", do_bench)
-    from atv_sparse.nn.autotune import bench_median_ms, first_quantile
+    from atv_sparse.ops.autotune import bench_median_ms, first_quantile
 
     assert bench_median_ms("triton", 1, lambda: None) == 3.0
     assert first_quantile([2.5, 9.0]) == 2.5

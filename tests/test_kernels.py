@@ -99,6 +99,8 @@ def test_sparse_linear_backends_and_errors():
         sparse_linear(x, bitmask, values.reshape(-1), 64, backend="triton")
     with pytest.raises(AtvSparseError, match="not one of"):
         sparse_linear(x, bitmask, values, 64, backend="cusparselt-v9", n=2, m=4)
+    with pytest.raises(AtvSparseError, match=r"atv_sparse::nm_linear: the Triton kernels run .* got n=3, m=7"):
+        torch.ops.atv_sparse.nm_linear(x, values, bitmask, 3, 7)
 
 
 def test_sparse_linear_module_on_triton_matches_reference_within_bound():

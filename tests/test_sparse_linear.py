@@ -10,7 +10,8 @@ from torch import nn
 
 import atv_sparse
 from atv_sparse.errors import AtvSparseError
-from atv_sparse.nn.autotune import measure_entry, prepare_model
+from atv_sparse.nn.autotune import prepare_model
+from atv_sparse.ops.autotune import measure_entry
 from atv_sparse.nn.fused import FusedQKV, QKVSlice, SparseMLP
 from atv_sparse.nn.sparse_linear import SparseLinear
 from atv_sparse.ops import available_backends, sparse_linear
@@ -142,11 +143,11 @@ def test_measured_entry_picks_fastest_and_dense_only_when_faster(tmp_path):
     usable = ["triton"] if "triton" in available_backends("cpu") else []
     if not usable:
         pytest.skip("needs Triton (interpreter) on this machine")
-    entry = measure_entry(module, usable, dense_fallback=True, timer=timer)
+    entry = measure_entry(module.layer_shape(), "cpu", usable, dense_fallback=True, timer=timer)
     assert set(calls) == {"triton", "dense"}
     expected = ["triton" if 1.0 + t / 100 <= 3.0 - t / 1000 else "dense" for t in BUCKETS]
     assert entry["choice"] == expected and "dense" in expected and "triton" in expected
-    no_dense = measure_entry(module, usable, dense_fallback=False, timer=timer)
+    no_dense = measure_entry(module.layer_shape(), "cpu", usable, dense_fallback=False, timer=timer)
     assert no_dense["choice"] == ["triton"] * len(BUCKETS)
     # the table round-trips through its file, and stale entries are ignored
     path = tmp_path / "table.json"
@@ -280,3 +281,21 @@ def test_loaded_model_holds_only_packed_weights(tmp_path):
     packed = sum(sum(m.resident_bytes().values()) for m in sparse)
     dense = sum(m.in_features * m.out_features * 2 for m in sparse)
     assert packed < 0.6 * dense  # 2:4 fp16: 1.125 of 2 bytes per weight
+
+
+def test_ops_import_nothing_from_nn():
+    """ops sits below nn (SparseLinear and the vLLM plugin both call ops.runner): no module of ops imports nn."""
+    import ast
+    from pathlib import Path
+
+    import atv_sparse.ops
+
+    for path in sorted(Path(atv_sparse.ops.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n.startswith(("..nn", "atv_sparse.nn")) for n in names), f"{path.name} imports {names}"

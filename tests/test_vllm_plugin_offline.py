@@ -207,6 +207,90 @@ def test_slice_of_nothing():
 
 
 def test_plugin_package_does_not_import_vllm():
-    code = ("import sys, atv_sparse.vllm_plugin, atv_sparse.vllm_plugin.checks, atv_sparse.vllm_plugin.slicing; "
+    code = ("import sys, atv_sparse.vllm_plugin, atv_sparse.vllm_plugin.checks, atv_sparse.vllm_plugin.slicing, "
+            "atv_sparse.vllm_plugin.serving; "
             "assert 'vllm' not in sys.modules, 'vllm imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- serving: state prepared once after loading, nothing built or planned per call --------------
+
+def _serving_layer(out_features: int, in_features: int, pattern: str, bias: bool, seed: int):
+    """A stand-in for vLLM's layer: the parameters ``AtvSparseLinearMethod.create_weights`` makes, loaded."""
+    from torch import nn
+
+    p = parse_pattern(pattern)
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    keep = (random_nm_keep(out_features, in_features, p.n, p.m, gen) if p.is_nm
+            else random_keep(out_features, in_features, gen))
+    bitmask, values = compress(weight, keep, p.n, p.m)
+    layer = nn.Module()
+    layer.weight_bitmask = nn.Parameter(bitmask, requires_grad=False)
+    layer.weight_values = nn.Parameter(values, requires_grad=False)
+    layer.bias = nn.Parameter(torch.randn(out_features, generator=gen), requires_grad=False) if bias else None
+    return layer, p, weight * keep
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
+def test_serving_forward_builds_no_module_and_plans_nothing_per_call(pattern, monkeypatch):
+    from atv_sparse.nn.sparse_linear import SparseLinear
+    from atv_sparse.ops import autotune, dispatch, runner
+    from atv_sparse.vllm_plugin import serving
+
+    counts = {"SparseLinear": 0, "Plan": 0, "plan_for_layer": 0, "default_plan": 0, "heuristic_plan": 0,
+              "build_layouts": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(SparseLinear, "__init__", counting("SparseLinear", SparseLinear.__init__))
+    monkeypatch.setattr(dispatch.Plan, "__init__", counting("Plan", dispatch.Plan.__init__))
+    monkeypatch.setattr(autotune.PlanTable, "plan", counting("plan_for_layer", autotune.PlanTable.plan))
+    monkeypatch.setattr(autotune, "default_plan", counting("default_plan", runner.default_plan))
+    monkeypatch.setattr(runner, "heuristic_plan", counting("heuristic_plan", runner.heuristic_plan))
+    monkeypatch.setattr(serving, "build_layouts", counting("build_layouts", serving.build_layouts))
+
+    layer, p, dense = _serving_layer(24, 64, pattern, bias=True, seed=3)
+    serving.prepare_layer(layer, 64, p, "model.layers.0.mlp.down_proj")
+    prepared = dict(counts)
+    assert prepared["plan_for_layer"] == 1 and prepared["build_layouts"] == 1 and prepared["SparseLinear"] == 0
+    assert layer.atv_plan.backends() == ("reference",) * len(dispatch.BUCKETS)  # a CPU: the reference backend
+    for tokens in (1, 3, 17, 65, 600):
+        x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(tokens))
+        torch.testing.assert_close(serving.forward(layer, x, layer.bias), x @ dense.T + layer.bias)
+    assert counts == prepared, "the forward built a module or planned"
+
+
+def test_serving_uses_the_table_plan_and_its_layouts(monkeypatch):
+    """The plan comes from the measured table (as atv_sparse.load's), and a dense bucket's copy is built once."""
+    from atv_sparse.ops import autotune, dispatch
+    from atv_sparse.vllm_plugin import serving
+
+    half = len(dispatch.BUCKETS) // 2
+    measured = dispatch.Plan(("reference",) * half + ("dense",) * (len(dispatch.BUCKETS) - half),
+                             (-1,) * len(dispatch.BUCKETS))
+    asked = []
+    monkeypatch.setattr(autotune.PlanTable, "plan", lambda self, shape, device, name: asked.append(shape) or measured)
+    layer, p, dense = _serving_layer(16, 64, "4:8", bias=False, seed=4)
+    serving.prepare_layer(layer, 64, p, "layer")
+    assert asked == [autotune.LayerShape(4, 8, torch.float32, 16, 64, gated=False, bias=False)]
+    assert layer.atv_plan.backends() == measured.backends
+    assert torch.equal(layer.atv_dense_copy, dense) and layer.atv_cslt_weight is None
+    assert set(dict(layer.named_buffers(recurse=False))) == {"atv_dense_copy"}  # not persistent: no checkpoint key
+    assert "atv_dense_copy" not in layer.state_dict()
+    for tokens in (1, dispatch.BUCKETS[-1]):  # a reference bucket, then a dense one
+        x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(tokens))
+        torch.testing.assert_close(serving.forward(layer, x), x @ dense.T)
+
+
+def test_serving_refuses_a_corrupt_pair_at_load():
+    from atv_sparse.vllm_plugin import serving
+
+    layer, p, _ = _serving_layer(8, 64, "2:4", bias=False, seed=5)
+    layer.weight_bitmask.data[2, 0] = 0xFF  # 8 kept in one byte: two 2:4 groups keep 4 each
+    with pytest.raises(AtvSparseError, match=r"layer\.weight_bitmask: row 2, columns 0\.\.3 keep 4 weights"):
+        serving.prepare_layer(layer, 64, p, "layer")

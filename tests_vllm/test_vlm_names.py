@@ -37,7 +37,7 @@ def llava(tmp_path_factory):
 
 
 @pytest.mark.parametrize("source", ["local directory", "hub id"])
-def test_llava_language_linears_sparse_and_vision_dense(llava, source):
+def test_llava_language_linears_sparse_and_vision_dense(llava, source, monkeypatch):
     from vllm.model_executor.layers.linear import QKVParallelLinear, UnquantizedLinearMethod
     from vllm.model_executor.models.utils import WeightsMapper
 
@@ -77,7 +77,19 @@ def test_llava_language_linears_sparse_and_vision_dense(llava, source):
     qkv.quant_method.process_weights_after_loading(qkv)
     assert set(dict(qkv.named_parameters())) == {"weight_bitmask", "weight_values"}
 
+    # vLLM's forward (apply) runs on what process_weights_after_loading prepared: no module, no plan per call
+    from atv_sparse.nn.sparse_linear import SparseLinear
+    from atv_sparse.ops import autotune
+    from atv_sparse.vllm_plugin import serving
+
+    calls = []
+    for owner, name in ((SparseLinear, "__init__"), (autotune.PlanTable, "plan"), (autotune, "default_plan"),
+                        (serving, "build_layouts")):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     dense_tensors = load_file(dense / "model.safetensors")
     weight = torch.cat([dense_tensors[f"model.language_model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"])
-    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(qkv(x)[0], x @ weight.T, rtol=1e-5, atol=1e-5)
+    for tokens in (5, 1, 70):
+        x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(tokens))
+        torch.testing.assert_close(qkv(x)[0], x @ weight.T, rtol=1e-5, atol=1e-5)
+    assert calls == []

@@ -33,16 +33,14 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import AtvSparseError
+from ..formats.staging import CLI_OUTPUT_FLAGS, PARAMETER_NAMES, StagedOutputDir, check_output_dir, copy_aux_files
 
 # RMSNorm attribute of a decoder block -> the linears that read its output (Llama / Qwen2 blocks).
 NORM_CONSUMERS = {
@@ -74,7 +72,7 @@ class OutlierTransform:
 def choose_channels(hidden_size: int, count: int, seed: int) -> list[int]:
     """``count`` distinct channels of ``range(hidden_size)``, sorted, drawn with ``torch.Generator(seed)``."""
     if not 1 <= count < hidden_size:
-        raise AtvSparseError(f"--channels must be in [1, {hidden_size - 1}] for hidden size {hidden_size}, got {count}")
+        raise AtvSparseError(f"channels must be in [1, {hidden_size - 1}] for hidden size {hidden_size}, got {count}")
     generator = torch.Generator().manual_seed(seed)
     return sorted(torch.randperm(hidden_size, generator=generator)[:count].tolist())
 
@@ -120,7 +118,7 @@ def add_outlier_channels(model: nn.Module, channels: int = DEFAULT_CHANNELS, sca
     untouched. Returns what changed. A power-of-two ``scale`` keeps the outputs bit-identical.
     """
     if not (math.isfinite(scale) and scale > 0):
-        raise AtvSparseError(f"--scale must be a positive finite number, got {scale}")
+        raise AtvSparseError(f"scale must be a positive finite number, got {scale}")
     prefix, layers = _blocks(model)
     first_norm = getattr(getattr(layers[0], "input_layernorm", None), "weight", None)
     if not isinstance(first_norm, torch.Tensor) or first_norm.dim() != 1:
@@ -144,13 +142,14 @@ def add_outlier_channels(model: nn.Module, channels: int = DEFAULT_CHANNELS, sca
 
 
 def write_outlier_model(model_dir: str | Path, out_dir: str | Path, channels: int = DEFAULT_CHANNELS,
-                        scale: float = DEFAULT_SCALE, seed: int = 0, overwrite: bool = False) -> OutlierTransform:
+                        scale: float = DEFAULT_SCALE, seed: int = 0, overwrite: bool = False,
+                        names: dict[str, str] = PARAMETER_NAMES) -> OutlierTransform:
     """Load the dense checkpoint in ``model_dir``, transform it, and write it to ``out_dir``.
 
     The output is a normal Hugging Face directory (``save_pretrained`` in the checkpoint's dtype,
     the tokenizer / processor / chat template files copied) plus ``outliers.json`` saying what
     changed. It is written to a temporary directory beside ``out_dir`` and renamed into place
-    only when complete.
+    only when complete (``formats.staging``). names: how messages call ``out_dir`` / ``overwrite``.
     """
     from ..models import adapter_for, read_config
 
@@ -159,40 +158,16 @@ def write_outlier_model(model_dir: str | Path, out_dir: str | Path, channels: in
     if "quantization_config" in config:
         raise AtvSparseError(f"{model_dir}: a compressed checkpoint "
                              f"({config['quantization_config'].get('quant_method')}); give the dense model")
-    if out_dir.resolve() == model_dir.resolve():
-        raise AtvSparseError(f"--out {out_dir} is the input checkpoint itself; choose another directory")
-    if out_dir.exists() and (not overwrite or not out_dir.is_dir()):
-        raise AtvSparseError(f"--out {out_dir} already exists" +
-                             ("; pass --overwrite to replace it" if out_dir.is_dir() else " and is not a directory"))
+    check_output_dir(out_dir, overwrite, model_dir, names)  # before the model is loaded
     model = adapter_for(config, model_dir).load(model_dir)
     report = add_outlier_channels(model, channels, scale, seed)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp)
-        _copy_aux_files(model_dir, tmp)
-        (tmp / "outliers.json").write_text(json.dumps({**report.to_json(), "source": str(model_dir)}, indent=2) + "\n")
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with StagedOutputDir(out_dir, overwrite, model_dir, names) as stage:
+        model.save_pretrained(stage.tmp)
+        copy_aux_files(model_dir, stage.tmp, own={"outliers.json"})
+        (stage.tmp / "outliers.json").write_text(
+            json.dumps({**report.to_json(), "source": str(model_dir)}, indent=2) + "\n")
+        stage.commit()
     return report
-
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".index.json")
-
-
-def _copy_aux_files(source: Path, tmp: Path) -> None:
-    """Tokenizer, processor and chat-template files: every non-weight file save_pretrained did not write."""
-    for path in sorted(source.iterdir()):
-        if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and not (tmp / path.name).exists() \
-                and path.name not in ("outliers.json", "sparsity.json", "prune_report.json"):
-            shutil.copy2(path, tmp / path.name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,12 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def cli_message(error: AtvSparseError) -> str:
+    """The library's message with its parameter names as this command's flags (``channels`` -> ``--channels``)."""
+    message = str(error)
+    return "--" + message if message.startswith(("channels ", "scale ")) else message
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        report = write_outlier_model(args.model_dir, args.out, args.channels, args.scale, args.seed, args.overwrite)
+        report = write_outlier_model(args.model_dir, args.out, args.channels, args.scale, args.seed, args.overwrite,
+                                     CLI_OUTPUT_FLAGS)
     except AtvSparseError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli_message(e)}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: channels {report.channels} x {report.scale:g} in {len(report.norms)} norms, "
           f"{len(report.linears)} linears")

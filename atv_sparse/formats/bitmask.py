@@ -18,6 +18,25 @@ import torch
 
 from ..errors import AtvSparseError
 
+# The checkpoint names of a pruned module P's two tensors: P.weight_bitmask and P.weight_values.
+BITMASK_SUFFIX = ".weight_bitmask"
+VALUES_SUFFIX = ".weight_values"
+
+
+def bitmask_shape(out_features: int, in_features: int) -> tuple[int, int]:
+    """Shape of ``weight_bitmask``: (out, ceil(in / 8)), one bit per column, 8 columns a byte."""
+    return out_features, -(-in_features // 8)
+
+
+def values_shape(out_features: int, in_features: int, n: int | None, m: int | None) -> tuple[int, int] | None:
+    """Shape of ``weight_values`` for N:M, (out, in * n / m); ``None`` for unstructured (1-D, length = popcount)."""
+    return None if m is None else (out_features, in_features * n // m)
+
+
+def packed_nbytes(out_features: int, in_features: int, kept: int, element_size: int) -> int:
+    """Bytes of ``weight_bitmask`` + ``weight_values`` for one pruned linear keeping ``kept`` weights."""
+    rows, width = bitmask_shape(out_features, in_features)
+    return rows * width + kept * element_size
 
 
 def _bit_shifts(device: torch.device) -> torch.Tensor:
@@ -29,7 +48,8 @@ def _bit_shifts(device: torch.device) -> torch.Tensor:
 def pack_bitmask(keep: torch.Tensor) -> torch.Tensor:
     """keep: (out, in) bool -> bitmask: (out, ceil(in / 8)) uint8, little-endian bits."""
     out_features, in_features = keep.shape
-    padded = torch.zeros(out_features, -(-in_features // 8) * 8, dtype=torch.uint8, device=keep.device)
+    rows, width = bitmask_shape(out_features, in_features)
+    padded = torch.zeros(rows, width * 8, dtype=torch.uint8, device=keep.device)
     padded[:, :in_features] = keep
     bits = padded.reshape(out_features, -1, 8) << _bit_shifts(keep.device)
     return bits.sum(dim=-1, dtype=torch.uint8)
@@ -63,11 +83,6 @@ def decompress(bitmask: torch.Tensor, values: torch.Tensor, in_features: int) ->
     return torch.where(keep, gathered, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
-def expected_values_shape(out_features: int, in_features: int, n: int | None, m: int | None):
-    """Shape of ``weight_values`` for N:M; ``None`` for unstructured (1-D, length = popcount)."""
-    return None if m is None else (out_features, in_features * n // m)
-
-
 def validate_compressed(name: str, bitmask: torch.Tensor, values: torch.Tensor, out_features: int,
                         in_features: int, n: int | None, m: int | None) -> None:
     """Refuse a corrupt pair with a message naming the tensor.
@@ -75,20 +90,20 @@ def validate_compressed(name: str, bitmask: torch.Tensor, values: torch.Tensor, 
     Checks dtypes and shapes, zero padding bits, every N:M group holding exactly N ones, and the
     popcount equal to the number of values.
     """
-    mask_name, values_name = f"{name}.weight_bitmask", f"{name}.weight_values"
+    mask_name, values_name = name + BITMASK_SUFFIX, name + VALUES_SUFFIX
     hint = "the checkpoint is corrupt or truncated; re-run atv_sparse.convert"
-    expected = (out_features, -(-in_features // 8))
+    expected = bitmask_shape(out_features, in_features)
     if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != expected:
         raise AtvSparseError(f"{mask_name}: expected uint8 {expected}, found {bitmask.dtype} "
                              f"{tuple(bitmask.shape)}; {hint}")
     if not values.is_floating_point():
         raise AtvSparseError(f"{values_name}: expected a float tensor, found {values.dtype}; {hint}")
-    keep = unpack_bitmask(bitmask, -(-in_features // 8) * 8)
+    keep = unpack_bitmask(bitmask, expected[1] * 8)
     if in_features % 8 and keep[:, in_features:].any():
         raise AtvSparseError(f"{mask_name}: bits set past column {in_features}; {hint}")
     keep = keep[:, :in_features]
     if m is not None:
-        want = expected_values_shape(out_features, in_features, n, m)
+        want = values_shape(out_features, in_features, n, m)
         if tuple(values.shape) != want:
             raise AtvSparseError(f"{values_name}: expected shape {want} for pattern {n}:{m}, found "
                                  f"{tuple(values.shape)}; {hint}")

@@ -4,7 +4,8 @@ The writer streams: tensors reach the output shards in state-dict order as they 
 pruned block's as soon as it is pruned, ``CheckpointStream``), and a shard's bytes go to disk as
 they arrive (``ShardWriter``), so memory never holds the model or a whole shard. Everything goes
 to a hidden temporary directory beside ``out_dir`` that is renamed into place only when complete,
-so a failed or interrupted write never leaves a directory that looks like a checkpoint.
+so a failed or interrupted write never leaves a directory that looks like a checkpoint
+(``staging.StagedOutputDir``).
 """
 
 from __future__ import annotations
@@ -14,22 +15,18 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import AtvSparseError
-from .bitmask import compress, unpack_bitmask
+from .bitmask import BITMASK_SUFFIX, VALUES_SUFFIX, compress, unpack_bitmask
 from .safetensors_io import INDEX_NAME, SINGLE_NAME
-from .shard_io import CHECKSUMS_NAME, DTYPE_NAMES, safetensors_header, write_checksums
+from .shard_io import DTYPE_NAMES, safetensors_header, write_checksums
+from .staging import StagedOutputDir, copy_aux_files
 
 _CHUNK = 1 << 26  # bytes read back from the spill file at a time
-
-# Files of the source directory that the writer produces itself (never copied).
-_OWN_FILES = {"config.json", INDEX_NAME, "sparsity.json", "prune_report.json", CHECKSUMS_NAME}
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
 
 def parse_size(text: str | int) -> int:
@@ -49,26 +46,10 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
-def check_output_dir(out_dir: Path, overwrite: bool, source_dir: Path | None = None) -> None:
-    """Refuse an existing ``out_dir`` without ``overwrite``, and never write over the source."""
-    out_dir = Path(out_dir)
-    if source_dir is not None and out_dir.resolve() == Path(source_dir).resolve():
-        raise AtvSparseError(f"--out {out_dir} is the input checkpoint itself; choose another directory")
-    if out_dir.exists() and not overwrite:
-        raise AtvSparseError(f"--out {out_dir} already exists; pass --overwrite to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise AtvSparseError(f"--out {out_dir} exists and is not a directory")
-
-
-def packed_nbytes(out_features: int, in_features: int, kept: int, element_size: int) -> int:
-    """Bytes of ``weight_bitmask`` + ``weight_values`` for one pruned linear."""
-    return out_features * -(-in_features // 8) + kept * element_size
-
-
 def _packed(module_name: str, weight: torch.Tensor, bitmask: torch.Tensor, pattern) -> dict:
     keep = unpack_bitmask(bitmask, weight.shape[1])
     mask_t, values = compress(weight, keep, pattern.n, pattern.m)
-    return {f"{module_name}.weight_bitmask": mask_t, f"{module_name}.weight_values": values}
+    return {module_name + BITMASK_SUFFIX: mask_t, module_name + VALUES_SUFFIX: values}
 
 
 def write_checkpoint(model: nn.Module, out_dir: Path, *, source_dir: Path | None, bitmasks: dict[str, torch.Tensor],
@@ -106,13 +87,14 @@ class CheckpointStream:
     written once, under the first name, as ``save_pretrained`` does. Everything goes to a hidden
     temporary directory beside ``out_dir``, renamed into place by ``finish``; leaving the ``with``
     block any other way removes it, and a failed write (disk full) is an error naming ``out_dir``.
+    names: how messages call ``out_dir`` and ``overwrite`` (``staging.check_output_dir``).
     """
 
     def __init__(self, model: nn.Module, out_dir: Path, *, read, pruned: set[str], patterns: dict, packed: bool,
-                 source_dir: Path | None, max_shard_size: int, overwrite: bool):
+                 source_dir: Path | None, max_shard_size: int, overwrite: bool, names: dict[str, str] | None = None):
         self.model, self.out_dir, self.read = model, Path(out_dir), read
         self.patterns, self.packed, self.source_dir, self.overwrite = patterns, packed, source_dir, overwrite
-        self.max_shard_size = max_shard_size
+        self.max_shard_size, self.names = max_shard_size, names
         self.waiting = {f"{name}.weight" for name in pruned}
         self.order, seen = [], set()
         for key, tensor in model.state_dict(keep_vars=True).items():
@@ -124,19 +106,14 @@ class CheckpointStream:
         self.cursor = 0
 
     def __enter__(self) -> "CheckpointStream":
-        check_output_dir(self.out_dir, self.overwrite, self.source_dir)
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
+        self.stage = StagedOutputDir(self.out_dir, self.overwrite, self.source_dir, self.names).__enter__()
+        self.tmp = self.stage.tmp
         self.shards = ShardWriter(self.tmp, self.max_shard_size)
         return self
 
     def __exit__(self, kind, error, tb) -> None:
-        if kind is None:
-            return
         self.shards.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        if isinstance(error, OSError):
-            raise AtvSparseError(f"writing {self.out_dir} failed: {error}; nothing was written") from None
+        self.stage.__exit__(kind, error, tb)
 
     def put(self, name: str, linear: nn.Module, bitmask: torch.Tensor) -> None:
         """Module ``name`` is pruned: its weight (and keep-mask) is final; write what is now in order."""
@@ -169,7 +146,7 @@ class CheckpointStream:
         shards = self.shards.finish()
         tmp, model = self.tmp, self.model
         if self.source_dir is not None:
-            _copy_aux_files(Path(self.source_dir), tmp)
+            copy_aux_files(Path(self.source_dir), tmp, own={"config.json"})
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         if isinstance(config.get("text_config"), dict):
@@ -186,7 +163,7 @@ class CheckpointStream:
             (tmp / fname).write_text(json.dumps(content, indent=2) + "\n")
         for fname, src in (extra_files or {}).items():
             shutil.move(src, tmp / fname)
-        _move_into_place(tmp, self.out_dir, self.overwrite)
+        self.stage.commit()
         files = sorted(p.name for p in self.out_dir.iterdir())
         return {"files": files, "bytes": sum((self.out_dir / f).stat().st_size for f in shards), "shards": shards}
 
@@ -277,22 +254,3 @@ def _save_shard(entries: list[tuple[str, str, list[int], int, int]], spill, path
                 digest.update(chunk)
                 done += len(chunk)
     return digest.hexdigest()
-
-
-def _copy_aux_files(source_dir: Path, tmp: Path) -> None:
-    for path in sorted(source_dir.iterdir()):
-        if path.is_file() and path.name not in _OWN_FILES and not path.name.endswith(_WEIGHT_SUFFIXES) \
-                and not path.name.endswith(".index.json"):
-            shutil.copy2(path, tmp / path.name)
-
-
-def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists():
-        if not overwrite:  # appeared while we were writing
-            raise AtvSparseError(f"--out {out_dir} already exists; pass --overwrite to replace it")
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / "x")
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)

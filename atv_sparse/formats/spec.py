@@ -1,8 +1,11 @@
 """The ``quantization_config`` block that marks a directory as an atv-sparse checkpoint (docs/design.md 6).
 
-``build_quantization_config`` writes it; ``check_quantization_config`` is the one strict validator
-that every reader runs before any tensor is read (``atv_sparse.load``, the transformers quantizer,
-the vLLM plugin). The schema of format version 1, key by key:
+``QuantizationBlock`` is the one type for it: ``QuantizationBlock.parse`` runs the one strict
+validator (``check_quantization_config``) that every reader runs before any tensor is read
+(``atv_sparse.load``, the transformers quantizer, the vLLM plugin), ``to_dict`` gives the block
+back, and ``build_quantization_config`` is the block the writer writes. The transformers and vLLM
+config classes are adapters that hold a ``QuantizationBlock``. The schema of format version 1,
+key by key:
 
 ==================  ========  =================================================================
 key                 needed    form
@@ -28,6 +31,7 @@ blocks that were valid before this schema still load.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -48,21 +52,50 @@ MAX_ENTRIES = 4096
 _HINT = "fix config.json or re-run atv_sparse.convert"
 
 
+# Keys a block may lack.
+_OPTIONAL_KEYS = ("format", "sparsity", "method", "method_settings", "targets", "ignore", "version")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationBlock:
+    """A validated ``quantization_config`` block (the schema above as a type).
+
+    An optional key the block did not have is None here and stays absent in ``to_dict``, so a
+    hand-written block round-trips unchanged. targets / ignore: tuples of the entries.
+    """
+
+    pattern: Pattern
+    format_version: int = FORMAT_VERSION
+    format: str | None = None
+    sparsity: float | None = None
+    method: str | None = None
+    method_settings: dict | None = None
+    targets: tuple[str, ...] | None = None
+    ignore: tuple[str, ...] | None = None
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, block: dict, where: str, prefix: str = "quantization_config") -> "QuantizationBlock":
+        """Validate ``block`` read from ``where`` (``check_quantization_config``) and hold it."""
+        pattern = check_quantization_config(block, where, prefix)
+        fields = {k: tuple(block[k]) if k in ("targets", "ignore") else block[k] for k in _OPTIONAL_KEYS if k in block}
+        return cls(pattern, block["format_version"], **fields)
+
+    def to_dict(self) -> dict:
+        """The block as config.json holds it."""
+        block = {"quant_method": QUANT_METHOD}
+        for key in _CHECKS:  # the schema's order
+            value = str(self.pattern) if key == "pattern" else getattr(self, key, None)
+            if value is not None:
+                block[key] = list(value) if key in ("targets", "ignore") else value
+        return block
+
+
 def build_quantization_config(pattern: Pattern, method: str, method_settings: dict, targets: list[str],
                               ignore: list[str], library_version: str) -> dict:
-    """The dict written under config.json's ``quantization_config``."""
-    return {
-        "quant_method": QUANT_METHOD,
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "pattern": str(pattern),
-        "sparsity": pattern.sparsity,
-        "method": method,
-        "method_settings": method_settings,
-        "targets": list(targets),
-        "ignore": list(ignore),
-        "version": library_version,
-    }
+    """The block the writer puts under config.json's ``quantization_config`` (every key written)."""
+    return QuantizationBlock(pattern, FORMAT_VERSION, FORMAT_NAME, pattern.sparsity, method, method_settings,
+                             tuple(targets), tuple(ignore), library_version).to_dict()
 
 
 def _short(value) -> str:

@@ -4,7 +4,7 @@ Registered under ``quant_method = "atv_sparse"`` when ``atv_sparse`` is imported
 load, every linear that has ``P.weight_bitmask`` in the checkpoint becomes a ``SparseLinear``
 shaped from the safetensors headers (an unstructured ``weight_values`` has a per-layer length);
 after loading every pair is validated. Before any of that, as soon as transformers knows the
-model's directory, the same pre-flight as ``atv_sparse.load`` runs (config.json schema, index,
+model's directory, the same validation as ``atv_sparse.load`` runs (``formats.validate``: config.json schema, index,
 every shard header), so both routes refuse a bad file with the same message. Without the import,
 transformers only warns and loads random dense weights, which is why the README insists on
 importing atv_sparse first.
@@ -21,39 +21,42 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import AtvSparseError
-from ..formats.preflight import preflight
-from ..formats.spec import FORMAT_VERSION, QUANT_METHOD, check_quantization_config
+from ..formats.bitmask import BITMASK_SUFFIX, VALUES_SUFFIX, bitmask_shape, values_shape
+from ..formats.spec import QUANT_METHOD, QuantizationBlock
+from ..formats.validate import validate_checkpoint
 from .sparse_linear import SparseLinear
 
 
 class AtvSparseConfig(QuantizationConfigMixin):
-    """The ``quantization_config`` block of config.json (docs/design.md 6); every key is kept as is."""
+    """transformers' view of the ``quantization_config`` block (docs/design.md 6): an adapter that
+    holds the one validated type, ``formats.spec.QuantizationBlock`` (``self.block``).
 
-    def __init__(self, pattern: str = "2:4", format_version: int = FORMAT_VERSION, **kwargs):
-        self.quant_method = QUANT_METHOD
-        self.format_version = format_version
-        self.pattern = pattern
-        for key, value in kwargs.items():
-            setattr(self, key, value)
-        self.quant_method = QUANT_METHOD
+    transformers builds it with ``cls(**block)`` before it touches any shard, so the block is
+    checked here first. The message cannot name the directory (transformers does not pass it);
+    the full validation (``formats.validate``), which does, follows in ``_process_model_before_weight_loading``.
+    """
+
+    def __init__(self, **block):
+        self.quant_method = QUANT_METHOD  # the attribute transformers dispatches on
+        self.block = QuantizationBlock.parse({"quant_method": QUANT_METHOD, **block}, "config.json")
+
+    def to_dict(self) -> dict:
+        return self.block.to_dict()
+
+    def __iter__(self):
+        yield from self.to_dict().items()
 
 
 class AtvSparseHfQuantizer(HfQuantizer):
     requires_calibration = True
 
-    def validate_environment(self, *args, **kwargs):
-        # The earliest hook: the block is checked before transformers touches any shard. It cannot
-        # name the directory (config._name_or_path is whatever the writer's config.json says);
-        # the full pre-flight follows in _process_model_before_weight_loading.
-        check_quantization_config(self.quantization_config.to_dict(), "config.json")
-
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if not checkpoint_files:
             raise AtvSparseError("atv_sparse checkpoints load from local safetensors files only")
         model_dir = Path(checkpoint_files[0]).parent
-        checked = preflight(model_dir)  # config.json on disk, the index and every header
+        checked = validate_checkpoint(model_dir)  # config.json on disk, the index and every header
         # what transformers will use (a config= override included), not only what is on disk
-        pattern = check_quantization_config(self.quantization_config.to_dict(), str(model_dir / "config.json"))
+        pattern = self.quantization_config.block.pattern
         if checked.pattern != pattern:
             raise AtvSparseError(f"{model_dir / 'config.json'}: the quantization_config passed to from_pretrained "
                                  f"({pattern}) differs from the checkpoint's ({checked.pattern})")
@@ -83,30 +86,29 @@ def replace_sparse_linears(model: nn.Module, tensors: dict, pattern) -> list[str
     tensors: checkpoint tensor name -> (file, safetensors header entry). Shapes are checked against
     the linear's here, so a mismatch names the tensor instead of failing inside transformers.
     """
-    suffix = ".weight_bitmask"
-    names = sorted(k[: -len(suffix)] for k in tensors if k.endswith(suffix))
+    names = sorted(k[: -len(BITMASK_SUFFIX)] for k in tensors if k.endswith(BITMASK_SUFFIX))
     for name in names:
         parent_name, _, child = name.rpartition(".")
+        mask_key, values_key = name + BITMASK_SUFFIX, name + VALUES_SUFFIX
         try:
             linear = model.get_submodule(name)
         except AttributeError:
-            raise AtvSparseError(f"{name}.weight_bitmask in {tensors[name + suffix][0]}: the model has no "
-                                 f"module {name}") from None
+            raise AtvSparseError(f"{mask_key} in {tensors[mask_key][0]}: the model has no module {name}") from None
         if not isinstance(linear, nn.Linear):
-            raise AtvSparseError(f"{name}.weight_bitmask: module {name} is a {type(linear).__name__}, not a Linear")
-        values_key = name + ".weight_values"
+            raise AtvSparseError(f"{mask_key}: module {name} is a {type(linear).__name__}, not a Linear")
         if values_key not in tensors:
             raise AtvSparseError(f"{values_key}: missing from the checkpoint (its bitmask is in "
-                                 f"{tensors[name + suffix][0]}); the checkpoint is incomplete")
+                                 f"{tensors[mask_key][0]}); the checkpoint is incomplete")
         values_info = tensors[values_key][1]
-        mask_info = tensors[name + suffix][1]
+        mask_info = tensors[mask_key][1]
         out_f, in_f = linear.out_features, linear.in_features
-        if mask_info["dtype"] != "U8" or mask_info["shape"] != [out_f, -(-in_f // 8)]:
-            raise AtvSparseError(f"{name}.weight_bitmask: expected U8 {[out_f, -(-in_f // 8)]} for a "
+        mask_shape, nm_values_shape = bitmask_shape(out_f, in_f), values_shape(out_f, in_f, pattern.n, pattern.m)
+        if mask_info["dtype"] != "U8" or mask_info["shape"] != list(mask_shape):
+            raise AtvSparseError(f"{mask_key}: expected U8 {list(mask_shape)} for a "
                                  f"({out_f} x {in_f}) linear, found {mask_info['dtype']} {mask_info['shape']}")
         num_values = values_info["shape"][0] if len(values_info["shape"]) == 1 else None
-        if pattern.is_nm and values_info["shape"] != [out_f, in_f * pattern.n // pattern.m]:
-            raise AtvSparseError(f"{values_key}: expected shape {[out_f, in_f * pattern.n // pattern.m]} for "
+        if pattern.is_nm and values_info["shape"] != list(nm_values_shape):
+            raise AtvSparseError(f"{values_key}: expected shape {list(nm_values_shape)} for "
                                  f"pattern {pattern}, found {values_info['shape']}; the checkpoint is corrupt or truncated")
         if not pattern.is_nm and num_values is None:
             raise AtvSparseError(f"{values_key}: expected a 1-D tensor for an unstructured pattern, found "

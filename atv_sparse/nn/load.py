@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from ..errors import AtvSparseError
-from ..formats.preflight import preflight
+from ..formats.validate import validate_checkpoint
 from ..ops.dispatch import BACKENDS
 from .autotune import prepare_model
 from .fused import fuse_decoder_blocks
@@ -24,7 +24,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     groups, shapes) and a corrupt or truncated file is refused with a message naming it.
     dtype: None keeps the checkpoint's dtype. backend: ``auto`` (per token count: the reference
     backend on a CPU; on a GPU a plan measured once per layer shape and cached, see
-    ``atv_sparse.nn.autotune``; ``autotune=False`` uses the heuristic plan), or one of ``cuda``,
+    ``atv_sparse.ops.autotune``; ``autotune=False`` uses the heuristic plan), or one of ``cuda``,
     ``triton``, ``cusparselt``, ``reference`` for every layer (an error names a layer it cannot run).
     fuse: stack q/k/v and gate/up of LLaMA / Qwen2 blocks into one kernel each (default: on a GPU).
     dense_fallback: keep a dense copy of a layer where dense cuBLAS measured faster than every
@@ -36,13 +36,13 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     where loading is faster than here. Check once after a download or copy instead.
 
     Before any tensor is read, config.json, its ``quantization_config``, the index and every
-    shard header are validated (``atv_sparse.formats.preflight``); after loading, a tensor the
+    shard header are validated (``atv_sparse.formats.validate``); after loading, a tensor the
     model expects but the checkpoint lacks, or one the model has no place for, is refused
     (transformers would leave the first as random values and only warn).
     """
     register()
     path = Path(path)
-    checked = preflight(path)
+    checked = validate_checkpoint(path)
     if verify:
         from ..verify import verify_checkpoint
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AtvSparseError
-from ..formats.bitmask import compress, decompress, expected_values_shape, validate_compressed
-from ..ops import triton_ops
-from ..ops.dispatch import BACKENDS, TOKEN_LIMITS, Plan, layer_status, machine_status
+from ..formats.bitmask import bitmask_shape, compress, decompress, validate_compressed, values_shape
+from ..ops.autotune import LayerShape
+from ..ops.dispatch import BACKENDS, Plan, layer_status, machine_status
+from ..ops.runner import build_layouts, default_plan, pick_backend, run_backend
 from ..patterns import Pattern, parse_pattern
 
 
@@ -46,14 +46,14 @@ class SparseLinear(nn.Module):
             raise AtvSparseError(f"{name}: a gated layer stacks gate and up rows (an even out_features) without bias")
         self.in_features, self.out_features = in_features, out_features
         self.pattern, self.backend, self.gated, self.name = pattern, backend, gated, name
-        values_shape = expected_values_shape(out_features, in_features, pattern.n, pattern.m)
-        if values_shape is None:
+        shape = values_shape(out_features, in_features, pattern.n, pattern.m)
+        if shape is None:
             if num_values is None:
                 raise AtvSparseError(f"{name}: an unstructured SparseLinear needs num_values (the kept weights)")
-            values_shape = (num_values,)
-        self.register_buffer("weight_bitmask", torch.empty(out_features, -(-in_features // 8),
+            shape = (num_values,)
+        self.register_buffer("weight_bitmask", torch.empty(bitmask_shape(out_features, in_features),
                                                            dtype=torch.uint8, device=device))
-        self.register_buffer("weight_values", torch.empty(values_shape, dtype=dtype, device=device))
+        self.register_buffer("weight_values", torch.empty(shape, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         # Kernel layouts built by prepare(); not part of the checkpoint.
         self.register_buffer("cslt_weight", None, persistent=False)
@@ -130,14 +130,18 @@ class SparseLinear(nn.Module):
     def usable_backends(self) -> list[str]:
         return [b for b in BACKENDS[1:] if self.backend_status(b) is None]
 
+    def layer_shape(self) -> LayerShape:
+        """What this layer's plan depends on (the key of the measured table)."""
+        return LayerShape(self.pattern.n, self.pattern.m, self.weight_values.dtype, self.out_features,
+                          self.in_features, self.gated, self.bias is not None)
+
     def prepare(self, plan: Plan | None = None) -> "SparseLinear":
         """Fix the plan for this device and dtype and build the layouts it uses.
 
-        plan: None = a uniform plan for a fixed backend, or for ``auto`` the reference backend on a
-        CPU and ``heuristic_plan`` on a GPU (``atv_sparse.nn.autotune`` passes measured plans).
+        plan: None = a uniform plan for a fixed backend, or for ``auto`` ``ops.runner.default_plan``
+        (the reference backend on a CPU, ``heuristic_plan`` on a GPU); ``prepare_model`` passes
+        measured plans.
         """
-        from ..ops.dispatch import heuristic_plan
-
         if self.backend != "auto":
             why = self.backend_status(self.backend)
             if why is not None:
@@ -145,28 +149,14 @@ class SparseLinear(nn.Module):
                                      f"here: {', '.join(self.usable_backends())}")
             plan = Plan.uniform(self.backend) if plan is None else plan
         elif plan is None:
-            device = self.weight_values.device
             kernels = [b for b in self.usable_backends() if b != "reference"]
-            plan = Plan.uniform("reference") if device.type != "cuda" else heuristic_plan(kernels, False)
-        self._build_layouts(plan)
+            plan = default_plan(self.weight_values.device, kernels)
+        self.cslt_weight, self.dense_weight_copy = build_layouts(plan, self.weight_bitmask, self.weight_values,
+                                                                 self.in_features, self.cslt_weight,
+                                                                 self.dense_weight_copy)
         self.plan = plan
         self._plan_for = (self.weight_values.device, self.weight_values.dtype)
         return self
-
-    def _build_layouts(self, plan: Plan) -> None:
-        needs_cslt = "cusparselt" in plan.backends
-        needs_dense = "dense" in plan.backends
-        self.cslt_weight = self.cslt_weight if needs_cslt else None
-        self.dense_weight_copy = self.dense_weight_copy if needs_dense else None
-        if (needs_cslt and self.cslt_weight is None) or (needs_dense and self.dense_weight_copy is None):
-            dense = self.dense_weight()
-            if needs_cslt and self.cslt_weight is None:
-                from ..ops.cusparselt import cslt_pack
-
-                self.cslt_weight = cslt_pack(dense)
-            if needs_dense:
-                self.dense_weight_copy = dense
-            del dense  # freed now unless kept as the dense copy
 
     # --- execution ------------------------------------------------------------------------------
 
@@ -179,20 +169,13 @@ class SparseLinear(nn.Module):
                                  f"input (or load the model with dtype={x.dtype})")
         if self._plan_for != (weights.device, weights.dtype):
             self.prepare()
-        tokens = x.numel() // self.in_features
-        backend, alg_id = self.plan.pick(tokens)
-        limit = TOKEN_LIMITS.get(backend)
-        if limit is not None and tokens > limit:
-            if self.backend == backend:
-                raise AtvSparseError(f"{self.name}: backend '{backend}' runs up to {limit} tokens, got {tokens}; "
-                                     f"use backend='auto'")
-            backend = "triton"
+        backend, alg_id = pick_backend(self.plan, x.numel() // self.in_features, self.backend, self.name)
         return self.run(backend, x, alg_id)
 
     def run(self, backend: str, x: torch.Tensor, alg_id: int = 0) -> torch.Tensor:
         """One call on a given backend (no checks: ``forward`` dispatches; benchmarks call this)."""
-        return run_packed(backend, x, self.weight_bitmask, self.weight_values, self.in_features, self.pattern.n,
-                          self.pattern.m, self.bias, self.gated, alg_id, self.cslt_weight, self.dense_weight_copy)
+        return run_backend(backend, x, self.weight_bitmask, self.weight_values, self.in_features, self.pattern.n,
+                           self.pattern.m, self.bias, self.gated, alg_id, self.cslt_weight, self.dense_weight_copy)
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes held per layout (the checkpoint pair, cuSPARSELt's buffer, a dense copy, bias)."""
@@ -210,36 +193,3 @@ class SparseLinear(nn.Module):
                 f"{' (' + plan + ')' if plan else ''}, bytes={sum(nbytes.values())} "
                 f"({layouts}; dense {dense / 2**20:.2f}MiB)")
 
-
-def run_packed(backend: str, x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, in_features: int,
-               n: int | None, m: int | None, bias: torch.Tensor | None = None, gated: bool = False,
-               alg_id: int = 0, cslt_weight: torch.Tensor | None = None,
-               dense_copy: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W^T + bias`` (or the gated ``silu(x Wg^T) * (x Wu^T)``) on one backend, no checks.
-
-    Shared by ``SparseLinear.run`` and the stateless ``atv_sparse.ops.sparse_linear``; only the
-    ``cusparselt`` and ``dense`` backends need a prepared layout (``cslt_weight``, ``dense_copy``).
-    """
-    if backend == "triton":
-        if gated:
-            return triton_ops.nm_gated(x, values, bitmask, n, m)
-        return triton_ops.nm_linear(x, values, bitmask, n, m, bias)
-    if backend == "cuda":
-        from ..ops import cuda_lib
-
-        if gated:
-            half = values.shape[0] // 2
-            return cuda_lib.nm_gated_cuda(x, values[:half], bitmask[:half], values[half:], bitmask[half:], n, m)
-        return cuda_lib.nm_linear_cuda(x, values, bitmask, n, m, bias)
-    if backend == "cusparselt":
-        from ..ops.cusparselt import cslt_linear
-
-        y = cslt_linear(x, cslt_weight, bitmask.shape[0], alg_id, bias)
-    elif backend == "dense":
-        y = F.linear(x, dense_copy, bias)
-    else:
-        y = F.linear(x, decompress(bitmask, values, in_features), bias)
-    if gated:
-        half = bitmask.shape[0] // 2
-        return F.silu(y[..., :half]) * y[..., half:]
-    return y

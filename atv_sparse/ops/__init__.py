@@ -4,12 +4,15 @@
   (CUDA, or the CPU under ``TRITON_INTERPRET=1``);
 - ``cusparselt``: ``atv_sparse::cslt_linear`` over torch's cuSPARSELt ops (2:4, CUDA);
 - ``cuda_lib``: the csrc decode kernels behind a C ABI (``atv_sparse::nm_linear_cuda``);
-- ``dispatch``: which backend serves which token count (``Plan``), the measured per-shape table.
+- ``dispatch``: which backend serves which token count (``Plan``), the measured per-shape table;
+- ``autotune``: measuring that table (``PlanTable``: a layer's plan, measured once per shape);
+- ``runner``: running a layer on the backend its plan picks, from tensors the caller keeps
+  (``SparseLinear`` and the vLLM plugin both call it; nothing here builds a module).
 
 Every op has a fake implementation, so ``torch.compile`` traces through it, and allocates only its
 output, so CUDA graphs capture it. ``sparse_linear`` below is the stateless entry point (it
-builds no layout per call); a ``SparseLinear`` module additionally keeps the layouts a plan
-needs (cuSPARSELt's buffer).
+builds no layout per call); callers that prepare a layer once (``SparseLinear``, the vLLM plugin)
+keep its plan and the layouts the plan needs (cuSPARSELt's buffer) and call ``runner``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import functools
 import torch
 
 from ..errors import AtvSparseError
-from .dispatch import BACKENDS, TOKEN_LIMITS, Plan, heuristic_plan, layer_status, machine_status, usable_backends
+from .dispatch import BACKENDS, TOKEN_LIMITS, Plan, layer_status, machine_status, usable_backends
+from .runner import LAYOUT_BACKENDS, default_plan, pick_backend, run_backend
 from .triton_ops import nm_gated, nm_linear
 
 __all__ = ["BACKENDS", "available_backends", "machine_status", "nm_gated", "nm_linear", "sparse_linear"]
@@ -31,26 +35,20 @@ def available_backends(device: torch.device | str) -> list[str]:
     return [b for b in BACKENDS[1:] if machine_status(b, device) is None]
 
 
-# Backends that need a layout built once per layer (SparseLinear.prepare): never used by a stateless call.
-LAYOUT_BACKENDS = ("cusparselt", "dense")
-
-
 @functools.lru_cache(maxsize=1024)
 def _stateless_plan(device: torch.device, n: int | None, m: int | None, dtype: torch.dtype, out_features: int,
                     in_features: int) -> Plan:
-    """``heuristic_plan`` over the backends that read bitmask + values as they are; the reference
-    backend off a GPU (as ``SparseLinear``: Triton's interpreter is for tests, not for serving)."""
+    """``runner.default_plan`` over the backends that read bitmask + values as they are."""
     if device.type != "cuda":
-        return Plan.uniform("reference")
+        return default_plan(device, [])
     usable = [b for b in usable_backends(device, n, m, dtype, out_features, in_features) if b not in LAYOUT_BACKENDS]
-    return heuristic_plan(usable, dense_fallback=False)
+    return default_plan(device, usable)
 
 
 def stateless_backend(device: torch.device, n: int | None, m: int | None, dtype: torch.dtype, out_features: int,
                       in_features: int, tokens: int) -> str:
     """The backend ``sparse_linear(..., backend="auto")`` runs for ``tokens`` tokens."""
-    backend = _stateless_plan(device, n, m, dtype, out_features, in_features).pick(tokens)[0]
-    return "triton" if tokens > TOKEN_LIMITS.get(backend, tokens) else backend
+    return pick_backend(_stateless_plan(device, n, m, dtype, out_features, in_features), tokens)[0]
 
 
 def sparse_linear(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, in_features: int,
@@ -66,8 +64,6 @@ def sparse_linear(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, 
     where they apply, else reference (decompress + ``F.linear``). ``cusparselt`` needs a compressed
     buffer kept between calls: use an ``atv_sparse.SparseLinear`` for it.
     """
-    from ..nn.sparse_linear import run_packed
-
     if backend not in BACKENDS:
         raise AtvSparseError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend in LAYOUT_BACKENDS:
@@ -84,4 +80,4 @@ def sparse_linear(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, 
         if why is not None:
             raise AtvSparseError(f"sparse_linear: backend '{backend}' cannot run this layer ({out_features} x "
                                  f"{in_features}, {values.dtype}) here: {why}")
-    return run_packed(backend, x, bitmask, values, in_features, n, m, bias)
+    return run_backend(backend, x, bitmask, values, in_features, n, m, bias)

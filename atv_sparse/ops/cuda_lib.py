@@ -220,7 +220,8 @@ def _library(op: str) -> ctypes.CDLL:
     lib, why = _load()
     why = why or _device_reason()
     if why:
-        raise RuntimeError(f"atv_sparse::{op}: the CUDA backend is unavailable: {why}")
+        raise AtvSparseError(f"atv_sparse::{op}: the CUDA backend is unavailable: {why}; use another backend "
+                             "(backend='auto' picks one this machine has)")
     return lib
 
 

@@ -7,7 +7,7 @@ the weight through cuBLAS, kept only where it measured faster than every sparse 
 
 A ``Plan`` holds one backend (and cuSPARSELt algorithm id) per token bucket: a call with M
 tokens uses the entry of the smallest bucket >= M. Plans come from a per-shape table measured
-once on the device (``atv_sparse.nn.autotune``) and cached in a JSON file, or from
+once on the device (``atv_sparse.ops.autotune``) and cached in a JSON file, or from
 ``heuristic_plan`` when nothing was measured.
 """
 
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..errors import AtvSparseError
 
 KERNEL_BACKENDS = ("cuda", "triton", "cusparselt")
 BACKENDS = ("auto", *KERNEL_BACKENDS, "reference")
@@ -58,7 +60,7 @@ class Plan:
     def __post_init__(self):
         bad = [i for i, (b, a) in enumerate(zip(self.backends, self.alg_ids)) if b == "cusparselt" and a < 0]
         if bad:
-            raise ValueError(f"Plan: cuSPARSELt needs an algorithm id >= 0, entry {bad[0]} has {self.alg_ids[bad[0]]}")
+            raise AtvSparseError(f"Plan: cuSPARSELt needs an algorithm id >= 0, entry {bad[0]} has {self.alg_ids[bad[0]]}")
 
     def pick(self, tokens: int) -> tuple[str, int]:
         i = bucket_index(tokens)
@@ -101,7 +103,7 @@ def machine_status(backend: str, device: torch.device) -> str | None:
         from .cuda_lib import cuda_library_status
 
         return cuda_library_status()
-    raise ValueError(f"unknown backend {backend!r}")
+    raise AtvSparseError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS[1:])}")
 
 
 def layer_status(backend: str, n: int | None, m: int | None, dtype: torch.dtype, out_features: int,
@@ -114,7 +116,9 @@ def layer_status(backend: str, n: int | None, m: int | None, dtype: torch.dtype,
     if dtype not in KERNEL_DTYPES:
         return f"backend '{backend}' takes float16 / bfloat16 weights, not {dtype}"
     if backend == "triton":
-        return None if m in (4, 8) else f"the Triton kernels handle n:4 and n:8 patterns, not {n}:{m}"
+        from ..kernels.nm_layout import SUPPORTED_GROUPS
+
+        return None if m in SUPPORTED_GROUPS else f"the Triton kernels handle n:4 and n:8 patterns, not {n}:{m}"
     if backend == "cusparselt":
         from .cusparselt import cusparselt_applies
 
@@ -123,7 +127,7 @@ def layer_status(backend: str, n: int | None, m: int | None, dtype: torch.dtype,
         from .cuda_lib import cuda_layer_status
 
         return cuda_layer_status(n, m, dtype, out_features, in_features)
-    raise ValueError(f"unknown backend {backend!r}")
+    raise AtvSparseError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS[1:])}")
 
 
 def usable_backends(device: torch.device, n: int | None, m: int | None, dtype: torch.dtype,
@@ -185,8 +189,6 @@ def read_table(path: Path) -> dict:
         entries = data["entries"]
         assert isinstance(entries, dict)
     except (ValueError, KeyError, AssertionError) as exc:
-        from ..errors import AtvSparseError
-
         raise AtvSparseError(f"{path}: not a dispatch table ({exc}); delete it to measure again") from None
     return entries
 

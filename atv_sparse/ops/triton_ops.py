@@ -10,7 +10,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import AtvSparseError
+from ..kernels.nm_layout import SUPPORTED_GROUPS  # torch only: Triton is imported with the kernels
+
 GEMV_MAX_TOKENS = 64
+
+
+def _check_pattern(n: int, m: int, op: str) -> None:
+    if m not in SUPPORTED_GROUPS or not 0 < n < m:
+        raise AtvSparseError(f"atv_sparse::{op}: the Triton kernels run n:m patterns with m in {SUPPORTED_GROUPS} and "
+                             f"0 < n < m, got n={n}, m={m}")
 
 
 def _check_fake(x, values, n, m, name):
@@ -26,6 +35,7 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, n: i
     from ..kernels.nm_gemm import nm_gemm
     from ..kernels.nm_gemv import nm_gemv
 
+    _check_pattern(n, m, "nm_linear")
     rows = x.reshape(-1, x.shape[-1])
     kernel = nm_gemv if rows.shape[0] <= GEMV_MAX_TOKENS else nm_gemm
     return kernel(rows, values, bitmask, n, m, bias).reshape(*x.shape[:-1], values.shape[0])
@@ -48,6 +58,7 @@ def nm_gated(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, n: in
     from ..kernels.nm_gemm import nm_gemm
     from ..kernels.nm_gemv import nm_gemv
 
+    _check_pattern(n, m, "nm_gated")
     rows = x.reshape(-1, x.shape[-1])
     half = values.shape[0] // 2
     if rows.shape[0] <= GEMV_MAX_TOKENS:

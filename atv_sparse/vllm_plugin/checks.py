@@ -5,7 +5,7 @@ Each raises ``AtvSparseError`` naming the layer (vLLM's module name, e.g.
 serve is refused while the engine starts instead of failing in the middle of loading.
 
 - ``check_block``: the ``quantization_config`` block (the strict schema of ``formats.spec``).
-- ``pruned_modules_in_checkpoint``: for a local directory, the whole pre-flight of
+- ``pruned_modules_in_checkpoint``: for a local directory, the whole validation of
   ``atv_sparse.load`` (config.json, both block copies, index, every shard header), then the
   pruned modules the headers name.
 - ``layer_is_sparse``: is a vLLM linear (possibly fused: ``qkv_proj`` = q + k + v) pruned? Every
@@ -22,13 +22,11 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..errors import AtvSparseError
-from ..formats.preflight import preflight
+from ..formats.validate import validate_checkpoint
+from ..formats.bitmask import BITMASK_SUFFIX, VALUES_SUFFIX
 from ..formats.safetensors_io import checkpoint_files
 from ..formats.spec import check_quantization_config
 from ..patterns import Pattern
-
-BITMASK_SUFFIX = ".weight_bitmask"
-VALUES_SUFFIX = ".weight_values"
 
 
 def check_block(block: dict, where: str = "config.json") -> Pattern:
@@ -41,7 +39,7 @@ def pruned_modules_in_checkpoint(model_dir: str | Path) -> set[str] | None:
 
     ``None`` when ``model_dir`` is not a local directory with safetensors files (a hub id: the
     plugin then decides from the config's targets / ignore). A module with only one of the two
-    tensors is refused here, naming the missing one; so is anything ``preflight`` refuses.
+    tensors is refused here, naming the missing one; so is anything ``validate_checkpoint`` refuses.
     """
     path = Path(model_dir)
     if not path.is_dir():
@@ -50,7 +48,7 @@ def pruned_modules_in_checkpoint(model_dir: str | Path) -> set[str] | None:
         checkpoint_files(path)
     except AtvSparseError:
         return None
-    names = set(preflight(path).tensors)
+    names = set(validate_checkpoint(path).tensors)
     masks = {n[: -len(BITMASK_SUFFIX)] for n in names if n.endswith(BITMASK_SUFFIX)}
     values = {n[: -len(VALUES_SUFFIX)] for n in names if n.endswith(VALUES_SUFFIX)}
     for module in sorted(masks ^ values):

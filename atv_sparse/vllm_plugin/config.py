@@ -23,21 +23,22 @@ import torch
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from ..formats.spec import QUANT_METHOD
-from .checks import (BITMASK_SUFFIX, check_block, layer_is_sparse, pruned_modules_in_checkpoint,
-                     selected_by_config)
+from ..formats.bitmask import BITMASK_SUFFIX
+from ..formats.spec import QUANT_METHOD, QuantizationBlock
+from .checks import layer_is_sparse, pruned_modules_in_checkpoint, selected_by_config
 from .linear import AtvSparseLinearMethod
 
 
 class AtvSparseVllmConfig(QuantizationConfig):
-    """The checkpoint's pattern and which of its linears are sparse."""
+    """vLLM's adapter for the block: holds the one validated type (``formats.spec.QuantizationBlock``)
+    and decides which of the checkpoint's linears are sparse."""
 
     def __init__(self, block: dict[str, Any], where: str = "config.json"):
         super().__init__()
-        self.block = dict(block)
-        self.pattern = check_block(self.block, where)
-        self.targets = list(self.block.get("targets") or [])
-        self.ignore = list(self.block.get("ignore") or [])
+        self.block = QuantizationBlock.parse(block, where)
+        self.pattern = self.block.pattern
+        self.targets = list(self.block.targets or ())
+        self.ignore = list(self.block.ignore or ())
         self.checkpoint_pruned: set[str] | None = None  # checkpoint names, from the safetensors headers
         self.mapper = None  # the model's hf_to_vllm rename mapper, once vLLM gives it
         self._pruned_cache: set[str] | None = None

@@ -14,14 +14,10 @@ vLLM's loader which rows and columns this rank holds (by loading index probes th
 head replication and fused offsets are vLLM's, never re-derived here) and re-packs that slice
 (``slicing.slice_compressed``).
 
-After loading every pair is validated (popcounts, N:M groups) and nothing dense is kept. The
-kernels read the checkpoint layout as it is (kernels/nm_layout.py), so no other layout is built.
-The forward is ``atv_sparse.ops.sparse_linear`` with backend ``auto``, the stateless dispatcher
-(the cuda / Triton kernels on a GPU where they apply, never cuSPARSELt, whose compressed buffer
-would have to be rebuilt per call; else the reference path, which decompresses per call),
-wrapped in the custom op ``atv_sparse::vllm_linear``: vLLM compiles its models with Dynamo in
-fullgraph mode, which cannot trace the dispatcher's device and environment checks; an opaque op
-with a fake implementation is one node of the graph whatever backend it picks.
+After loading, ``serving.prepare_layer`` validates every pair (popcounts, N:M groups) and keeps
+the layer's plan and the layouts it needs, once: the same measured per-shape plans as
+``atv_sparse.load`` (the reference backend on a CPU). ``apply`` is ``serving.forward``, which
+builds and plans nothing per call.
 """
 
 from __future__ import annotations
@@ -32,25 +28,11 @@ from vllm.model_executor.layers.linear import LinearMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
 from ..errors import AtvSparseError
-from ..formats.bitmask import validate_compressed
-from ..ops import sparse_linear
+from ..formats.bitmask import bitmask_shape, validate_compressed, values_shape
 from ..patterns import Pattern
+from . import serving
 from .checks import check_row_split
 from .slicing import slice_compressed
-
-
-@torch.library.custom_op("atv_sparse::vllm_linear", mutates_args=())
-def vllm_linear(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, in_features: int,
-                n: int | None, m: int | None, bias: torch.Tensor | None) -> torch.Tensor:
-    """x: (tokens, in_features) -> (tokens, out); ``sparse_linear`` with backend ``auto``."""
-    return sparse_linear(x, bitmask, values, in_features, bias=bias, backend="auto", n=n, m=m)
-
-
-@vllm_linear.register_fake
-def _(x, bitmask, values, in_features, n, m, bias):
-    torch._check(x.shape[-1] == in_features,
-                 lambda: f"atv_sparse vllm_linear: x has {x.shape[-1]} features, the layer takes {in_features}")
-    return x.new_empty(*x.shape[:-1], bitmask.shape[0])
 
 
 class AtvSparseLinearMethod(LinearMethodBase):
@@ -68,12 +50,13 @@ class AtvSparseLinearMethod(LinearMethodBase):
         rows, cols = sum(output_partition_sizes), input_size_per_partition
         n, m = self.pattern.n, self.pattern.m
         # zeros, not empty: a part the checkpoint never filled then fails validation after loading
-        bitmask = Parameter(torch.zeros(rows, -(-cols // 8), dtype=torch.uint8), requires_grad=False)
+        bitmask = Parameter(torch.zeros(bitmask_shape(rows, cols), dtype=torch.uint8), requires_grad=False)
         layer.atv_in_features = cols
         if self.pattern.is_nm:
-            values = Parameter(torch.zeros(rows, cols * n // m, dtype=params_dtype), requires_grad=False)
-            for param, name, width in ((bitmask, "weight_bitmask", -(-input_size // 8)),
-                                       (values, "weight_values", input_size * n // m)):
+            values = Parameter(torch.zeros(values_shape(rows, cols, n, m), dtype=params_dtype), requires_grad=False)
+            # the checkpoint's widths (all ranks' columns): what vLLM's loaders narrow
+            for param, name, width in ((bitmask, "weight_bitmask", bitmask_shape(rows, input_size)[1]),
+                                       (values, "weight_values", values_shape(rows, input_size, n, m)[1])):
                 set_weight_attrs(param, {"output_dim": 0, "input_dim": 1,
                                          "weight_loader": _checked_loader(self.prefix, name, width, vllm_loader)})
         else:
@@ -92,15 +75,10 @@ class AtvSparseLinearMethod(LinearMethodBase):
         if parts is not None:
             layer.weight_values.data = parts.finish(layer.weight_values.dtype)
             del layer.atv_unstructured_parts
-        bitmask, values = layer.weight_bitmask.data, layer.weight_values.data
-        validate_compressed(self.prefix, bitmask, values, bitmask.shape[0], layer.atv_in_features,
-                            self.pattern.n, self.pattern.m)
-        layer.weight_bitmask.data = bitmask.contiguous()
-        layer.weight_values.data = values.contiguous()
+        serving.prepare_layer(layer, layer.atv_in_features, self.pattern, self.prefix)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.ops.atv_sparse.vllm_linear(x, layer.weight_bitmask, layer.weight_values, layer.atv_in_features,
-                                                self.pattern.n, self.pattern.m, bias)
+        return serving.forward(layer, x, bias)
 
 
 def _part_name(prefix: str, shard_id) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.bitmask import pack_bitmask, unpack_bitmask
+from ..formats.bitmask import bitmask_shape, pack_bitmask, unpack_bitmask
 
 ROWS_PER_CHUNK = 1024  # bounds the (rows, in) int64 position table at load time
 
@@ -43,5 +43,5 @@ def slice_compressed(bitmask: torch.Tensor, values: torch.Tensor, in_features: i
         pieces.append(values[pos[:, cols][sub]])
         masks.append(pack_bitmask(sub))
     if not masks:
-        return torch.zeros(0, -(-cols.numel() // 8), dtype=torch.uint8), values[:0]
+        return torch.zeros(bitmask_shape(0, cols.numel()), dtype=torch.uint8), values[:0]
     return torch.cat(masks), torch.cat(pieces)

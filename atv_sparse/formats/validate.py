@@ -1,6 +1,6 @@
 """The checks every loader runs on a checkpoint directory before it reads a single tensor.
 
-``preflight(dir)``: config.json parsed strictly, each ``quantization_config`` copy validated
+``validate_checkpoint(dir)``: config.json parsed strictly, each ``quantization_config`` copy validated
 (``spec.check_model_config``), the index and every shard header validated
 (``safetensors_io``). ``atv_sparse.load``, the transformers quantizer and the vLLM plugin all
 call it, so a file one of them refuses, the others refuse with the same message.
@@ -54,7 +54,7 @@ def check_config(config: dict, where: str) -> Pattern | None:
     return check_model_config(config, where)
 
 
-def preflight(model_dir: str | Path) -> CheckedCheckpoint:
+def validate_checkpoint(model_dir: str | Path) -> CheckedCheckpoint:
     """Validate ``model_dir``'s config.json, index and shard headers; read no tensor data."""
     model_dir = Path(model_dir)
     config = read_config_json(model_dir)
