@@ -3,7 +3,7 @@
     python benchmarks/tiny_model/train.py --out benchmarks/tiny_model/run   # the shipped recipe, 78 min
 
 Recipe (fixed seeds; one process, ``--threads`` torch threads):
-- model, tokenizer and processor from ``atv_sparse.tiny_vlm`` (untrained, ``--seed``);
+- model, tokenizer and processor from ``atv_sparse.tinybench.model`` (untrained, ``--seed``);
 - each step: ``--batch-image`` multi-turn conversations about one image each (the first turn is
   a train-split item of a task drawn with the current task weights, then ``--min-turns - 1`` to
   ``--max-turns - 1`` more questions or a caption about the same image: extra answers cost a few
@@ -29,7 +29,7 @@ Recipe (fixed seeds; one process, ``--threads`` torch threads):
   over ``--steps`` or ``--max-minutes``, whichever ends first; the vision tower and projector
   at ``--vision-lr-scale`` times that; gradient clipping at 1.0;
 - every ``--eval-minutes``: teacher-forced exact match (answer + EOS, the scorer of
-  ``atv_sparse.evaluate``) on ``--eval-per-task`` held-out items per task from the calibration
+  ``atv_sparse.tinybench.scoring``) on ``--eval-per-task`` held-out items per task from the calibration
   split (never the test split), logged per task; the task weights become
   ``0.2 + (1 - accuracy)``, so the tasks the model gets wrong are drawn more often; the model,
   optimizer and RNG states are saved to OUT/checkpoint (``--resume`` continues from there),
@@ -58,8 +58,8 @@ import numpy  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from atv_sparse import tiny_vlm  # noqa: E402
-from atv_sparse.data import synthetic  # noqa: E402
+from atv_sparse.tinybench import model as tiny_vlm  # noqa: E402
+from atv_sparse.tinybench import tasks as synthetic  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -286,12 +286,49 @@ def per_turn_mean(losses: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
     return total / torch.bincount(turn, minlength=n).to(losses.dtype)
 
 
+class ConversationEncoder:
+    """Token ids and answer labels of chat-formatted conversations, as the processor would build them.
+
+    ``encode(turns, has_image)`` -> (input_ids, labels), 1-D int64; labels are -100 except on each
+    answer and its EOS. The text is split at turn boundaries, which are pre-token boundaries of the
+    byte-level BPE ("ASSISTANT:" | " answer" | "</s>" | "USER: "), so the concatenated pieces are
+    the ids of the whole string; the pieces are cached.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+        self._cache: dict[str, list[int]] = {}
+
+    def _ids(self, text: str) -> list[int]:
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(self._cache) < 200_000:
+                self._cache[text] = ids
+        return ids
+
+    def encode(self, turns: list[tuple[str, str]], has_image: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        bos, eos = self.tokenizer.bos_token, self.tokenizer.eos_token
+        ids, labels = [], []
+        for k, (question, answer) in enumerate(turns):
+            head = f"{bos}USER: " if k == 0 else "USER: "
+            prompt = self._ids(f"{head}{question} ASSISTANT:")
+            if k == 0 and has_image:
+                prompt = (self._ids(f"{bos}USER: ") + [self.image_token_id] * tiny_vlm.NUM_IMAGE_TOKENS
+                          + self._ids(f"\n{question} ASSISTANT:"))
+            reply = self._ids(f" {answer}{eos}")
+            ids += prompt + reply
+            labels += [-100] * len(prompt) + reply
+        return torch.tensor(ids), torch.tensor(labels)
+
+
 class Batcher:
     """Draws training conversations and turns them into model inputs."""
 
     def __init__(self, processor, args, rng: random.Random):
         self.processor, self.args, self.rng = processor, args, rng
-        self.encoder = tiny_vlm.ConversationEncoder(processor.tokenizer)
+        self.encoder = ConversationEncoder(processor.tokenizer)
         self.pad_id = processor.tokenizer.pad_token_id
         self.weights = {task: 1.0 for task in synthetic.TASKS}
         self._pool: list = []
@@ -336,7 +373,7 @@ class Batcher:
 @torch.no_grad()
 def validate(model, processor, items: list[synthetic.Item], batch_size: int = 64) -> dict:
     """Teacher-forced exact match and mean answer NLL per task on single-turn ``items``."""
-    encoder = tiny_vlm.ConversationEncoder(processor.tokenizer)
+    encoder = ConversationEncoder(processor.tokenizer)
     model.eval()
     correct: dict[str, list[bool]] = {}
     nll: dict[str, list[float]] = {}
