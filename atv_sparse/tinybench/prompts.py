@@ -10,6 +10,8 @@ from .items import EvalItem
 
 
 def chat_messages(item: EvalItem, with_answer: bool) -> list[dict]:
+    """The item as chat messages: the user's question (after an image slot when it has an image),
+    then, ``with_answer``, the assistant's reference answer."""
     content = ([{"type": "image"}] if item.image is not None else []) + [{"type": "text", "text": item.question}]
     messages = [{"role": "user", "content": content}]
     if with_answer:
@@ -23,6 +25,8 @@ def tokenizer_of(processor):
 
 
 def process_batch(processor, items: list[EvalItem], texts: list[str], padding_side: str) -> dict:
+    """The processor's tensors for rendered chat ``texts`` and the items' images, padded on
+    ``padding_side`` (no second BOS when the template writes one)."""
     tokenizer = tokenizer_of(processor)
     images = [it.image for it in items if it.image is not None] or None
     kwargs = {"add_special_tokens": False} if tokenizer.bos_token and texts[0].startswith(tokenizer.bos_token) else {}
@@ -37,6 +41,7 @@ def process_batch(processor, items: list[EvalItem], texts: list[str], padding_si
 
 
 def end_of_turn_ids(model, tokenizer) -> set[int]:
+    """The tokenizer's EOS id and every EOS id of the model's generation config."""
     ids = {tokenizer.eos_token_id}
     gen = getattr(model, "generation_config", None)
     extra = getattr(gen, "eos_token_id", None) if gen is not None else None
