@@ -185,7 +185,7 @@ def run(argv: list[str] | None = None) -> dict:
     times: dict[str, float] = {}
     embedded = args.ckpt is None
     if embedded:
-        from .tiny_vlm import bundled_model_dir
+        from .tinybench.model import bundled_model_dir
 
         ckpt = bundled_model_dir()
         out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="atv-sparse-out-")) / "tiny-vlm-pruned"
@@ -349,7 +349,7 @@ def _multimodal_samples(args, ckpt: Path, adapter, processor):
     from transformers import AutoConfig
 
     from .calib.multimodal import build_sample, read_multimodal_file
-    from .data.synthetic import calibration_conversations
+    from .tinybench.tasks import calibration_conversations
 
     image_token_id = adapter.image_token_id(AutoConfig.from_pretrained(ckpt))
     token = getattr(processor, "image_token", None)
@@ -494,7 +494,10 @@ def _print_summary(s: dict) -> None:
 def _accuracy_report(ckpt: Path, out: str, per_task: int, device, quiet: bool) -> dict:
     """Dense (``ckpt``) vs pruned (``out``) accuracy on ``per_task`` synthetic test items per task,
     printed as a table; returns {"per_task", "dense", "pruned", "average_retention", "tasks"}."""
-    from .evaluate import compare, evaluate_model, load_model_and_processor, prepare_items, synthetic_items
+    from .tinybench.items import synthetic_items
+    from .tinybench.loading import load_model_and_processor
+    from .tinybench.metrics import compare
+    from .tinybench.scoring import evaluate_model, prepare_items
 
     t0 = time.perf_counter()
     items = synthetic_items(per_task, seed=0)

@@ -48,9 +48,9 @@ from pathlib import Path
 
 import torch
 
+from atv_sparse.tinybench.hardware import cpu_name
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from prune_time import cpu_name  # noqa: E402
 PATTERNS = ("2:4", "4:8", "50%", "60%", "70%")
 SEEDS = (0, 1, 2)
 # Row label -> (score / update rule of the driver, token selector).
@@ -102,9 +102,10 @@ def setup(args) -> dict:
     """Load the model, build both variants, the calibration samples per seed and the scored items."""
     from atv_sparse.analysis.outliers import add_outlier_channels
     from atv_sparse.calib.multimodal import build_sample
-    from atv_sparse.data.synthetic import calibration_conversations
-    from atv_sparse.evaluate import (cache_decoder_inputs, load_model_and_processor, prepare_items,
-                                     synthetic_items)
+    from atv_sparse.tinybench.items import synthetic_items
+    from atv_sparse.tinybench.loading import load_model_and_processor
+    from atv_sparse.tinybench.scoring import cache_decoder_inputs, prepare_items
+    from atv_sparse.tinybench.tasks import calibration_conversations
     from atv_sparse.models import adapter_for, read_config
     from atv_sparse.prune.selectors import SampleTokens
 
@@ -142,7 +143,7 @@ def parse_label(label: str):
 def run_job(job: Job) -> dict:
     """Prune a fresh copy of the job's dense model and score it: per task accuracy, NLL and the
     per-item correctness (a 0/1 string in item order), plus the driver's per-block report."""
-    from atv_sparse.evaluate import evaluate_model
+    from atv_sparse.tinybench.scoring import evaluate_model
 
     st = _STATE
     t0 = time.perf_counter()
@@ -415,7 +416,7 @@ def plot_atv_blocks(results: dict[Job, dict], args, path: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    from atv_sparse.tiny_vlm import bundled_model_dir
+    from atv_sparse.tinybench.model import bundled_model_dir
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -110,8 +110,7 @@ def part_environment(s: Suite) -> dict:
     import transformers
     import triton
 
-    sys.path.insert(0, str(BENCH))
-    from latency import copy_bandwidth_gbs, environment
+    from latency import copy_bandwidth_gbs, environment  # a sibling script: benchmarks/ is sys.path[0]
 
     from atv_sparse.ops.cuda_lib import cuda_library_status
 
@@ -196,14 +195,12 @@ def part_e2e(s: Suite) -> dict:
 def write_llava_next(path: Path, tiny: bool, layers: int) -> Path:
     """A random-weight LLaVA-NeXT checkpoint: the tests' tiny one, or with LLaVA-NeXT-8B's text shapes
     (``layers`` decoder layers; the vision tower stays small: conversion prunes the text model)."""
-    sys.path.insert(0, str(REPO))
     import torch
 
-    from tests import vlm_fixtures
+    from atv_sparse.tinybench.families import write_tiny_vlm
 
-    if not tiny:
-        vlm_fixtures.TEXT_DIMS = dict(LLAVA_NEXT_8B_TEXT, num_hidden_layers=layers)
-    return vlm_fixtures.write_tiny_vlm(path, "llava_next", dtype=torch.float32 if tiny else torch.bfloat16)
+    text_dims = None if tiny else dict(LLAVA_NEXT_8B_TEXT, num_hidden_layers=layers)
+    return write_tiny_vlm(path, "llava_next", dtype=torch.float32 if tiny else torch.bfloat16, text_dims=text_dims)
 
 
 def part_convert(s: Suite) -> dict:

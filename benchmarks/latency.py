@@ -33,8 +33,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 SHAPES = {  # name: (out, in, gated); q/k/v and gate/up fused as the loader fuses them
     "llama3-8b": {"qkv": (6144, 4096, False), "o": (4096, 4096, False), "gate_up": (28672, 4096, True),
                   "down": (4096, 14336, False)},

@@ -32,8 +32,8 @@ KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 def measure(model_dir: Path, nsamples: int, seeds: tuple[int, ...]) -> dict:
     from atv_sparse.analysis.modality_gap import modality_gap, visual_share
     from atv_sparse.calib.multimodal import build_sample
-    from atv_sparse.data.synthetic import calibration_conversations
-    from atv_sparse.evaluate import load_model_and_processor
+    from atv_sparse.tinybench.tasks import calibration_conversations
+    from atv_sparse.tinybench.loading import load_model_and_processor
     from atv_sparse.models import adapter_for, read_config
     from atv_sparse.prune.selectors import SampleTokens
 
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.model is None:
-        from atv_sparse.tiny_vlm import bundled_model_dir
+        from atv_sparse.tinybench.model import bundled_model_dir
         args.model = str(bundled_model_dir())
     r = measure(Path(args.model), args.nsamples, tuple(args.seeds))
     out = Path(args.out)

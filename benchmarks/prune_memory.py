@@ -51,9 +51,8 @@ def build(shape: str, out: Path, seed: int = 0) -> Path:
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    sys.path.insert(0, str(HERE.parent))
     from atv_sparse.calib import default_calibration_text
-    from atv_sparse.tiny import train_tiny_tokenizer
+    from atv_sparse.tinybench.tokenizer import train_tiny_tokenizer
 
     dims = SHAPES[shape]
     config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=5e5,
@@ -181,7 +180,6 @@ def validate(out: Path, in_features: dict[str, int] | None = None) -> int:
     (dtypes, shapes, N:M groups, popcounts). Returns the number of linears checked."""
     from safetensors import safe_open
 
-    sys.path.insert(0, str(HERE.parent))
     from atv_sparse.formats.bitmask import validate_compressed
     from atv_sparse.formats.safetensors_io import checkpoint_files, checkpoint_tensors
     from atv_sparse.formats.spec import check_quantization_config

@@ -15,13 +15,13 @@ import contextlib
 import datetime
 import io
 import json
-import platform
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from atv_sparse.tinybench.hardware import cpu_name
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("magnitude", "wanda", "sparsegpt", "tamp", "atv")
@@ -35,16 +35,6 @@ def prune_seconds(ckpt: Path, method: str, args, out: Path) -> float:
         summary = run([str(ckpt), "--method", method, "--pattern", args.pattern, "--nsamples", str(args.nsamples),
                        "--device", args.device, "--out", str(out), "--overwrite", "--quiet"])
     return sum(summary["timings_s"].get(p, 0.0) for p in PHASES)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def main() -> None:
@@ -62,8 +52,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.model
         if ckpt is None:
-            sys.path.insert(0, str(HERE.parent / "tests"))
-            from vlm_fixtures import write_tiny_vlm
+            from atv_sparse.tinybench.families import write_tiny_vlm
 
             ckpt = write_tiny_vlm(Path(tmp) / "tiny-llava-next", "llava_next")
         prune_seconds(ckpt, "wanda", args, Path(tmp) / "warmup")

@@ -51,7 +51,7 @@ def main() -> int:
                  "c": torch.zeros(0, 4), "d": torch.tensor(True)}, corpus / "header" / "dense.safetensors")
 
     from atv_sparse.convert import main as convert
-    from atv_sparse.tiny_vlm import bundled_model_dir
+    from atv_sparse.tinybench.model import bundled_model_dir
 
     with tempfile.TemporaryDirectory() as tmp:
         assert convert([str(bundled_model_dir()), "--out", f"{tmp}/o", "--method", "magnitude", "--quiet"]) == 0

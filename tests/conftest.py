@@ -23,7 +23,7 @@ def write_tiny_model(path, family: str, seed: int = 0, dtype=torch.float32, **ov
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from atv_sparse.calib import default_calibration_text
-    from atv_sparse.tiny import train_tiny_tokenizer
+    from atv_sparse.tinybench.tokenizer import train_tiny_tokenizer
 
     dims = {**TEXT_DIMS, **overrides}
     if family == "llama":

@@ -11,7 +11,7 @@ from atv_sparse.convert import run
 from atv_sparse.prune.ablation_tokens import (DbsTokens, DriftFixedTokens, calibrate_scale, max_min_diversity,
                                               total_budget, visual_attention)
 from atv_sparse.prune.selectors import SampleTokens
-from vlm_fixtures import write_tiny_vlm
+from atv_sparse.tinybench.families import write_tiny_vlm
 
 
 def test_visual_attention_matches_direct_loop():

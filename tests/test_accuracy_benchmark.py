@@ -1,15 +1,12 @@
 """benchmarks/accuracy.py: the quick subset end to end on the bundled model, and its statistics."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
+from script_modules import load_script
 
-import accuracy  # noqa: E402
+accuracy = load_script("benchmarks/accuracy.py")
 
 
 def _result(bits: dict[str, str]) -> dict:

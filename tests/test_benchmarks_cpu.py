@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from script_modules import load_script
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
+llama_decode = load_script("benchmarks/llama_decode.py")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
@@ -30,26 +32,22 @@ def tiny_hf_llama():
 
 
 def test_decoder_matches_transformers_prefill_and_cached_decode():
-    from llama_decode import from_hf, generate
-
     hf = tiny_hf_llama()
-    mine = from_hf(hf).eval()
+    mine = llama_decode.from_hf(hf).eval()
     ids = torch.randint(0, 96, (1, 9))
     with torch.no_grad():
         ref = hf(ids).logits
         got = mine(ids, torch.arange(9))
         assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4)
-        tokens, _ = generate(mine, ids, 6, cuda_graph=False)
+        tokens, _ = llama_decode.generate(mine, ids, 6, cuda_graph=False)
         ref_tokens = hf.generate(ids, max_new_tokens=6, do_sample=False)[0, 9:]
     assert torch.equal(tokens[0], ref_tokens)
 
 
 def test_sparsified_decoder_uses_sparse_linears_with_the_same_function():
-    from llama_decode import from_hf, sparsify
-
     from atv_sparse.nn.sparse_linear import SparseLinear
 
-    mine = from_hf(tiny_hf_llama()).eval()
+    mine = llama_decode.from_hf(tiny_hf_llama()).eval()
     ids = torch.randint(0, 96, (1, 7))
     pruned = {}
     for i, block in enumerate(mine.layers):  # the expected result: dense linears with magnitude 2:4 zeros
@@ -62,7 +60,7 @@ def test_sparsified_decoder_uses_sparse_linears_with_the_same_function():
         for (i, attr), w in pruned.items():
             getattr(mine.layers[i], attr).weight.copy_(w)
         expected = mine(ids, torch.arange(7))
-        sparsify(mine, "2:4")
+        llama_decode.sparsify(mine, "2:4")
         got = mine(ids, torch.arange(7))
     assert all(isinstance(getattr(b, a), SparseLinear) for b in mine.layers for a in ("wqkv", "w_down"))
     assert mine.layers[0].w_gate_up.gated

@@ -1,9 +1,8 @@
-"""The one block walk: prune/ imports downward only, and every pass walks the blocks through walk.py."""
+"""The one block walk: prune/ imports downward only (no circle: tests/test_imports.py), and every pass
+walks the blocks through walk.py."""
 
 import ast
 from pathlib import Path
-
-import pytest
 
 import atv_sparse
 
@@ -26,24 +25,6 @@ def _prune_imports() -> dict[str, set[str]]:
                 deps.add(node.module.split(".")[2])
         graph[name] = deps - {name}
     return graph
-
-
-def test_prune_has_no_import_cycle():
-    graph = _prune_imports()
-    state: dict[str, int] = {}
-
-    def visit(node, stack):
-        state[node] = 1
-        for dep in graph.get(node, ()):
-            if state.get(dep) == 1:
-                pytest.fail("import cycle in atv_sparse.prune: " + " -> ".join(stack + [node, dep]))
-            if dep not in state:
-                visit(dep, stack + [node])
-        state[node] = 2
-
-    for node in graph:
-        if node not in state:
-            visit(node, [])
 
 
 def test_walk_is_the_bottom_layer():

@@ -12,12 +12,12 @@ from PIL import Image
 from transformers import ProcessorMixin
 
 from atv_sparse.calib.multimodal import Conversation, build_sample, read_multimodal_file
-from atv_sparse.calib.synthetic import synthetic_conversations
+from atv_sparse.tinybench.tasks import calibration_conversations
 from atv_sparse.errors import AtvSparseError
 from atv_sparse.models.processors import (IMAGE_ONLY_PROCESSORS, load_processor,
                                           register_image_only_processors)
 
-from vlm_fixtures import ARCHITECTURES, FAMILIES, write_tiny_vlm
+from atv_sparse.tinybench.families import ARCHITECTURES, FAMILIES, write_tiny_vlm
 
 # Image tokens for one 96 x 96 synthetic image (measured; tiny-models.md section 3 explains them):
 # LLaVA-1.5: 4 x 4 patches of the 56 px crop = 16.
@@ -28,7 +28,7 @@ EXPECTED_IMAGE_TOKENS = {"llava": 16, "llava_next": 24, "llava_onevision": 46, "
 ORIGINAL_PROCESSOR_CLASS = {"llava_onevision": "LlavaOnevisionProcessor", "qwen2_vl": "Qwen2VLProcessor",
                             "qwen2_5_vl": "Qwen2_5_VLProcessor"}
 
-IMAGE_CONV = synthetic_conversations(1, seed=3)[0]
+IMAGE_CONV = calibration_conversations(1, seed=3, size=96)[0]
 TEXT_CONV = Conversation(image=None, turns=[("user", "What is sparsity?"), ("assistant", "Zero weights.")],
                          source="text-only test sample")
 
@@ -181,21 +181,6 @@ def test_missing_file(tmp_path):
         read_multimodal_file(tmp_path / "nope.jsonl")
 
 
-# ---------------------------------------------------------------- synthetic set
-
-def test_synthetic_is_deterministic():
-    a, b, c = (synthetic_conversations(16, seed=s) for s in (0, 0, 1))
-    assert [x.turns for x in a] == [x.turns for x in b]
-    assert all(x.image.tobytes() == y.image.tobytes() for x, y in zip(a, b, strict=True))
-    assert [x.turns for x in a] != [x.turns for x in c]
-    assert any(x.image.tobytes() != y.image.tobytes() for x, y in zip(a, c, strict=True))
-    for conv in a:
-        assert conv.image.mode == "RGB" and conv.image.size == (96, 96)
-        assert [role for role, _ in conv.turns] == ["user", "assistant"]
-        assert all(text.strip() for _, text in conv.turns)
-    assert synthetic_conversations(2, seed=0, size=64)[0].image.size == (64, 64)
-
-
 # ---------------------------------------------------------------- processed samples, every family
 
 def consumed_image_positions(model, sample):
@@ -228,10 +213,12 @@ def test_samples_run_through_the_model(vlm_dirs, models, family):
     is_image = sample["input_ids"] == image_token_id
     assert int(is_image.sum()) == EXPECTED_IMAGE_TOKENS[family]
     assert torch.equal(consumed_image_positions(model, sample), is_image)
-    # The whole conversation is there: the answer's tokens end the sequence (bar template suffixes).
-    answer_ids = processor.tokenizer(IMAGE_CONV.turns[1][1], add_special_tokens=False).input_ids
+    # The whole conversation is there: the answer's tokens are in the sequence, tokenized as the
+    # template places the answer (after LLaVA's "ASSISTANT: ", a space the BPE merges into the word).
+    answer = IMAGE_CONV.turns[1][1]
+    answers = [processor.tokenizer(text, add_special_tokens=False).input_ids for text in (answer, " " + answer)]
     ids = sample["input_ids"][0].tolist()
-    assert any(ids[i:i + len(answer_ids)] == answer_ids for i in range(len(ids)))
+    assert any(ids[i:i + len(a)] == a for a in answers for i in range(len(ids)))
 
     text = build_sample(processor, TEXT_CONV, image_token_id)
     assert "pixel_values" not in text and int((text["input_ids"] == image_token_id).sum()) == 0

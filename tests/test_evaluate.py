@@ -8,11 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from atv_sparse import tiny_vlm
 from atv_sparse.errors import AtvSparseError
-from atv_sparse.evaluate import (compare, evaluate_model, exact_match, limit_items, load_model_and_processor, main,
-                                 normalize_answer, paired_difference, read_eval_file, retention, summarize,
-                                 synthetic_items, text_perplexity)
+from atv_sparse.evaluate import main
+from atv_sparse.tinybench import model as tiny_vlm
+from atv_sparse.tinybench.items import limit_items, read_eval_file, synthetic_items
+from atv_sparse.tinybench.loading import load_model_and_processor
+from atv_sparse.tinybench.metrics import compare, exact_match, normalize_answer, paired_difference, retention, summarize
+from atv_sparse.tinybench.perplexity import text_perplexity
+from atv_sparse.tinybench.scoring import evaluate_model
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +239,7 @@ def test_prepared_and_cached_decoder_inputs_score_like_the_plain_path(vlm_dir):
     came from and for a copy with pruned (here: perturbed) decoder linears."""
     import copy
 
-    from atv_sparse.evaluate import cache_decoder_inputs, prepare_items
+    from atv_sparse.tinybench.scoring import cache_decoder_inputs, prepare_items
 
     model, processor = load_model_and_processor(vlm_dir)
     items = synthetic_items(3, seed=5)

@@ -5,37 +5,21 @@ Each input either loads or is refused with AtvSparseError; any other exception f
 coverage-guided fuzzing of the same targets is .ci/fuzz.sh (atheris).
 """
 
-import importlib.util
 import json
 import random
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
 import atv_sparse
 from atv_sparse.convert import main
 from atv_sparse.errors import AtvSparseError
 
-FUZZ = Path(__file__).resolve().parent.parent / "fuzz"
-
-
-def _fuzz_module(name):
-    sys.path.insert(0, str(FUZZ))
-    try:
-        spec = importlib.util.spec_from_file_location(name, FUZZ / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(FUZZ))
-
-
-targets = _fuzz_module("targets")
-mutate = _fuzz_module("mutate")
+targets = load_script("fuzz/targets.py")  # before mutate.py, which imports it by name
+mutate = load_script("fuzz/mutate.py")
 
 
 @pytest.mark.parametrize("target", targets.TARGETS)

@@ -3,13 +3,10 @@ do_bench's return type, per-call work in the stateless op, host-to-device copies
 capture forbids, negative cuSPARSELt algorithm ids, the error order on a GPU machine, the
 one-config switch, and the position decode without a table."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from script_modules import load_script
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -21,8 +18,6 @@ from atv_sparse.nn import sparse_linear as sl_module
 from atv_sparse.nn.sparse_linear import SparseLinear
 from atv_sparse.ops.dispatch import BUCKETS, Plan, plan_from_entry
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def nm_pair(out_f, in_f, n, m, seed, dtype=torch.float16):
     gen = torch.Generator().manual_seed(seed)
@@ -33,14 +28,7 @@ def nm_pair(out_f, in_f, n, m, seed, dtype=torch.float16):
 
 
 def load_benchmark(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return module
+    return load_script(f"benchmarks/{name}.py")
 
 
 # --- a. triton.testing.do_bench with one quantile returns a float ------------------------------------

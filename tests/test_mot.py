@@ -10,14 +10,14 @@ from transformers import AutoConfig
 
 from atv_sparse.analysis.mot import MoTLinear, attach_mot, mot_prune
 from atv_sparse.calib.multimodal import build_sample
-from atv_sparse.calib.synthetic import synthetic_conversations
+from atv_sparse.tinybench.tasks import calibration_conversations
 from atv_sparse.errors import AtvSparseError
 from atv_sparse.formats.bitmask import unpack_bitmask
 from atv_sparse.models import adapter_for, read_config
 from atv_sparse.models.processors import load_processor
 from atv_sparse.patterns import parse_pattern
 from reference_pruners import ref_nm_keep, ref_unstructured_keep
-from vlm_fixtures import write_tiny_vlm
+from atv_sparse.tinybench.families import write_tiny_vlm
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
@@ -33,7 +33,8 @@ def vlms(tmp_path_factory):
         ckpt = write_tiny_vlm(base / fam, fam, seed=4)
         token_id = AutoConfig.from_pretrained(ckpt).image_token_id
         processor = load_processor(ckpt)
-        out[fam] = ckpt, [build_sample(processor, conv, token_id) for conv in synthetic_conversations(NSAMPLES, seed=9)]
+        convs = calibration_conversations(NSAMPLES, seed=9, size=96)
+        out[fam] = ckpt, [build_sample(processor, conv, token_id) for conv in convs]
     return out
 
 

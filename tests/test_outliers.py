@@ -11,7 +11,7 @@ from torch import nn
 
 from atv_sparse.analysis.outliers import add_outlier_channels, choose_channels, main
 from atv_sparse.calib.multimodal import build_sample
-from atv_sparse.calib.synthetic import synthetic_conversations
+from atv_sparse.tinybench.tasks import calibration_conversations
 from atv_sparse.errors import AtvSparseError
 from atv_sparse.formats.bitmask import unpack_bitmask
 from atv_sparse.models import adapter_for, read_config
@@ -19,7 +19,7 @@ from atv_sparse.models.processors import load_processor
 from atv_sparse.patterns import parse_pattern
 from atv_sparse.prune.driver import prune_blocks
 from atv_sparse.prune.magnitude import magnitude_mask
-from vlm_fixtures import write_tiny_vlm
+from atv_sparse.tinybench.families import write_tiny_vlm
 
 FAMILIES = ["llama", "qwen2", "llava", "qwen2_vl"]
 
@@ -40,7 +40,7 @@ def samples_for(ckpt, model, n, seed=0):
     if getattr(model.config, "image_token_id", None) is not None:
         processor = load_processor(ckpt)
         return [build_sample(processor, conv, model.config.image_token_id)
-                for conv in synthetic_conversations(n, seed=seed)]
+                for conv in calibration_conversations(n, seed=seed, size=96)]
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(0, model.config.vocab_size, (1, 32), generator=g)} for _ in range(n)]
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from atv_sparse import convert, preflight
 from atv_sparse.models.lazy import LazyWeights
-from atv_sparse.tiny_vlm import bundled_model_dir
+from atv_sparse.tinybench.model import bundled_model_dir
 from test_bad_input import fails
 
 

@@ -18,7 +18,7 @@ from atv_sparse.formats.checkpoint import ShardWriter
 from atv_sparse.models import adapter as adapter_mod
 from atv_sparse.models.lazy import LazyWeights
 from conftest import write_tiny_model
-from vlm_fixtures import FAMILIES, write_tiny_vlm
+from atv_sparse.tinybench.families import FAMILIES, write_tiny_vlm
 
 TEXT = ["--nsamples", "3", "--seqlen", "24", "--quiet"]
 VLM = ["--nsamples", "2", "--quiet"]

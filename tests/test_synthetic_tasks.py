@@ -7,11 +7,11 @@ from collections import Counter
 import pytest
 
 from atv_sparse.calib.multimodal import Conversation
-from atv_sparse.data import synthetic
-from atv_sparse.data.scenes import COLOURS, GRID, IMAGE_SIZE, Obj, Scene, caption
-from atv_sparse.data.synthetic import (ARITHMETIC_TEMPLATES, FACT_TEMPLATES, IMAGE_TASKS, SPLITS, TASKS, TEXT_TASKS,
-                                       arithmetic_items, calibration_conversations, generate, knowledge_base,
-                                       split_of)
+from atv_sparse.tinybench import tasks as synthetic
+from atv_sparse.tinybench.scenes import COLOURS, GRID, IMAGE_SIZE, Obj, Scene, caption
+from atv_sparse.tinybench.tasks import (ARITHMETIC_TEMPLATES, FACT_TEMPLATES, IMAGE_TASKS, SPLITS, TASKS, TEXT_TASKS,
+                                        arithmetic_items, calibration_conversations, generate, knowledge_base,
+                                        split_of)
 
 N_SPLIT = 150  # items per split in the disjointness checks
 
@@ -32,10 +32,15 @@ def test_calibration_conversations_deterministic():
     a, b = calibration_conversations(12, seed=3), calibration_conversations(12, seed=3)
     assert all(isinstance(c, Conversation) for c in a)
     assert [(c.turns, c.image.tobytes()) for c in a] == [(c.turns, c.image.tobytes()) for c in b]
-    assert [c.turns for c in a] != [c.turns for c in calibration_conversations(12, seed=4)]
+    other = calibration_conversations(12, seed=4)
+    assert [c.turns for c in a] != [c.turns for c in other]
+    assert any(x.image.tobytes() != y.image.tobytes() for x, y in zip(a, other, strict=True))
     for c in a:
-        assert c.image.size == (IMAGE_SIZE, IMAGE_SIZE)
+        assert c.image.mode == "RGB" and c.image.size == (IMAGE_SIZE, IMAGE_SIZE)
         assert [role for role, _ in c.turns] == ["user", "assistant"] * (len(c.turns) // 2)
+        assert all(text.strip() for _, text in c.turns)
+    bigger = calibration_conversations(12, seed=3, size=96)
+    assert [c.turns for c in bigger] == [c.turns for c in a] and bigger[0].image.size == (96, 96)
     assert any(text == "Describe the image." for c in a for _, text in c.turns)  # captions are in the mix
 
 

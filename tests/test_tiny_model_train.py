@@ -1,16 +1,13 @@
 """The training-only labels of benchmarks/tiny_model/train.py agree with the tasks' answers."""
 
 import random
-import sys
-from pathlib import Path
 
 import torch
+from script_modules import load_script
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "tiny_model"))
+from atv_sparse.tinybench import tasks as synthetic
 
-import train  # noqa: E402
-
-from atv_sparse.data import synthetic  # noqa: E402
+train = load_script("benchmarks/tiny_model/train.py")
 
 
 def _turns(seed: int, per_task: int = 40):

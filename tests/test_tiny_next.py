@@ -1,4 +1,4 @@
-"""The tiny LLaVA-NeXT builder (atv_sparse.tiny_next): anyres inputs through the real
+"""The tiny LLaVA-NeXT builder (atv_sparse.tinybench.next_model): anyres inputs through the real
 LlavaNextProcessor path, and training stages that freeze what they say they freeze."""
 
 import random
@@ -6,8 +6,10 @@ import random
 import pytest
 import torch
 
-from atv_sparse import tiny_next, tiny_vlm
-from atv_sparse.data import synthetic
+from atv_sparse.tinybench import model as tiny_vlm
+from atv_sparse.tinybench import next_model as tiny_next
+from atv_sparse.tinybench import tasks as synthetic
+from atv_sparse.tinybench.training import ConversationEncoder
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +98,7 @@ def test_stage_trains_exactly_its_groups(processor, stage):
 def test_training_encoder_builds_the_processor_ids(processor):
     """The training script encodes conversations by hand (ConversationEncoder with 336 image
     tokens); the ids must be exactly what LlavaNextProcessor builds from the chat template."""
-    encoder = tiny_vlm.ConversationEncoder(processor.tokenizer, tiny_next.NUM_IMAGE_TOKENS)
+    encoder = ConversationEncoder(processor.tokenizer, tiny_next.NUM_IMAGE_TOKENS)
     rng = random.Random("encoder")
     for task in ("attribute", "ocr", "mcq"):
         item = synthetic.draw_item(task, "train", rng)

@@ -5,13 +5,16 @@ import json
 
 import pytest
 import torch
+from script_modules import load_script
 from torch import nn
 
-from atv_sparse import tiny_vlm
 from atv_sparse.calib.multimodal import build_sample
-from atv_sparse.data import synthetic
-from atv_sparse.evaluate import evaluate_model, load_model_and_processor, synthetic_items
 from atv_sparse.models.processors import load_processor
+from atv_sparse.tinybench import model as tiny_vlm
+from atv_sparse.tinybench import tasks as synthetic
+from atv_sparse.tinybench.items import synthetic_items
+from atv_sparse.tinybench.loading import load_model_and_processor
+from atv_sparse.tinybench.scoring import evaluate_model
 
 BUNDLED = tiny_vlm.bundled_model_dir()
 # Items per task in the reproduction check: the first 20 of the model card's 500 (same seed).
@@ -75,8 +78,9 @@ def test_build_is_deterministic(processor, untrained):
 
 
 def test_training_encoder_matches_the_processor(processor):
-    """The ids train.py feeds the model are the ids the processor makes from the chat template."""
-    encoder = tiny_vlm.ConversationEncoder(processor.tokenizer)
+    """The ids benchmarks/tiny_model/train.py feeds the model are the ids the processor makes."""
+    train = load_script("benchmarks/tiny_model/train.py")
+    encoder = train.ConversationEncoder(processor.tokenizer)
     rng = __import__("random").Random(0)
     extra = {task: 1.0 for task in synthetic.IMAGE_TASKS} | {"caption": 1.0}
     checked = 0

@@ -10,14 +10,14 @@ from transformers import AutoConfig
 
 import atv_sparse
 from atv_sparse.calib.multimodal import build_sample
-from atv_sparse.calib.synthetic import synthetic_conversations
+from atv_sparse.tinybench.tasks import calibration_conversations
 from atv_sparse.convert import main, run
 from atv_sparse.models import adapter_for, read_config
 from atv_sparse.models.processors import load_processor
 from atv_sparse.nn import SparseLinear
 from atv_sparse.prune.driver import prune_blocks
 from atv_sparse.prune.selectors import MixedTokens
-from vlm_fixtures import ARCHITECTURES, FAMILIES, write_tiny_vlm
+from atv_sparse.tinybench.families import ARCHITECTURES, FAMILIES, write_tiny_vlm
 
 QUICK = ["--nsamples", "3", "--quiet"]
 
@@ -31,7 +31,7 @@ def vlm_dirs(tmp_path_factory):
 def image_sample(ckpt):
     processor = load_processor(ckpt)
     token_id = AutoConfig.from_pretrained(ckpt).image_token_id
-    return build_sample(processor, synthetic_conversations(1, seed=7)[0], token_id)
+    return build_sample(processor, calibration_conversations(1, seed=7, size=96)[0], token_id)
 
 
 def dense_state(out):
@@ -117,7 +117,7 @@ class _Spy(MixedTokens):
 def test_blocks_get_the_models_own_mrope_positions(vlm_dirs, family):
     ckpt = vlm_dirs[family]
     adapter = adapter_for(read_config(ckpt), ckpt)
-    samples = [image_sample(ckpt), build_sample(load_processor(ckpt), synthetic_conversations(2, seed=1)[1],
+    samples = [image_sample(ckpt), build_sample(load_processor(ckpt), calibration_conversations(2, seed=1, size=96)[1],
                                                 AutoConfig.from_pretrained(ckpt).image_token_id)]
     # What the unmodified model gives each of its layers.
     model = adapter.load(ckpt)

@@ -41,7 +41,7 @@ def write_tiny_model(path: Path, family: str, seed: int, **overrides) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from atv_sparse.calib import default_calibration_text
-    from atv_sparse.tiny import train_tiny_tokenizer
+    from atv_sparse.tinybench.tokenizer import train_tiny_tokenizer
 
     dims = {**DIMS, **overrides}
     specials = ["<s>", "</s>"] if family == "llama" else ["<|endoftext|>", "<|im_end|>"]

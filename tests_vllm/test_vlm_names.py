@@ -8,8 +8,6 @@ the model's ``hf_to_vllm_mapper`` rules (copied from vllm/model_executor/models/
 """
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,8 +24,7 @@ IGNORED = "model.language_model.layers.1.mlp.down_proj"
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from vlm_fixtures import write_tiny_vlm
+    from atv_sparse.tinybench.families import write_tiny_vlm
 
     root = tmp_path_factory.mktemp("llava")
     src = write_tiny_vlm(root / "llava", "llava")
@@ -55,7 +52,7 @@ def test_llava_language_linears_sparse_and_vision_dense(llava, source, monkeypat
     config.apply_vllm_mapper(WeightsMapper(orig_to_new_prefix=LLAVA_PREFIXES))
     config.packed_modules_mapping = PACKED
 
-    # text config: hidden 64, 4 heads of 16, 2 KV heads (tests/vlm_fixtures.py)
+    # text config: hidden 64, 4 heads of 16, 2 KV heads (atv_sparse/tinybench/families.py)
     qkv = QKVParallelLinear(64, 16, 4, 2, bias=False, quant_config=config,
                             prefix="language_model.model.layers.0.self_attn.qkv_proj", disable_tp=True)
     assert isinstance(qkv.quant_method, AtvSparseLinearMethod)

@@ -23,8 +23,10 @@ from pathlib import Path
 
 import torch
 
-from atv_sparse.evaluate import evaluate_model, load_model_and_processor, synthetic_items
-from atv_sparse.tiny_vlm import bundled_model_dir
+from atv_sparse.tinybench.items import synthetic_items
+from atv_sparse.tinybench.loading import load_model_and_processor
+from atv_sparse.tinybench.model import bundled_model_dir
+from atv_sparse.tinybench.scoring import evaluate_model
 
 FILES = ("config.json", "generation_config.json", "model.safetensors", "chat_template.jinja", "processor_config.json",
          "tokenizer.json", "tokenizer_config.json")
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
 
 
 def model_card(model, scores: dict, validation: dict, command: str) -> str:
-    from atv_sparse.data.synthetic import describe_tasks
+    from atv_sparse.tinybench.tasks import describe_tasks
 
     text, vision = model.config.text_config, model.config.vision_config
     params = sum(p.numel() for p in model.parameters())
@@ -87,7 +89,7 @@ def model_card(model, scores: dict, validation: dict, command: str) -> str:
     return f"""# atv-sparse tiny VLM
 
 The embedded default model of atv-sparse: a small LLaVA-1.5-style vision-language model trained
-from scratch on the synthetic tasks of `atv_sparse.data.synthetic`, so that pruning methods can be
+from scratch on the synthetic tasks of `atv_sparse.tinybench.tasks`, so that pruning methods can be
 compared on a model that has learned something, on a CPU, with no download. It is a benchmark
 instrument, not a useful assistant: it knows 11 kinds of question about 56 px images of coloured
 shapes and short words, 672 sums and differences, and 400 invented facts.

@@ -3,7 +3,7 @@
     python benchmarks/tiny_model/train.py --out benchmarks/tiny_model/run   # the shipped recipe, 78 min
 
 Recipe (fixed seeds; one process, ``--threads`` torch threads):
-- model, tokenizer and processor from ``atv_sparse.tiny_vlm`` (untrained, ``--seed``);
+- model, tokenizer and processor from ``atv_sparse.tinybench.model`` (untrained, ``--seed``);
 - each step: ``--batch-image`` multi-turn conversations about one image each (the first turn is
   a train-split item of a task drawn with the current task weights, then ``--min-turns - 1`` to
   ``--max-turns - 1`` more questions or a caption about the same image: extra answers cost a few
@@ -29,7 +29,7 @@ Recipe (fixed seeds; one process, ``--threads`` torch threads):
   over ``--steps`` or ``--max-minutes``, whichever ends first; the vision tower and projector
   at ``--vision-lr-scale`` times that; gradient clipping at 1.0;
 - every ``--eval-minutes``: teacher-forced exact match (answer + EOS, the scorer of
-  ``atv_sparse.evaluate``) on ``--eval-per-task`` held-out items per task from the calibration
+  ``atv_sparse.tinybench.scoring``) on ``--eval-per-task`` held-out items per task from the calibration
   split (never the test split), logged per task; the task weights become
   ``0.2 + (1 - accuracy)``, so the tasks the model gets wrong are drawn more often; the model,
   optimizer and RNG states are saved to OUT/checkpoint (``--resume`` continues from there),
@@ -57,10 +57,10 @@ import numpy  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from atv_sparse import tiny_vlm  # noqa: E402
-from atv_sparse.data import synthetic  # noqa: E402
-from atv_sparse.tiny_training import (answer_token_losses, collate, per_turn_mean, save,  # noqa: E402
-                                     teacher_forced_scores)
+from atv_sparse.tinybench import model as tiny_vlm  # noqa: E402
+from atv_sparse.tinybench import tasks as synthetic  # noqa: E402
+from atv_sparse.tinybench.training import (ConversationEncoder, answer_token_losses, collate,  # noqa: E402
+                                           per_turn_mean, save, teacher_forced_scores)
 
 
 def parse_args(argv=None):
@@ -256,7 +256,7 @@ class Batcher:
 
     def __init__(self, processor, args, rng: random.Random):
         self.processor, self.args, self.rng = processor, args, rng
-        self.encoder = tiny_vlm.ConversationEncoder(processor.tokenizer)
+        self.encoder = ConversationEncoder(processor.tokenizer)
         self.pad_id = processor.tokenizer.pad_token_id
         self.weights = {task: 1.0 for task in synthetic.TASKS}
         self._pool: list = []
@@ -300,7 +300,7 @@ class Batcher:
 
 def validate(model, processor, items: list[synthetic.Item], batch_size: int = 64) -> dict:
     """Teacher-forced exact match and mean answer NLL per task on single-turn ``items``."""
-    scores = teacher_forced_scores(model, processor, items, tiny_vlm.ConversationEncoder(processor.tokenizer),
+    scores = teacher_forced_scores(model, processor, items, ConversationEncoder(processor.tokenizer),
                                    lambda it: it.image(), lambda it: it.question, batch_size)
     result = {**scores, **image_feature_stats(model, processor, items)}
     model.train()

@@ -1,4 +1,4 @@
-"""Train the tiny LLaVA-NeXT (``atv_sparse.tiny_next``) the LLaVA way, on a CPU.
+"""Train the tiny LLaVA-NeXT (``atv_sparse.tinybench.next_model``) the LLaVA way, on a CPU.
 
     python benchmarks/tiny_next/train.py --out benchmarks/tiny_next/run    # ~90 min on 2 cores
 
@@ -41,11 +41,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from atv_sparse import tiny_next, tiny_vlm  # noqa: E402
-from atv_sparse.data import synthetic  # noqa: E402
-from atv_sparse.data.scenes import caption  # noqa: E402
-from atv_sparse.tiny_training import (answer_token_losses, collate, per_turn_mean, save,  # noqa: E402
-                                     teacher_forced_scores)
+from atv_sparse.tinybench import model as tiny_vlm  # noqa: E402
+from atv_sparse.tinybench import next_model as tiny_next  # noqa: E402
+from atv_sparse.tinybench import tasks as synthetic  # noqa: E402
+from atv_sparse.tinybench.scenes import caption  # noqa: E402
+from atv_sparse.tinybench.training import (ConversationEncoder, answer_token_losses, collate,  # noqa: E402
+                                           per_turn_mean, save, teacher_forced_scores)
 
 DESCRIBE = "Describe the image."
 
@@ -89,7 +90,7 @@ class Data:
 
     def __init__(self, processor, args, rng: random.Random):
         self.processor, self.args, self.rng = processor, args, rng
-        self.encoder = tiny_vlm.ConversationEncoder(processor.tokenizer, tiny_next.NUM_IMAGE_TOKENS)
+        self.encoder = ConversationEncoder(processor.tokenizer, tiny_next.NUM_IMAGE_TOKENS)
         self.pad_id = processor.tokenizer.pad_token_id
         self.weights = {task: 1.0 for task in synthetic.TASKS}
 
@@ -146,7 +147,7 @@ def validate(model, processor, items: list[synthetic.Item], words: bool) -> dict
     """Teacher-forced exact match and answer NLL per task: image questions with the 112 px image,
     or with the scene in words when ``words``."""
     was_training = model.training
-    encoder = tiny_vlm.ConversationEncoder(processor.tokenizer, tiny_next.NUM_IMAGE_TOKENS)
+    encoder = ConversationEncoder(processor.tokenizer, tiny_next.NUM_IMAGE_TOKENS)
     scores = teacher_forced_scores(
         model, processor, items, encoder,
         image_of=lambda it: None if it.scene is None or words else render(it),

@@ -33,7 +33,7 @@ Splits (``SPLITS``): ``train``, ``calibration`` and ``test`` never share an item
 Everything is drawn from ``random.Random`` seeded with a string (stable across processes,
 independent of ``PYTHONHASHSEED``): the same task, split and seed give the same items and the
 same image bytes. Answers are short (a word, a number or a letter) and compared after
-:func:`atv_sparse.evaluate.normalize_answer`.
+:func:`atv_sparse.tinybench.metrics.normalize_answer`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from .scenes import COLOURS, GRID, SHAPES, Obj, Scene, a, caption, random_scene
+from .scenes import COLOURS, GRID, IMAGE_SIZE, SHAPES, Obj, Scene, a, caption, random_scene
 
 SPLITS = ("train", "calibration", "test")
 _SALT = "atv-sparse-synthetic-v1"
@@ -441,10 +441,12 @@ def training_turns(rng: random.Random, task: str, max_turns: int, extra_tasks: d
     return first, turns
 
 
-def calibration_conversations(n: int, seed: int = 0):
+def calibration_conversations(n: int, seed: int = 0, size: int = IMAGE_SIZE):
     """``n`` ShareGPT4V-style calibration samples from the calibration split, as
-    :class:`atv_sparse.calib.multimodal.Conversation`: an image and either a caption request with
-    its detailed description (40%) or one to three question / answer turns about the image."""
+    :class:`atv_sparse.calib.multimodal.Conversation`: a ``size`` x ``size`` RGB image and either a
+    caption request with its detailed description (40%) or one to three question / answer turns
+    about the image. ``size`` changes the pixels only (the model's own is 56 px; the tests give
+    other families larger images), never the texts."""
     from ..calib.multimodal import Conversation
 
     rng = random.Random(f"{_SALT}|calibration-conversations|{seed}")
@@ -461,7 +463,8 @@ def calibration_conversations(n: int, seed: int = 0):
                 qa = extra_turn(item.scene, rng, image_tasks, [1.0] * len(image_tasks))
                 if qa is not None:
                     turns += [("user", qa[0]), ("assistant", qa[1])]
-        out.append(Conversation(image=item.image(), turns=turns, source=f"synthetic calibration sample {i}"))
+        out.append(Conversation(image=item.scene.render(item.render_seed, size), turns=turns,
+                                source=f"synthetic calibration sample {i}"))
     return out
 
 

@@ -1,5 +1,5 @@
 """Pieces shared by the tiny models' training scripts (``benchmarks/tiny_model``, ``benchmarks/tiny_next``):
-batching of encoded conversations and the answer-only language-model loss."""
+conversations encoded without Jinja, batching, the answer-only loss, validation scores, saving."""
 
 from __future__ import annotations
 
@@ -8,6 +8,48 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .model import NUM_IMAGE_TOKENS
+
+
+class ConversationEncoder:
+    """Token ids and answer labels of chat-formatted conversations, as the processor would build them
+    for images of ``num_image_tokens`` tokens (the bundled tiny VLM: 64; the tiny LLaVA-NeXT's
+    112 px scenes: 336).
+
+    ``encode(turns, has_image)`` -> (input_ids, labels), 1-D int64; labels are -100 except on each
+    answer and its EOS. The text is split at turn boundaries, which are pre-token boundaries of the
+    byte-level BPE ("ASSISTANT:" | " answer" | "</s>" | "USER: "), so the concatenated pieces are
+    the ids of the whole string; the pieces are cached.
+    """
+
+    def __init__(self, tokenizer, num_image_tokens: int = NUM_IMAGE_TOKENS):
+        self.tokenizer = tokenizer
+        self.num_image_tokens = num_image_tokens
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+        self._cache: dict[str, list[int]] = {}
+
+    def _ids(self, text: str) -> list[int]:
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(self._cache) < 200_000:
+                self._cache[text] = ids
+        return ids
+
+    def encode(self, turns: list[tuple[str, str]], has_image: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        bos, eos = self.tokenizer.bos_token, self.tokenizer.eos_token
+        ids, labels = [], []
+        for k, (question, answer) in enumerate(turns):
+            head = f"{bos}USER: " if k == 0 else "USER: "
+            prompt = self._ids(f"{head}{question} ASSISTANT:")
+            if k == 0 and has_image:
+                prompt = (self._ids(f"{bos}USER: ") + [self.image_token_id] * self.num_image_tokens
+                          + self._ids(f"\n{question} ASSISTANT:"))
+            reply = self._ids(f" {answer}{eos}")
+            ids += prompt + reply
+            labels += [-100] * len(prompt) + reply
+        return torch.tensor(ids), torch.tensor(labels)
 
 
 def collate(encoded: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int):

@@ -1,4 +1,4 @@
-"""Tokenizers for tiny models built offline: the bundled tiny VLM's and the test fixtures'."""
+"""The byte-level BPE of every tiny model built offline: the bundled tiny VLM's and the test checkpoints'."""
 
 from __future__ import annotations
 

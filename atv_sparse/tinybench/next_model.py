@@ -1,4 +1,4 @@
-"""A tiny LLaVA-NeXT (``LlavaNextForConditionalGeneration``) with anyres tiling, for issue 17.
+"""A tiny LLaVA-NeXT (``LlavaNextForConditionalGeneration``) with anyres tiling: the second tiny VLM.
 
 The second tiny VLM is built like the paper's models rather than trained jointly from scratch:
 a language model pretrained on text alone, then only the projector trained on captions with the
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import tiny_vlm
+from . import model as tiny_vlm
 
 CROP_SIZE = tiny_vlm.IMAGE_SIZE
 PATCH_SIZE = tiny_vlm.PATCH_SIZE

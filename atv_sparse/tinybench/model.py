@@ -1,7 +1,7 @@
 """The bundled tiny vision-language model: a LLaVA-1.5-style ``LlavaForConditionalGeneration``.
 
 Built here from a config (untrained), trained by ``benchmarks/tiny_model/train.py`` on the
-synthetic tasks of :mod:`atv_sparse.data.synthetic`, shipped trained in
+synthetic tasks of :mod:`atv_sparse.tinybench.tasks`, shipped trained in
 ``atv_sparse/assets/tiny_vlm/`` (see the model card there; :func:`bundled_model_dir`).
 
 Shape of the model, chosen so that its token mix is like a real LVLM's:
@@ -14,9 +14,8 @@ Shape of the model, chosen so that its token mix is like a real LVLM's:
 - 64 image tokens against 15-25 text tokens in a single-turn question.
 
 Prompt format (Vicuna, as LLaVA-1.5): ``<s>USER: <image>\\n{question} ASSISTANT: {answer}</s>``;
-``LlavaProcessor`` expands ``<image>`` to 64 image tokens. :func:`encode_conversation` builds the
-same ids (and the answer labels) without Jinja, for training; a test checks it against the
-processor.
+``LlavaProcessor`` expands ``<image>`` to 64 image tokens. The training script builds the same
+ids (and the answer labels) without Jinja; a test checks them against the processor.
 """
 
 from __future__ import annotations
@@ -53,8 +52,8 @@ def build_tokenizer():
     """The model's byte-level BPE, trained in-process on the synthetic tasks' text (deterministic)."""
     from transformers import PreTrainedTokenizerFast
 
-    from .data.synthetic import tokenizer_corpus
-    from .tiny import train_tiny_tokenizer
+    from .tasks import tokenizer_corpus
+    from .tokenizer import train_tiny_tokenizer
 
     trained = train_tiny_tokenizer(tokenizer_corpus(), SPECIAL_TOKENS, vocab_size=TOKENIZER_VOCAB)
     return PreTrainedTokenizerFast(tokenizer_object=trained.backend_tokenizer, bos_token="<s>", eos_token="</s>",
@@ -105,49 +104,3 @@ def write_untrained(path: str | Path, seed: int = 0) -> Path:
     build_model(processor.tokenizer, seed).save_pretrained(path)
     processor.save_pretrained(path)
     return path
-
-
-def load_bundled(dtype: torch.dtype | None = None):
-    """(model, processor) of the bundled trained model, the model in eval mode on the CPU."""
-    from .evaluate import load_model_and_processor
-
-    return load_model_and_processor(bundled_model_dir(), dtype=dtype)
-
-
-class ConversationEncoder:
-    """Token ids and answer labels of chat-formatted conversations, as the processor would build them
-    for images of ``num_image_tokens`` tokens (64 here; the tiny LLaVA-NeXT's 112 px scenes: 336).
-
-    ``encode(turns, has_image)`` -> (input_ids, labels), 1-D int64; labels are -100 except on each
-    answer and its EOS. The text is split at turn boundaries, which are pre-token boundaries of the
-    byte-level BPE ("ASSISTANT:" | " answer" | "</s>" | "USER: "), so the concatenated pieces are
-    the ids of the whole string; the pieces are cached.
-    """
-
-    def __init__(self, tokenizer, num_image_tokens: int = NUM_IMAGE_TOKENS):
-        self.tokenizer = tokenizer
-        self.num_image_tokens = num_image_tokens
-        self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-        self._cache: dict[str, list[int]] = {}
-
-    def _ids(self, text: str) -> list[int]:
-        ids = self._cache.get(text)
-        if ids is None:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(self._cache) < 200_000:
-                self._cache[text] = ids
-        return ids
-
-    def encode(self, turns: list[tuple[str, str]], has_image: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        bos, eos = self.tokenizer.bos_token, self.tokenizer.eos_token
-        ids, labels = [], []
-        for k, (question, answer) in enumerate(turns):
-            head = f"{bos}USER: " if k == 0 else "USER: "
-            prompt = self._ids(f"{head}{question} ASSISTANT:")
-            if k == 0 and has_image:
-                prompt = (self._ids(f"{bos}USER: ") + [self.image_token_id] * self.num_image_tokens
-                          + self._ids(f"\n{question} ASSISTANT:"))
-            reply = self._ids(f" {answer}{eos}")
-            ids += prompt + reply
-            labels += [-100] * len(prompt) + reply
-        return torch.tensor(ids), torch.tensor(labels)

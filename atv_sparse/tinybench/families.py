@@ -1,4 +1,5 @@
-"""Tiny offline vision-language checkpoints (random weights, in-process tokenizer, real processor).
+"""Tiny offline vision-language checkpoints of every supported family (random weights, in-process
+tokenizer, real processor), for the tests and the benchmarks.
 
 ``write_tiny_vlm(path, family)`` saves a model, its processor, tokenizer and chat template to
 ``path`` for each of the five LVLM families atv_sparse supports. The configs are the ones
@@ -88,8 +89,8 @@ def tiny_tokenizer(family: str):
     """The family's byte-level BPE, trained in-process on the embedded calibration text."""
     from transformers import PreTrainedTokenizerFast
 
-    from atv_sparse.calib import default_calibration_text
-    from atv_sparse.tiny import train_tiny_tokenizer
+    from ..calib import default_calibration_text
+    from .tokenizer import train_tiny_tokenizer
 
     trained = train_tiny_tokenizer(default_calibration_text(), SPECIAL_TOKENS[family])
     # Re-wrap the same tokenizers.Tokenizer to give the family's roles and its image token
@@ -97,7 +98,7 @@ def tiny_tokenizer(family: str):
     return PreTrainedTokenizerFast(tokenizer_object=trained.backend_tokenizer, **TOKEN_ROLES[family])
 
 
-def _tiny_config(family: str, tok):
+def _tiny_config(family: str, tok, text_dims: dict):
     import transformers as tf
 
     special = TOKEN_ROLES[family]["extra_special_tokens"]
@@ -106,32 +107,32 @@ def _tiny_config(family: str, tok):
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=14)
     if family == "llava":
         return tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**vision, image_size=56),
-                              text_config=tf.LlamaConfig(**TEXT_DIMS, **text_ids),
+                              text_config=tf.LlamaConfig(**text_dims, **text_ids),
                               image_token_index=ids["image_token"], vision_feature_select_strategy="default",
                               vision_feature_layer=-2)
     if family == "llava_next":
         rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
         return tf.LlavaNextConfig(vision_config=tf.CLIPVisionConfig(**vision, image_size=28),
-                                  text_config=tf.LlamaConfig(**TEXT_DIMS, **text_ids, rope_parameters=rope),
+                                  text_config=tf.LlamaConfig(**text_dims, **text_ids, rope_parameters=rope),
                                   image_token_index=ids["image_token"], image_grid_pinpoints=NEXT_PINPOINTS,
                                   vision_feature_select_strategy="default", vision_feature_layer=-2)
     if family == "llava_onevision":
         return tf.LlavaOnevisionConfig(vision_config=tf.SiglipVisionConfig(**vision, image_size=28),
-                                       text_config=tf.Qwen2Config(**TEXT_DIMS, **text_ids, tie_word_embeddings=True),
+                                       text_config=tf.Qwen2Config(**text_dims, **text_ids, tie_word_embeddings=True),
                                        image_token_index=ids["image_token"], video_token_index=ids["video_token"],
                                        image_grid_pinpoints=ONEVISION_PINPOINTS, vision_aspect_ratio="anyres_max_9",
                                        vision_feature_select_strategy="full", vision_feature_layer=-1)
-    text = dict(TEXT_DIMS, **text_ids, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+    text = dict(text_dims, **text_ids, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                                                         "mrope_section": [2, 3, 3]})
     token_ids = dict(image_token_id=ids["image_token"], video_token_id=ids["video_token"],
                      vision_start_token_id=ids["vision_start_token"], vision_end_token_id=ids["vision_end_token"])
     if family == "qwen2_vl":
-        vision = dict(depth=2, embed_dim=32, hidden_size=TEXT_DIMS["hidden_size"], num_heads=2, mlp_ratio=2,
+        vision = dict(depth=2, embed_dim=32, hidden_size=text_dims["hidden_size"], num_heads=2, mlp_ratio=2,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
         return tf.Qwen2VLConfig(text_config=text, vision_config=vision, **token_ids)
     if family == "qwen2_5_vl":
-        vision = dict(depth=2, hidden_size=32, out_hidden_size=TEXT_DIMS["hidden_size"], intermediate_size=64,
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=text_dims["hidden_size"], intermediate_size=64,
                       num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                       fullatt_block_indexes=[1])
         return tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **token_ids)
@@ -141,7 +142,7 @@ def _tiny_config(family: str, tok):
 def _tiny_processor(family: str, tok):
     import transformers as tf
 
-    from atv_sparse.models.processors import (LlavaOnevisionImageOnlyProcessor, Qwen2_5_VLImageOnlyProcessor,
+    from ..models.processors import (LlavaOnevisionImageOnlyProcessor, Qwen2_5_VLImageOnlyProcessor,
                                               Qwen2VLImageOnlyProcessor)
 
     template = CHAT_TEMPLATES[family]
@@ -165,15 +166,17 @@ def _tiny_processor(family: str, tok):
     return cls(image, tok, chat_template=template)
 
 
-def write_tiny_vlm(path, family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Save a tiny random ``ARCHITECTURES[family]`` model with its processor and tokenizer to ``path``."""
+def write_tiny_vlm(path, family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                   text_dims: dict | None = None) -> Path:
+    """Save a tiny random ``ARCHITECTURES[family]`` model with its processor and tokenizer to ``path``;
+    ``text_dims`` replaces :data:`TEXT_DIMS` (the language model's sizes), e.g. a real model's shapes."""
     import transformers as tf
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     path = Path(path)
     tok = tiny_tokenizer(family)
-    config = _tiny_config(family, tok)
+    config = _tiny_config(family, tok, TEXT_DIMS if text_dims is None else text_dims)
     processor = _tiny_processor(family, tok)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

@@ -1,0 +1,14 @@
+"""The tiny-VLM test bench: everything the tests, the benchmarks and the CLIs' defaults use to
+exercise the package offline, in the spirit of ``torchao.testing``.
+
+- the bundled tiny VLM (:mod:`.model`: its builders and :func:`.model.bundled_model_dir`, the
+  trained weights in ``atv_sparse/assets/tiny_vlm``) and its byte-level BPE (:mod:`.tokenizer`);
+- tiny random checkpoints of every supported VLM family (:mod:`.families`);
+- the synthetic tasks it is trained, calibrated and scored on (:mod:`.tasks`, drawn by
+  :mod:`.scenes` with the pixel font of :mod:`.font`);
+- scoring any checkpoint on short-answer items: :mod:`.items`, :mod:`.prompts`, :mod:`.scoring`,
+  :mod:`.metrics`, :mod:`.perplexity`, :mod:`.loading` (the CLI is ``python -m atv_sparse.evaluate``);
+- what a benchmark reports about the machine (:mod:`.hardware`).
+
+Nothing here is imported by ``import atv_sparse``; import the module you need.
+"""
