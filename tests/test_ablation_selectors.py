@@ -144,3 +144,11 @@ def test_cli_matches_the_atv_budget(tiny_next, tmp_path, tokens):
     assert abs(settings["budget_selected"] - target) <= 0.15 * target + 8
     if tokens == "drift-fixed":
         assert report["blocks"][0]["k"] == report["blocks"][1]["k"]
+
+
+def test_scale_must_be_set_before_selecting():
+    from atv_sparse.errors import AtvSparseError
+
+    text_only = SampleTokens(torch.zeros(4, dtype=torch.bool), torch.ones(4, dtype=torch.bool))
+    with pytest.raises(AtvSparseError, match="drift-fixed selector: its `scale` is not set"):
+        DriftFixedTokens([text_only]).begin_block(1, _Runner([]), 1)
