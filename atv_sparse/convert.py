@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .calib import DEFAULT_CALIBRATION, check_calibration_size, is_text_file, load_calibration
-from .calib.samples import DEFAULT_MULTIMODAL_CALIBRATION
+from .calib import (DEFAULT_CALIBRATION, DEFAULT_MULTIMODAL_CALIBRATION, check_calibration_size, is_text_file,
+                    load_calibration)
 from .errors import AtvSparseError
 from .estimate import estimate_conversion
 from .formats.checkpoint import CheckpointStream, check_output_dir, parse_size
