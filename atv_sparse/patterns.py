@@ -31,7 +31,7 @@ class Pattern:
         if self.is_nm and in_features % self.m != 0:
             raise AtvSparseError(
                 f"layer {name}: in_features={in_features} is not a multiple of M={self.m} for pattern {self}; "
-                f"leave it dense with --skip-incompatible or --ignore {name}"
+                f"leave it dense with `skip_incompatible` or `ignore` {name}"
             )
 
 
@@ -51,7 +51,7 @@ def parse_pattern(text: str, sparsity: float | None = None) -> Pattern:
         raise AtvSparseError(f"pattern {text!r}: N:M needs 0 < N < M (N weights kept of every M)")
     if sparsity is not None and abs(float(sparsity) - (1 - n / m)) > 1e-9:
         raise AtvSparseError(
-            f"--sparsity {sparsity} contradicts pattern {text} (which removes {1 - n / m:g}); drop --sparsity"
+            f"`sparsity` {sparsity} contradicts pattern {text} (which removes {1 - n / m:g}); drop `sparsity`"
         )
     return Pattern(n, m, 1 - n / m)
 

@@ -48,14 +48,15 @@ from pathlib import Path
 
 import torch
 
+from atv_sparse.prune.recipe import METHODS
 from atv_sparse.tinybench.hardware import cpu_name
 
 HERE = Path(__file__).resolve().parent
 PATTERNS = ("2:4", "4:8", "50%", "60%", "70%")
 SEEDS = (0, 1, 2)
-# Row label -> (score / update rule of the driver, token selector).
-MAIN_METHODS = {"magnitude": ("magnitude", None), "Wanda": ("wanda", "mixed"), "SparseGPT": ("sparsegpt", "mixed"),
-                "TAMP": ("tamp", "tamp"), "ATV": ("wanda", "atv"), "ATV + SparseGPT": ("sparsegpt", "atv")}
+# Row label -> method (atv_sparse.prune.recipe.METHODS: its score rule and token selector).
+MAIN_METHODS = {"magnitude": "magnitude", "Wanda": "wanda", "SparseGPT": "sparsegpt", "TAMP": "tamp", "ATV": "atv",
+                "ATV + SparseGPT": "atv-sparsegpt"}
 SELECTORS = {"text-only": "text", "visual-only": "visual", "mixed": "mixed", "ATV (drift)": "atv", "ABS": "abs",
              "DBS": "dbs", "random": "random", "drift-fixed": "drift-fixed"}
 ALPHAS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -101,13 +102,12 @@ _STATE: dict = {}
 def setup(args) -> dict:
     """Load the model, build both variants, the calibration samples per seed and the scored items."""
     from atv_sparse.analysis.outliers import add_outlier_channels
-    from atv_sparse.calib.multimodal import build_sample
+    from atv_sparse.calib import conversation_calibration
     from atv_sparse.tinybench.items import synthetic_items
     from atv_sparse.tinybench.loading import load_model_and_processor
     from atv_sparse.tinybench.scoring import cache_decoder_inputs, prepare_items
     from atv_sparse.tinybench.tasks import calibration_conversations
     from atv_sparse.models import adapter_for, read_config
-    from atv_sparse.prune.selectors import SampleTokens
 
     model_dir = Path(args.model)
     model, processor = load_model_and_processor(model_dir, dtype=torch.float32)
@@ -115,11 +115,8 @@ def setup(args) -> dict:
     outlier = copy.deepcopy(model)
     transform = add_outlier_channels(outlier, OUTLIER_CHANNELS, OUTLIER_SCALE, seed=0)
     token_id = model.config.image_token_id
-    calib = {}
-    for seed in args.seeds:
-        samples = [build_sample(processor, conv, token_id) for conv in calibration_conversations(args.nsamples, seed)]
-        calib[seed] = samples, [SampleTokens.from_inputs(s["input_ids"], s.get("attention_mask"), token_id)
-                                for s in samples]
+    calib = {seed: conversation_calibration(processor, calibration_conversations(args.nsamples, seed), token_id)
+             for seed in args.seeds}
     items = synthetic_items(args.per_task, seed=args.test_seed)
     prepared = prepare_items(model, processor, items)
     return {"models": {"plain": model, "outlier": outlier}, "processor": processor, "adapter": adapter,
@@ -148,26 +145,28 @@ def run_job(job: Job) -> dict:
     st = _STATE
     t0 = time.perf_counter()
     model = copy.deepcopy(st["models"][job.variant])
-    samples, tokens = st["calib"][job.seed] if job.seed is not None else (None, None)
+    calibration = st["calib"][job.seed] if job.seed is not None else None
     blocks = []
     pattern = None if job.pattern == "dense" else parse_label(job.pattern)  # None: the dense baseline
     if pattern is not None and job.mot is not None:
         from atv_sparse.analysis.mot import attach_mot, mot_prune
 
         probe = attach_mot(model)
-        report = mot_prune(probe, samples, pathway=job.mot[0], calib=job.mot[1], pattern=pattern, device="cpu")
+        report = mot_prune(probe, calibration.samples, pathway=job.mot[0], calib=job.mot[1], pattern=pattern,
+                           device="cpu")
         blocks = report.blocks
     elif pattern is not None:
         from atv_sparse.prune.pipeline import prune_model
+        from atv_sparse.prune.recipe import PruneRecipe
         from atv_sparse.prune.targets import resolve_targets
 
         adapter = st["adapter"]
         layers, prefix = adapter.decoder_layers(model), adapter.layers_prefix(model)
         plan = resolve_targets(model, prefix, pattern)
         targets = {name: model.get_submodule(name) for name in plan.targets}
-        result, _, _ = prune_model(model, layers, prefix, targets, job.score, pattern, samples, tokens,
-                                   torch.device("cpu"), calib_tokens=job.tokens, alpha=job.alpha,
-                                   seed=job.seed or 0, progress=False)
+        # Every score rule is also a method's name; the job's selector replaces (or is) its own.
+        recipe = PruneRecipe(job.score, pattern, calib_tokens=job.tokens, alpha=job.alpha, seed=job.seed or 0)
+        result = prune_model(model, layers, prefix, targets, recipe, calibration, torch.device("cpu"), progress=False)
         blocks = result.blocks
     t1 = time.perf_counter()
     # Only decoder linears are pruned (and the outlier transform touches only decoder blocks), so
@@ -200,7 +199,8 @@ def plan_jobs(args) -> dict[str, list]:
 
     main, invariance = [], []
     for variant in args.variants:
-        for label, (score, tokens) in MAIN_METHODS.items():
+        for label, method in MAIN_METHODS.items():
+            score, tokens = METHODS[method].score, METHODS[method].tokens
             # Wanda-score methods give the outlier variant the plain model's masks exactly (a
             # power-of-two rescaling of input channels leaves |W| * ||X|| bit-identical, and the
             # token selectors see the same hidden states): their outlier cells reuse the plain runs,

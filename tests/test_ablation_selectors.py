@@ -101,16 +101,28 @@ def test_scale_hits_target_and_drift_fixed_is_block_independent():
     s_bars = [0.3, 0.1, 0.05]
     fixed = DriftFixedTokens(tokens)
     c = calibrate_scale(fixed, s_bars, 60)  # 3 blocks x 3 samples x K -> K = 60 / 9 ~ 6.7
-    assert total_budget(fixed, s_bars, c) in (54, 63)  # K is the same integer for every block
+    assert reference_total(s_bars, counts, c, fixed=True) in (54, 63)  # K is the same integer for every block
     # K = 7 (63) is closer to 60 than K = 6 (54).
     assert reference_best_total(s_bars, counts, 60, fixed=True) == 63
-    assert reference_total(s_bars, counts, c, fixed=True) == 63 == total_budget(fixed, s_bars, c)
+    assert reference_total(s_bars, counts, c, fixed=True) == 63
     dbs = DbsTokens(tokens)
     c = calibrate_scale(dbs, s_bars, 60)
-    assert abs(total_budget(dbs, s_bars, c) - 60) <= 3
+    assert abs(reference_total(s_bars, counts, c, fixed=False) - 60) <= 3
     # Just above c = 6.5: K = 10, 7, 3 per sample in the three blocks, 3 x 20 = 60 exactly.
     assert reference_best_total(s_bars, counts, 60, fixed=False) == 60
-    assert reference_total(s_bars, counts, c, fixed=False) == 60 == total_budget(dbs, s_bars, c)
+    assert reference_total(s_bars, counts, c, fixed=False) == 60
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.4, 1.0, 3.3, 6.5001, 50.0], ids=str)
+def test_total_budget_matches_the_reference_sum(scale):
+    tokens = [SampleTokens(torch.tensor([0] + [1] * 20 + [0] * 9, dtype=torch.bool),
+                           torch.tensor([1] + [0] * 20 + [1] * 9, dtype=torch.bool)),
+              SampleTokens(torch.tensor([1] * 5 + [0] * 3, dtype=torch.bool),
+                           torch.tensor([0] * 5 + [1] * 3, dtype=torch.bool))]
+    counts = [(20, 10), (5, 3)]
+    s_bars = [0.3, 0.1, 0.05]
+    assert total_budget(DbsTokens(tokens), s_bars, scale) == reference_total(s_bars, counts, scale, fixed=False)
+    assert total_budget(DriftFixedTokens(tokens), s_bars, scale) == reference_total(s_bars, counts, scale, fixed=True)
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +144,11 @@ def test_cli_matches_the_atv_budget(tiny_next, tmp_path, tokens):
     assert abs(settings["budget_selected"] - target) <= 0.15 * target + 8
     if tokens == "drift-fixed":
         assert report["blocks"][0]["k"] == report["blocks"][1]["k"]
+
+
+def test_scale_must_be_set_before_selecting():
+    from atv_sparse.errors import AtvSparseError
+
+    text_only = SampleTokens(torch.zeros(4, dtype=torch.bool), torch.ones(4, dtype=torch.bool))
+    with pytest.raises(AtvSparseError, match="drift-fixed selector: its `scale` is not set"):
+        DriftFixedTokens([text_only]).begin_block(1, _Runner([]), 1)

@@ -168,8 +168,8 @@ def test_channels_are_deterministic_from_the_seed():
     assert all(len(set(c)) == 4 and all(0 <= i < 64 for i in c) for c in drawn)
 
 
-@pytest.mark.parametrize("kwargs,match", [({"scale": 0}, "^scale must"), ({"scale": float("nan")}, "^scale must"),
-                                          ({"channels": 0}, "^channels must"), ({"channels": 64}, "^channels must")])
+@pytest.mark.parametrize("kwargs,match", [({"scale": 0}, "^`scale` must"), ({"scale": float("nan")}, "^`scale` must"),
+                                          ({"channels": 0}, "^`channels` must"), ({"channels": 64}, "^`channels` must")])
 def test_bad_arguments(ckpts, kwargs, match):
     with pytest.raises(AtvSparseError, match=match):
         add_outlier_channels(load(ckpts["llama"]), **kwargs)

@@ -105,5 +105,6 @@ def test_random_uses_atv_budget_and_is_seeded():
 def test_negative_alpha_is_refused():
     from atv_sparse.errors import AtvSparseError
 
-    with pytest.raises(AtvSparseError, match="--alpha"):
+    # the library names its parameter; the CLI shows it as --alpha (test_vlm, test_convert)
+    with pytest.raises(AtvSparseError, match="`alpha` must be >= 0"):
         AtvTokens(make_tokens([[0, 1]]), alpha=-0.5)

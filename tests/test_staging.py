@@ -2,20 +2,20 @@
 
 import pytest
 
-from atv_sparse.errors import AtvSparseError
-from atv_sparse.formats.staging import CLI_OUTPUT_FLAGS, StagedOutputDir, check_output_dir, copy_aux_files
+from atv_sparse.errors import AtvSparseError, with_flags
+from atv_sparse.formats.staging import StagedOutputDir, check_output_dir, copy_aux_files
 
 
 def test_messages_name_parameters_and_a_cli_its_flags(tmp_path):
     (tmp_path / "out").mkdir()
-    with pytest.raises(AtvSparseError, match=r"^out_dir .* already exists; pass overwrite=True to replace it$"):
+    with pytest.raises(AtvSparseError, match=r"^`out_dir` .* already exists; pass `overwrite` to replace it$") as e:
         check_output_dir(tmp_path / "out", overwrite=False)
-    with pytest.raises(AtvSparseError, match=r"^--out .* already exists; pass --overwrite to replace it$"):
-        check_output_dir(tmp_path / "out", overwrite=False, names=CLI_OUTPUT_FLAGS)
-    with pytest.raises(AtvSparseError, match=r"^out_dir .* is the input checkpoint itself"):
+    assert with_flags(str(e.value), {"out_dir": "--out", "overwrite": "--overwrite"}) == (
+        f"--out {tmp_path / 'out'} already exists; pass --overwrite to replace it")
+    with pytest.raises(AtvSparseError, match=r"^`out_dir` .* is the input checkpoint itself"):
         check_output_dir(tmp_path / "out", overwrite=True, source_dir=tmp_path / "out")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(AtvSparseError, match=r"^out_dir .* exists and is not a directory"):
+    with pytest.raises(AtvSparseError, match=r"^`out_dir` .* exists and is not a directory"):
         check_output_dir(tmp_path / "file", overwrite=True)
 
 

@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import AtvSparseError
-from ..formats.staging import CLI_OUTPUT_FLAGS, PARAMETER_NAMES, StagedOutputDir, check_output_dir, copy_aux_files
+from ..errors import AtvSparseError, with_flags
+from ..formats.staging import StagedOutputDir, check_output_dir, copy_aux_files
 
 # RMSNorm attribute of a decoder block -> the linears that read its output (Llama / Qwen2 blocks).
 NORM_CONSUMERS = {
@@ -72,7 +72,7 @@ class OutlierTransform:
 def choose_channels(hidden_size: int, count: int, seed: int) -> list[int]:
     """``count`` distinct channels of ``range(hidden_size)``, sorted, drawn with ``torch.Generator(seed)``."""
     if not 1 <= count < hidden_size:
-        raise AtvSparseError(f"channels must be in [1, {hidden_size - 1}] for hidden size {hidden_size}, got {count}")
+        raise AtvSparseError(f"`channels` must be in [1, {hidden_size - 1}] for hidden size {hidden_size}, got {count}")
     generator = torch.Generator().manual_seed(seed)
     return sorted(torch.randperm(hidden_size, generator=generator)[:count].tolist())
 
@@ -118,7 +118,7 @@ def add_outlier_channels(model: nn.Module, channels: int = DEFAULT_CHANNELS, sca
     untouched. Returns what changed. A power-of-two ``scale`` keeps the outputs bit-identical.
     """
     if not (math.isfinite(scale) and scale > 0):
-        raise AtvSparseError(f"scale must be a positive finite number, got {scale}")
+        raise AtvSparseError(f"`scale` must be a positive finite number, got {scale}")
     prefix, layers = _blocks(model)
     first_norm = getattr(getattr(layers[0], "input_layernorm", None), "weight", None)
     if not isinstance(first_norm, torch.Tensor) or first_norm.dim() != 1:
@@ -142,14 +142,13 @@ def add_outlier_channels(model: nn.Module, channels: int = DEFAULT_CHANNELS, sca
 
 
 def write_outlier_model(model_dir: str | Path, out_dir: str | Path, channels: int = DEFAULT_CHANNELS,
-                        scale: float = DEFAULT_SCALE, seed: int = 0, overwrite: bool = False,
-                        names: dict[str, str] = PARAMETER_NAMES) -> OutlierTransform:
+                        scale: float = DEFAULT_SCALE, seed: int = 0, overwrite: bool = False) -> OutlierTransform:
     """Load the dense checkpoint in ``model_dir``, transform it, and write it to ``out_dir``.
 
     The output is a normal Hugging Face directory (``save_pretrained`` in the checkpoint's dtype,
     the tokenizer / processor / chat template files copied) plus ``outliers.json`` saying what
     changed. It is written to a temporary directory beside ``out_dir`` and renamed into place
-    only when complete (``formats.staging``). names: how messages call ``out_dir`` / ``overwrite``.
+    only when complete (``formats.staging``).
     """
     from ..models import adapter_for, read_config
 
@@ -158,10 +157,10 @@ def write_outlier_model(model_dir: str | Path, out_dir: str | Path, channels: in
     if "quantization_config" in config:
         raise AtvSparseError(f"{model_dir}: a compressed checkpoint "
                              f"({config['quantization_config'].get('quant_method')}); give the dense model")
-    check_output_dir(out_dir, overwrite, model_dir, names)  # before the model is loaded
+    check_output_dir(out_dir, overwrite, model_dir)  # before the model is loaded
     model = adapter_for(config, model_dir).load(model_dir)
     report = add_outlier_channels(model, channels, scale, seed)
-    with StagedOutputDir(out_dir, overwrite, model_dir, names) as stage:
+    with StagedOutputDir(out_dir, overwrite, model_dir) as stage:
         model.save_pretrained(stage.tmp)
         copy_aux_files(model_dir, stage.tmp, own={"outliers.json"})
         (stage.tmp / "outliers.json").write_text(
@@ -186,19 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cli_message(error: AtvSparseError) -> str:
-    """The library's message with its parameter names as this command's flags (``channels`` -> ``--channels``)."""
-    message = str(error)
-    return "--" + message if message.startswith(("channels ", "scale ")) else message
+# Parameter names (in the library's messages) -> this command's flags.
+FLAGS = {"channels": "--channels", "scale": "--scale", "out_dir": "--out", "overwrite": "--overwrite"}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        report = write_outlier_model(args.model_dir, args.out, args.channels, args.scale, args.seed, args.overwrite,
-                                     CLI_OUTPUT_FLAGS)
+        report = write_outlier_model(args.model_dir, args.out, args.channels, args.scale, args.seed, args.overwrite)
     except AtvSparseError as e:
-        print(f"error: {cli_message(e)}", file=sys.stderr)
+        print(f"error: {with_flags(str(e), FLAGS)}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: channels {report.channels} x {report.scale:g} in {len(report.norms)} norms, "
           f"{len(report.linears)} linears")

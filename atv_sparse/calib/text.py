@@ -66,14 +66,19 @@ def read_calibration_text(path: str | Path) -> str:
 def text_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int,
                  source: str = DEFAULT_CALIBRATION) -> list[torch.Tensor]:
     """``nsamples`` windows of ``seqlen`` token ids, each (1, seqlen) int64, from seeded offsets."""
-    if nsamples < 1:
-        raise AtvSparseError(f"--nsamples must be at least 1, got {nsamples}")
-    if seqlen < 1:
-        raise AtvSparseError(f"--seqlen must be at least 1, got {seqlen}")
+    check_calibration_size(nsamples, seqlen)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     if ids.shape[1] < seqlen:
         raise AtvSparseError(f"calibration data {source} has {ids.shape[1]} tokens, shorter than one window "
-                             f"of --seqlen {seqlen}; give more text or a smaller --seqlen")
+                             f"of `seqlen` {seqlen}; give more text or a smaller `seqlen`")
     rng = random.Random(seed)
     starts = [rng.randint(0, ids.shape[1] - seqlen) for _ in range(nsamples)]
     return [ids[:, s:s + seqlen].clone() for s in starts]
+
+
+def check_calibration_size(nsamples: int, seqlen: int) -> None:
+    """At least one sample, and at least one token per text window."""
+    if nsamples < 1:
+        raise AtvSparseError(f"`nsamples` must be at least 1, got {nsamples}")
+    if seqlen < 1:
+        raise AtvSparseError(f"`seqlen` must be at least 1, got {seqlen}")

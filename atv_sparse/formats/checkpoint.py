@@ -87,14 +87,13 @@ class CheckpointStream:
     written once, under the first name, as ``save_pretrained`` does. Everything goes to a hidden
     temporary directory beside ``out_dir``, renamed into place by ``finish``; leaving the ``with``
     block any other way removes it, and a failed write (disk full) is an error naming ``out_dir``.
-    names: how messages call ``out_dir`` and ``overwrite`` (``staging.check_output_dir``).
     """
 
     def __init__(self, model: nn.Module, out_dir: Path, *, read, pruned: set[str], patterns: dict, packed: bool,
-                 source_dir: Path | None, max_shard_size: int, overwrite: bool, names: dict[str, str] | None = None):
+                 source_dir: Path | None, max_shard_size: int, overwrite: bool):
         self.model, self.out_dir, self.read = model, Path(out_dir), read
         self.patterns, self.packed, self.source_dir, self.overwrite = patterns, packed, source_dir, overwrite
-        self.max_shard_size, self.names = max_shard_size, names
+        self.max_shard_size = max_shard_size
         self.waiting = {f"{name}.weight" for name in pruned}
         self.order, seen = [], set()
         for key, tensor in model.state_dict(keep_vars=True).items():
@@ -106,7 +105,7 @@ class CheckpointStream:
         self.cursor = 0
 
     def __enter__(self) -> "CheckpointStream":
-        self.stage = StagedOutputDir(self.out_dir, self.overwrite, self.source_dir, self.names).__enter__()
+        self.stage = StagedOutputDir(self.out_dir, self.overwrite, self.source_dir).__enter__()
         self.tmp = self.stage.tmp
         self.shards = ShardWriter(self.tmp, self.max_shard_size)
         return self

@@ -9,8 +9,8 @@ failed or interrupted write never leaves a directory that looks like a checkpoin
         copy_aux_files(source_dir, stage.tmp, own={"config.json"})
         stage.commit()                  # renamed into place; without it the temporary dir is removed
 
-Messages name this module's parameters (``out_dir``, ``overwrite=True``); a CLI passes ``names``
-(``CLI_OUTPUT_FLAGS``) to have them name its flags instead.
+Messages name this module's parameters in backticks (`` `out_dir` ``, `` `overwrite` ``), which a CLI
+writes as its flags (``errors.with_flags``).
 """
 
 from __future__ import annotations
@@ -24,10 +24,6 @@ from ..errors import AtvSparseError
 from .safetensors_io import INDEX_NAME
 from .shard_io import CHECKSUMS_NAME
 
-# What the messages call the output directory and the overwrite switch.
-PARAMETER_NAMES = {"out_dir": "out_dir", "overwrite": "overwrite=True"}
-# The same, as the package's command lines (convert, analysis.outliers) spell them.
-CLI_OUTPUT_FLAGS = {"out_dir": "--out", "overwrite": "--overwrite"}
 
 # Never copied from the source: weights and their index (the writer writes its own), and the
 # reports and digests that describe the source's weights, not the output's.
@@ -35,16 +31,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 REPORT_FILES = frozenset({INDEX_NAME, CHECKSUMS_NAME, "sparsity.json", "prune_report.json"})
 
 
-def check_output_dir(out_dir: Path, overwrite: bool, source_dir: Path | None = None,
-                     names: dict[str, str] | None = None) -> None:
+def check_output_dir(out_dir: Path, overwrite: bool, source_dir: Path | None = None) -> None:
     """Refuse an existing ``out_dir`` without ``overwrite``, a file there, and the source itself."""
-    out_dir, name = Path(out_dir), names or PARAMETER_NAMES
+    out_dir = Path(out_dir)
     if source_dir is not None and out_dir.resolve() == Path(source_dir).resolve():
-        raise AtvSparseError(f"{name['out_dir']} {out_dir} is the input checkpoint itself; choose another directory")
+        raise AtvSparseError(f"`out_dir` {out_dir} is the input checkpoint itself; choose another directory")
     if out_dir.exists() and not overwrite:
-        raise AtvSparseError(f"{name['out_dir']} {out_dir} already exists; pass {name['overwrite']} to replace it")
+        raise AtvSparseError(f"`out_dir` {out_dir} already exists; pass `overwrite` to replace it")
     if out_dir.exists() and not out_dir.is_dir():
-        raise AtvSparseError(f"{name['out_dir']} {out_dir} exists and is not a directory")
+        raise AtvSparseError(f"`out_dir` {out_dir} exists and is not a directory")
 
 
 def copy_aux_files(source_dir: Path, tmp: Path, own: set[str] | frozenset[str] = frozenset()) -> None:
@@ -65,14 +60,12 @@ class StagedOutputDir:
     and an ``OSError`` on the way (disk full) becomes an ``AtvSparseError`` naming ``out_dir``.
     """
 
-    def __init__(self, out_dir: Path, overwrite: bool, source_dir: Path | None = None,
-                 names: dict[str, str] | None = None):
+    def __init__(self, out_dir: Path, overwrite: bool, source_dir: Path | None = None):
         self.out_dir, self.overwrite, self.source_dir = Path(out_dir), overwrite, source_dir
-        self.names = names or PARAMETER_NAMES
         self.committed = False
 
     def __enter__(self) -> "StagedOutputDir":
-        check_output_dir(self.out_dir, self.overwrite, self.source_dir, self.names)
+        check_output_dir(self.out_dir, self.overwrite, self.source_dir)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
         return self
@@ -88,7 +81,7 @@ class StagedOutputDir:
         """Move ``tmp`` to ``out_dir`` (replacing it with ``overwrite``; refused if it appeared meanwhile)."""
         out_dir = self.out_dir
         if out_dir.exists():
-            check_output_dir(out_dir, self.overwrite, names=self.names)  # it may have appeared meanwhile
+            check_output_dir(out_dir, self.overwrite)  # it may have appeared meanwhile
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / "x")
             os.replace(self.tmp, out_dir)

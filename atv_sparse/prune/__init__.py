@@ -1,5 +1,8 @@
 """Pruning: pure score -> mask functions per method, and the block-by-block driver.
 
+A run is a ``recipe.PruneRecipe`` (the method, from ``recipe.METHODS``, the pattern and the
+settings) given to ``pipeline.prune_model`` with the calibration samples.
+
 Public surface:
 - masks: ``nm_mask``, ``unstructured_mask``
 - magnitude: ``magnitude_mask``

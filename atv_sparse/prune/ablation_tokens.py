@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import AtvSparseError
 from .attention import roped_qk
 from .selectors import AtvTokens, atv_budget
 from .walk import RESIDENT, Residency, walk_blocks
@@ -34,7 +35,8 @@ class _ScaledTokens(AtvTokens):
 
     def _budget(self, s_bar, n_img, n_text):
         if self.scale is None:
-            raise RuntimeError(f"{self.name}: call calibrate_scale before pruning")
+            raise AtvSparseError(f"{self.name} selector: its `scale` is not set; set it from calibrate_scale "
+                                 "before pruning (pipeline.prune_model does)")
         return atv_budget(self.saliency_for_budget(s_bar), n_img, n_text, self.scale, "code")
 
 

@@ -35,8 +35,9 @@ from .wanda import WandaStats, wanda_score
 
 # Score / update rules: Wanda's statistics over sequences, TAMP's over selected tokens (then the
 # Wanda score), SparseGPT's Hessian, or no calibration at all.
-METHODS = ("magnitude", "wanda", "sparsegpt", "tamp")
-CALIBRATED_METHODS = ("wanda", "sparsegpt", "tamp")
+# (The methods users name, and the selector each runs with, are ``recipe.METHODS``.)
+SCORES = ("magnitude", "wanda", "sparsegpt", "tamp")
+CALIBRATED_SCORES = ("wanda", "sparsegpt", "tamp")
 # Receives each pruned linear (full module name, module, packed keep-mask) while its weights are
 # materialised: the streaming checkpoint writer.
 Sink = Callable[[str, nn.Module, torch.Tensor], None]
@@ -44,23 +45,26 @@ Sink = Callable[[str, nn.Module, torch.Tensor], None]
 
 @dataclasses.dataclass
 class PruneResult:
-    """bitmasks: module name -> packed keep-mask (out, ceil(in / 8)) uint8 on the CPU;
-    blocks: one report dict per block; timings: seconds per phase."""
+    """bitmasks: module name -> packed keep-mask (out, ceil(in / 8)) uint8 on the CPU (empty when
+    a sink received them); blocks: one report dict per block; timings: seconds per phase, in the
+    order they ran; budget: how the abs / dbs / drift-fixed budget was calibrated (target, its
+    source, scale c, dense s_bar per block, total selected), empty for other selectors."""
 
     bitmasks: dict[str, torch.Tensor]
     blocks: list[dict]
     timings: dict[str, float]
+    budget: dict = dataclasses.field(default_factory=dict)
 
 
 @torch.no_grad()
 def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, targets: dict[str, nn.Linear],
-                 method: str, pattern: Pattern, samples: list[dict] | None, device: torch.device,
+                 score: str, pattern: Pattern, samples: list[dict] | None, device: torch.device,
                  selector: TokenSelector | None = None, blocksize: int = 128, percdamp: float = 0.01,
                  sparsities: dict[str, float] | None = None, progress: bool = True,
                  residency: Residency = RESIDENT, sink: Sink | None = None) -> PruneResult:
     """Prune ``targets`` (full module names -> linears) in place, block by block.
 
-    method: "magnitude" (no samples needed), "wanda", "sparsegpt" or "tamp" (``samples``: model
+    score: "magnitude" (no samples needed), "wanda", "sparsegpt" or "tamp" (``samples``: model
     inputs per sample, at least ``input_ids`` (1, T) int64). ``selector`` picks the positions
     feeding each block's statistics (default: all). ``sparsities`` overrides an unstructured
     pattern's sparsity per module (TAMP's DAS). ``residency`` says where the weights are (default:
@@ -73,19 +77,19 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
     input rows gathered while block-0 inputs are captured, which are then captured again through
     the pruned linears; ``lm_head`` last, from the final norm of the last block's outputs.
     """
-    if method not in METHODS:
-        raise AtvSparseError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if score not in SCORES:
+        raise AtvSparseError(f"unknown `score` {score!r}; choose one of {', '.join(SCORES)}")
     selector = selector or MixedTokens()
     timings = {"capture": 0.0, "calibrate": 0.0, "prune": 0.0, "propagate": 0.0}
     result = PruneResult({}, [], timings)
-    calibrated = method in CALIBRATED_METHODS
+    calibrated = score in CALIBRATED_SCORES
     in_blocks = {n: m for n, m in targets.items() if n.startswith(layers_prefix + ".")}
     outside = {n: m for n, m in targets.items() if n not in in_blocks}
     after_blocks = {}
 
     def prune_into_result(name, mod, stats):
         layer_pattern = Pattern(None, None, sparsities[name]) if sparsities and name in sparsities else pattern
-        bitmask = pack_bitmask(_prune_linear(mod, method, layer_pattern, stats, blocksize, percdamp)).cpu()
+        bitmask = pack_bitmask(_prune_linear(mod, score, layer_pattern, stats, blocksize, percdamp)).cpu()
         if sink is None:
             result.bitmasks[name] = bitmask
         else:  # the sink owns it: a model larger than memory has bitmasks larger than a block
@@ -99,10 +103,10 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
             residency.free(mod)
     else:
         if not samples:
-            raise AtvSparseError(f"method {method} needs calibration samples (num_samples >= 1)")
+            raise AtvSparseError(f"{score} scores need calibration samples; `samples` is empty")
         t0 = time.perf_counter()
         if outside:
-            before = _stats_while(outside, method, device,
+            before = _stats_while(outside, score, device,
                                   lambda: capture_block_inputs(model, layers, samples, device, progress, residency))
             for name, st in before.items():
                 residency.bring(outside[name], device)
@@ -123,7 +127,7 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
         if calibrated and block_targets:
             t0 = time.perf_counter()
             report.update(selector.begin_block(b, run, len(samples)))
-            stats, counts = _collect_stats(run, block_targets, method, selector, len(samples), device,
+            stats, counts = _collect_stats(run, block_targets, score, selector, len(samples), device,
                                            f"{step.label}: Calibrating", progress)
             report.update(counts)
             report["time_calibrate_s"] = time.perf_counter() - t0
@@ -144,7 +148,7 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
         result.blocks.append(report)
     if after_blocks:
         t0 = time.perf_counter()
-        _prune_output_head(model, after_blocks, captured[0], method, device, prune_into_result, residency)
+        _prune_output_head(model, after_blocks, captured[0], score, device, prune_into_result, residency)
         timings["prune"] += time.perf_counter() - t0
     return result
 
@@ -156,9 +160,9 @@ def _check_finite(name: str, st) -> None:
     check_finite(name, st.hessian if isinstance(st, HessianStats) else st.scaler_row)
 
 
-def _stats_while(linears: dict[str, nn.Linear], method: str, device, work) -> dict:
+def _stats_while(linears: dict[str, nn.Linear], score: str, device, work) -> dict:
     """Statistics of every input row of ``linears`` while ``work()`` runs; only those that ran."""
-    stats = {name: _STATS[method](mod.in_features, device=device) for name, mod in linears.items()}
+    stats = {name: _STATS[score](mod.in_features, device=device) for name, mod in linears.items()}
     handles = [mod.register_forward_hook(lambda m, args, out, st=stats[name]: st.update(args[0]))
                for name, mod in linears.items()]
     try:
@@ -172,7 +176,7 @@ def _stats_while(linears: dict[str, nn.Linear], method: str, device, work) -> di
     return ran
 
 
-def _prune_output_head(model, linears: dict[str, nn.Linear], hidden: list, method: str, device, prune,
+def _prune_output_head(model, linears: dict[str, nn.Linear], hidden: list, score: str, device, prune,
                        residency: Residency) -> None:
     """Prune ``lm_head`` from the final norm of the last block's outputs (all positions)."""
     head = model.get_output_embeddings()
@@ -184,7 +188,7 @@ def _prune_output_head(model, linears: dict[str, nn.Linear], hidden: list, metho
     residency.bring(norm, device)
     residency.bring(head, device)
     try:
-        stats = _stats_while(linears, method, device, lambda: [head(norm(h.to(device))) for h in hidden])
+        stats = _stats_while(linears, score, device, lambda: [head(norm(h.to(device))) for h in hidden])
         for name, mod in linears.items():
             prune(name, mod, stats[name])
     finally:
@@ -192,13 +196,13 @@ def _prune_output_head(model, linears: dict[str, nn.Linear], hidden: list, metho
         residency.free(head)
 
 
-def _collect_stats(run, block_targets, method, selector, num_samples, device, desc, progress):
+def _collect_stats(run, block_targets, score, selector, num_samples, device, desc, progress):
     """Statistics pass: the dense block on every sample with hooks on its target linears.
 
     Returns ({name: stats}, {"tokens": positions used per linear, and for vision-language models
     "text_tokens_used" / "visual_tokens_used"}).
     """
-    stats = {name: _STATS[method](mod.in_features, device=device) for name, mod in block_targets.items()}
+    stats = {name: _STATS[score](mod.in_features, device=device) for name, mod in block_targets.items()}
     positions, sample = None, 0
     per_linear = selector.linear_positions if selector.per_linear else None
 
@@ -233,13 +237,13 @@ def _collect_stats(run, block_targets, method, selector, num_samples, device, de
     return stats, counts
 
 
-def _prune_linear(mod: nn.Linear, method: str, pattern: Pattern, stats, blocksize: int,
+def _prune_linear(mod: nn.Linear, score: str, pattern: Pattern, stats, blocksize: int,
                   percdamp: float) -> torch.Tensor:
     """Prune ``mod.weight`` in place; return its keep-mask (out, in) bool."""
     weight = mod.weight.data
-    if method == "magnitude":
+    if score == "magnitude":
         keep = magnitude_mask(weight, **_mask_args(pattern))
-    elif method in ("wanda", "tamp"):
+    elif score in ("wanda", "tamp"):
         keep = pattern_mask(wanda_score(weight, stats), **_mask_args(pattern))
     else:
         pruned, keep = sparsegpt_prune(weight, stats.hessian, blocksize=blocksize, percdamp=percdamp,

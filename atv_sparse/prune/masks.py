@@ -58,6 +58,6 @@ def pattern_mask(score: torch.Tensor, sparsity: float | None = None, n: int | No
 
 def check_mask_args(sparsity, n, m) -> None:
     if (n is None) != (m is None):
-        raise AtvSparseError("give both n and m for an N:M pattern")
+        raise TypeError("give both n and m for an N:M pattern")
     if (sparsity is None) == (m is None):
-        raise AtvSparseError("give exactly one of sparsity (unstructured) or n and m (N:M)")
+        raise TypeError("give exactly one of sparsity (unstructured) or n and m (N:M)")

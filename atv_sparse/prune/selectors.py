@@ -105,7 +105,7 @@ def atv_budget(s_bar: float, n_img: int, n_text: int, alpha: float, rule: str = 
         return min(n_img, round(min(1.0, alpha * s_bar) * n_text))
     if rule == "paper":
         return min(n_img, math.floor(alpha * s_bar * n_text))
-    raise AtvSparseError(f"--budget-rule {rule!r}: choose one of {', '.join(BUDGET_RULES)}")
+    raise AtvSparseError(f"`rule` {rule!r}: choose one of {', '.join(BUDGET_RULES)}")
 
 
 def top_drift(drift: torch.Tensor, k: int) -> torch.Tensor:
@@ -121,9 +121,9 @@ class AtvTokens(TokenSelector):
 
     def __init__(self, tokens: list[SampleTokens], alpha: float = 1.0, budget_rule: str = "code"):
         if alpha < 0:
-            raise AtvSparseError(f"--alpha must be >= 0, got {alpha}")
+            raise AtvSparseError(f"`alpha` must be >= 0, got {alpha}")
         if budget_rule not in BUDGET_RULES:
-            raise AtvSparseError(f"--budget-rule {budget_rule!r}: choose one of {', '.join(BUDGET_RULES)}")
+            raise AtvSparseError(f"`budget_rule` {budget_rule!r}: choose one of {', '.join(BUDGET_RULES)}")
         self.tokens, self.alpha, self.rule = tokens, alpha, budget_rule
         self._positions: list[torch.Tensor] = []
 

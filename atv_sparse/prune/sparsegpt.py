@@ -59,7 +59,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     check_mask_args(sparsity, n, m)
     columns = weight.shape[1]
     if m is not None and (columns % m or blocksize % m):
-        raise AtvSparseError(f"N:M SparseGPT needs in_features ({columns}) and blocksize ({blocksize}) "
+        raise AtvSparseError(f"N:M SparseGPT needs in_features ({columns}) and `blocksize` ({blocksize}) "
                              f"to be multiples of M={m}")
     with tf32_disabled():
         W = weight.detach().clone().float()
@@ -74,7 +74,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
             H = torch.linalg.cholesky(H)
         except torch.linalg.LinAlgError as e:
             raise AtvSparseError(f"the Hessian is not positive definite even after dampening ({e}); "
-                                 "raise percdamp or calibrate with more tokens") from None
+                                 "raise `percdamp` or calibrate with more tokens") from None
         H = torch.cholesky_inverse(H)
         Hinv = torch.linalg.cholesky(H, upper=True)
         del H

@@ -68,16 +68,13 @@ def attention_contribution(q: torch.Tensor, k: torch.Tensor, last: int,
     transformers' ``repeat_kv`` (``repeat_interleave`` over the head dim), done here by a reshape
     instead of materialising the repeated keys.
     """
-    if q.dim() != 3 or k.dim() != 3:
-        raise AtvSparseError(f"attention_contribution: q and k must be (heads, L, d_head), got "
-                             f"{tuple(q.shape)} and {tuple(k.shape)}")
+    # The shapes come from the model's own q_proj / k_proj (roped_qk): a mismatch is a bug here.
+    assert q.dim() == 3 and k.dim() == 3, f"q and k must be (heads, L, d_head), got {tuple(q.shape)}, {tuple(k.shape)}"
     heads_q, length, d_head = q.shape
     heads_kv = k.shape[0]
-    if k.shape[1:] != (length, d_head) or heads_kv == 0 or heads_q % heads_kv != 0:
-        raise AtvSparseError(f"attention_contribution: k {tuple(k.shape)} does not match q "
-                             f"{tuple(q.shape)} (heads_q must be a multiple of heads_kv)")
-    if not 0 <= last < length:
-        raise AtvSparseError(f"attention_contribution: last={last} is outside 0..{length - 1}")
+    assert k.shape[1:] == (length, d_head) and heads_kv > 0 and heads_q % heads_kv == 0, \
+        f"k {tuple(k.shape)} does not match q {tuple(q.shape)} (heads_q must be a multiple of heads_kv)"
+    assert 0 <= last < length, f"last={last} is outside 0..{length - 1}"
     rep = heads_q // heads_kv
     # (heads_kv, rep, d) @ (heads_kv, d, L): query head h = g * rep + r pairs with kv head g.
     q_last = q[:, last, :].float().reshape(heads_kv, rep, d_head)
@@ -85,8 +82,7 @@ def attention_contribution(q: torch.Tensor, k: torch.Tensor, last: int,
     logits = logits / math.sqrt(d_head)
     valid = torch.arange(length, device=q.device) <= last
     if key_mask is not None:
-        if key_mask.shape != (length,) or key_mask.dtype != torch.bool:
-            raise AtvSparseError(f"attention_contribution: key_mask must be ({length},) bool")
+        assert key_mask.shape == (length,) and key_mask.dtype == torch.bool, f"key_mask must be ({length},) bool"
         valid = valid & key_mask.to(q.device)
         if not bool(valid.any()):
             raise AtvSparseError("attention_contribution: key_mask leaves no key at or before `last`")

@@ -79,5 +79,5 @@ def resolve_targets(model: nn.Module, blocks_prefix: str, pattern: Pattern, targ
             continue
         plan.targets[name] = module
     if not plan.targets:
-        raise AtvSparseError("no linear layer left to prune after --targets / --ignore")
+        raise AtvSparseError("no linear layer left to prune after `targets` / `ignore`")
     return plan
