@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from .errors import AtvSparseError
+from .textfiles import read_user_text
 from .tinybench.items import limit_items, read_eval_file, synthetic_items
 from .tinybench.loading import is_multimodal, load_model_and_processor
 from .tinybench.metrics import compare
@@ -109,19 +110,6 @@ def _format_table(result: dict, describe: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def _read_text(path: str | Path) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise AtvSparseError(f"perplexity file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise AtvSparseError(f"perplexity file {path} is not UTF-8 text") from None
-    if not text.strip():
-        raise AtvSparseError(f"perplexity file {path} is empty")
-    return text
-
-
 def _device(name: str | None) -> str:
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -144,7 +132,7 @@ def run(args) -> dict:
     model, processor = load_model_and_processor(model_dir, dtype=dtype, device=device)
     report: dict = {"model": str(model_dir), "device": device, "scorer": args.scorer}
     if args.ppl:
-        text = _read_text(args.ppl)
+        text = read_user_text(args.ppl, "perplexity file", allow_empty=False)
         report["ppl"] = {"file": args.ppl, **text_perplexity(model, processor, text, args.seqlen, args.ppl)}
         print(f"perplexity of {args.ppl}: {report['ppl']['ppl']:.3f} ({report['ppl']['tokens']} tokens, "
               f"{report['ppl']['windows']} windows of {args.seqlen})")

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import AtvSparseError
+from ..textfiles import read_user_text
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -60,14 +61,7 @@ def read_multimodal_file(path: str | Path, limit: int | None = None) -> list[Con
     ``limit`` samples (a big file's other records are neither checked nor their images opened).
     """
     path = Path(path)
-    if not path.is_file():
-        raise AtvSparseError(f"multimodal calibration file {path} does not exist")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise AtvSparseError(f"multimodal calibration file {path} is not UTF-8 text") from None
-    if not raw.strip():
-        raise AtvSparseError(f"multimodal calibration file {path} is empty")
+    raw = read_user_text(path, "multimodal calibration file", allow_empty=False)
     records = _read_records(path, raw, limit)
     if not records:
         raise AtvSparseError(f"multimodal calibration file {path} has no samples")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AtvSparseError
+from ..textfiles import read_user_text
 
 DEFAULT_CALIBRATION = "<embedded default text>"
 
@@ -31,12 +32,7 @@ def read_calibration_text(path: str | Path) -> str:
     that are not text (lone surrogate escapes, which no tokenizer takes).
     """
     path = Path(path)
-    if not path.is_file():
-        raise AtvSparseError(f"calibration file {path} does not exist")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise AtvSparseError(f"calibration file {path} is not UTF-8 text") from None
+    raw = read_user_text(path, "calibration file")
     if path.suffix == ".jsonl":
         texts = []
         for lineno, line in enumerate(raw.splitlines(), 1):

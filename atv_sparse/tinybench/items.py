@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..errors import AtvSparseError
+from ..textfiles import read_user_text
 
 
 @dataclasses.dataclass
@@ -39,12 +40,7 @@ def read_eval_file(path: str | Path, limit: int | None = None) -> list[EvalItem]
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
-    if not path.is_file():
-        raise AtvSparseError(f"evaluation file {path} does not exist")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise AtvSparseError(f"evaluation file {path} is not UTF-8 text") from None
+    lines = read_user_text(path, "evaluation file").splitlines()
     items = []
     for lineno, line in enumerate(lines, 1):
         if limit is not None and len(items) >= limit:
