@@ -198,6 +198,7 @@ def run(argv: list[str] | None = None) -> dict:
             print(f"warning: {args.calib} holds {len(calibration.samples)} samples, fewer than --nsamples "
                   f"{nsamples}; using them all", file=sys.stderr)
         times["calibration data"] = time.perf_counter() - t0
+    mix = calibration.token_mix() if calibration is not None else None
     default_calib = DEFAULT_MULTIMODAL_CALIBRATION if adapter.multimodal else DEFAULT_CALIBRATION
     record = {"nsamples": nsamples, "seqlen": seqlen, "calibration": args.calib or default_calib,
               "dtype": str(next(model.parameters()).dtype), "device": str(device)}
@@ -220,7 +221,7 @@ def run(argv: list[str] | None = None) -> dict:
                                             list(args.ignore) + sorted(plan.skipped), __version__)
         report = {"method": args.method, "pattern": str(pattern), "sparsity": pattern.sparsity, "settings": settings,
                   "source": str(ckpt) if not embedded else "<bundled tiny VLM>", "architecture": adapter.architecture,
-                  "version": __version__, "blocks": result.blocks, "skipped": plan.skipped}
+                  "version": __version__, "calibration_tokens": mix, "blocks": result.blocks, "skipped": plan.skipped}
         plot = f"{args.method} {pattern}: {adapter.architecture}" if args.plot else None
         written = _finish(stream, qconfig, report, sparsity_json(targets, pruned, pattern, plan.skipped), times,
                           result.blocks, plot)
@@ -228,7 +229,7 @@ def run(argv: list[str] | None = None) -> dict:
     target_numel = sum(model.get_submodule(n).weight.numel() for n in pruned)
     summary = {"source": "bundled tiny VLM" if embedded else str(ckpt), "out": str(out), "method": args.method,
                "pattern": str(pattern), "format": args.format, "architecture": adapter.architecture,
-               "modules_pruned": len(pruned), "modules_skipped": len(plan.skipped),
+               "modules_pruned": len(pruned), "modules_skipped": len(plan.skipped), "calibration_tokens": mix,
                "sparsity_targets": pruned_zero / max(target_numel, 1),
                "sparsity_model": pruned_zero / max(sum(p.numel() for p in model.parameters()), 1),
                "timings_s": dict(times), "bytes_before": sum(f.stat().st_size for f in checkpoint_files(ckpt)),

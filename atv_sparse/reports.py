@@ -89,6 +89,10 @@ def print_summary(s: dict) -> None:
     print(f"atv_sparse.convert: {s['method']} {s['pattern']} on {s['source']} ({s['architecture']})")
     print(f"  modules pruned : {s['modules_pruned']}" + (f" ({s['modules_skipped']} left dense)" if s["modules_skipped"] else ""))
     print(f"  sparsity       : {100 * s['sparsity_targets']:.2f}% of pruned layers, {100 * s['sparsity_model']:.2f}% of all weights")
+    mix = s.get("calibration_tokens")
+    if mix is not None:
+        print(f"  calibration    : {mix['visual']:,} image + {mix['text']:,} text tokens "
+              f"({100 * mix['visual_share']:.1f}% visual)")
     print(f"  time           : {timing}")
     print(f"  weights        : {human_bytes(s['bytes_before'])} -> {human_bytes(s['bytes_after'])} "
           f"({s['bytes_after'] / max(s['bytes_before'], 1):.2f}x, {s['format']})")

@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py                       # full tables -> benchmarks/results/accuracy-tiny.{md,json}
     python benchmarks/accuracy.py --quick --out /tmp/a  # a subset in about a minute (CI)
+    python benchmarks/accuracy.py --rerender benchmarks/results/accuracy-tiny.json   # tables again, from the JSON
 
 The model is ``atv_sparse/assets/tiny_vlm`` (LLaVA-style, 64 image tokens per image; see its model
 card), in two variants: ``plain``, and ``outlier`` (``atv_sparse.analysis.outliers``: 4 hidden
@@ -122,6 +123,19 @@ def setup(args) -> dict:
     return {"models": {"plain": model, "outlier": outlier}, "processor": processor, "adapter": adapter,
             "calib": calib, "prepared": prepared, "decoder_inputs": cache_decoder_inputs(model, prepared),
             "outlier_channels": transform.channels}
+
+
+def calibration_token_mix(args) -> dict[str, dict]:
+    """seed -> the calibration set's token mix (``CalibrationSet.token_mix``), without pruning anything."""
+    from atv_sparse.calib import conversation_calibration
+    from atv_sparse.models.processors import load_processor
+    from atv_sparse.tinybench.tasks import calibration_conversations
+    from transformers import AutoConfig
+
+    processor = load_processor(Path(args.model))
+    token_id = AutoConfig.from_pretrained(args.model).image_token_id
+    return {str(seed): conversation_calibration(processor, calibration_conversations(args.nsamples, seed),
+                                                token_id).token_mix() for seed in args.seeds}
 
 
 def _init_worker(threads: int) -> None:
@@ -326,19 +340,32 @@ def _cell(c: dict) -> str:
     return f"{c['average_retention']:.1f} ± {c['sd']:.1f}"
 
 
+def calibration_share(meta: dict) -> str:
+    """"52.1% visual" over the calibration seeds (one value, or the range when they differ)."""
+    shares = sorted(100 * m["visual_share"] for m in meta["calibration_tokens"].values())
+    span = f"{shares[0]:.1f}%" if shares[-1] - shares[0] < 0.05 else f"{shares[0]:.1f}-{shares[-1]:.1f}%"
+    return f"calibration tokens {span} visual"
+
+
 def markdown(tables: dict, args, tasks: list[str], meta: dict) -> str:
+    share = calibration_share(meta)
+    mix = meta["calibration_tokens"]
+    per_seed = "; ".join(f"seed {s}: {m['visual']:,} image + {m['text']:,} text tokens ({100 * m['visual_share']:.1f}% "
+                         "visual)" for s, m in mix.items())
     out = [f"# Accuracy of pruning methods on the bundled tiny VLM ({meta['date']})", "",
            f"Model `{meta['model']}` ({meta['params']:,} parameters; {meta['image_tokens']} image tokens per image). "
            f"Test: {args.per_task} items per task of the synthetic test split (seed {args.test_seed}), "
            f"teacher-forced exact match. Calibration: {args.nsamples} conversations of the calibration split per "
            f"seed, seeds {', '.join(map(str, args.seeds))}. {meta['machine']}; torch {torch.__version__}; "
            f"{meta['wall_minutes']:.1f} min for {meta['jobs']} pruned models.", "",
+           f"Token mix of the calibration sets (every block sees all of them; the paper's LLaVA-NeXT-8B: ~90% "
+           f"visual): {per_seed}.", "",
            "Retention = 100 x accuracy / dense accuracy per task; Average = unweighted mean over tasks "
            "(the paper's Average column), mean ± standard deviation over calibration seeds. "
            "Outlier variant: the same model with hidden channels "
            f"{meta['outlier_channels']} of every RMSNorm x{OUTLIER_SCALE:g} and the columns they feed /"
            f"{OUTLIER_SCALE:g} (bit-identical function).", ""]
-    out += ["## Dense model", "", "| variant | " + " | ".join(tasks) + " | average | answer NLL |",
+    out += ["## Dense model (no calibration)", "", "| variant | " + " | ".join(tasks) + " | average | answer NLL |",
             "| --- |" + " ---: |" * (len(tasks) + 2)]
     for v, d in tables["dense"].items():
         out.append(f"| {v} | " + " | ".join(f"{100 * d['tasks'][t]['accuracy']:.1f}" for t in tasks)
@@ -347,7 +374,7 @@ def markdown(tables: dict, args, tasks: list[str], meta: dict) -> str:
     out += ["## Main comparison (Table A1-like): retention per task, %", ""]
     for variant in args.variants:
         for col in args.patterns:
-            out += [f"### {variant} model, {col}", "",
+            out += [f"### {variant} model, {col} ({share})", "",
                     "| method | " + " | ".join(tasks) + " | Average | accuracy | NLL |",
                     "| --- |" + " ---: |" * (len(tasks) + 3)]
             for label, columns in tables["main"].items():
@@ -357,14 +384,14 @@ def markdown(tables: dict, args, tasks: list[str], meta: dict) -> str:
                 out.append(f"| {label.split('|')[1]} | " + " | ".join(_num(c["retention"].get(t)) for t in tasks)
                            + f" | **{_cell(c)}** | {100 * c['accuracy']:.1f} | {c['nll']:.3f} |")
             out.append("")
-    out += ["## Summary: average retention, %", "", "| method | " + " | ".join(
+    out += [f"## Summary: average retention, % ({share})", "", "| method | " + " | ".join(
         f"{v} {p}" for v in args.variants for p in args.patterns) + " |",
         "| --- |" + " ---: |" * (len(args.variants) * len(args.patterns))]
     for method in MAIN_METHODS:
         row = [_cell(tables["main"][f"{v}|{method}"][p]) for v in args.variants for p in args.patterns]
         out.append(f"| {method} | " + " | ".join(row) + " |")
     out.append("")
-    out += ["## Paired differences of average accuracy (points; same items, seeds averaged per item first)", "",
+    out += [f"## Paired differences of average accuracy (points; same items, seeds averaged per item first; {share})", "",
             "| variant | comparison | " + " | ".join(args.patterns) + " |", "| --- | --- |" + " ---: |" * len(args.patterns)]
     keys = list(dict.fromkeys(k.rsplit("|", 1)[0] for k in tables["paired"]))
     for key in keys:
@@ -385,7 +412,7 @@ def markdown(tables: dict, args, tasks: list[str], meta: dict) -> str:
 
     def simple(title: str, section: str, note: str = "") -> None:
         columns = list(next(iter(tables[section].values())))
-        out.extend([f"## {title}", ""] + ([note, ""] if note else []))
+        out.extend([f"## {title} ({share})", ""] + ([note, ""] if note else []))
         out.append("| configuration | " + " | ".join(f"{c} Average" for c in columns) + " | "
                    + " | ".join(f"{c} visual tokens / sample / block" for c in columns) + " |")
         out.append("| --- |" + " ---: |" * (2 * len(columns)))
@@ -462,7 +489,26 @@ def _shown(path: str) -> str:
         return path
 
 
+def rerender(json_path: Path) -> str:
+    """Rewrite OUT.md (and OUT.json) of an earlier run from its JSON, nothing pruned or scored again:
+    for a change of the tables' layout. The calibration token mix is measured if the run predates it."""
+    payload = json.loads(json_path.read_text())
+    args = argparse.Namespace(**payload["settings"])
+    args.model = str(HERE.parent / args.model) if not Path(args.model).is_absolute() else args.model
+    meta = payload["meta"]
+    if "calibration_tokens" not in meta:
+        meta["calibration_tokens"] = calibration_token_mix(args)
+    tasks = list(payload["tables"]["dense"]["plain"]["tasks"])
+    text = markdown(payload["tables"], args, tasks, meta)
+    _write(json_path, json.dumps(payload, indent=1, default=str) + "\n")
+    _write(json_path.with_suffix(".md"), text + "\n")
+    return text
+
+
 def main(argv=None) -> int:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--rerender":
+        print(rerender(Path(sys.argv[2])))
+        return 0
     args = parse_args(argv)
     from tqdm.auto import tqdm
 
@@ -499,6 +545,7 @@ def main(argv=None) -> int:
     meta = {"date": datetime.date.today().isoformat(), "model": _shown(args.model), "machine": f"{cpu_name()} x{os.cpu_count()}",
             "params": sum(p.numel() for p in model.parameters()), "image_tokens": model.config.image_seq_length,
             "outlier_channels": _STATE["outlier_channels"], "jobs": len(jobs),
+            "calibration_tokens": {str(seed): c.token_mix() for seed, c in _STATE["calib"].items()},
             "wall_minutes": (time.time() - start) / 60, "torch": torch.__version__, "workers": args.workers}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

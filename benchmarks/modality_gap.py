@@ -30,12 +30,12 @@ KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 
 
 def measure(model_dir: Path, nsamples: int, seeds: tuple[int, ...]) -> dict:
-    from atv_sparse.analysis.modality_gap import modality_gap, visual_share
+    from atv_sparse.analysis.modality_gap import modality_gap
     from atv_sparse.calib.multimodal import build_sample
     from atv_sparse.tinybench.tasks import calibration_conversations
     from atv_sparse.tinybench.loading import load_model_and_processor
     from atv_sparse.models import adapter_for, read_config
-    from atv_sparse.prune.selectors import SampleTokens
+    from atv_sparse.prune.selectors import SampleTokens, token_counts, visual_share
 
     model, processor = load_model_and_processor(model_dir, dtype=torch.float32)
     adapter = adapter_for(read_config(model_dir), model_dir)
@@ -51,9 +51,9 @@ def measure(model_dir: Path, nsamples: int, seeds: tuple[int, ...]) -> dict:
     for name, g in gap.items():
         index, kind = int(name[len(prefix) + 1:].split(".")[0]), name.rsplit(".", 1)[1]
         blocks.setdefault(index, {})[kind] = g
+    visual, text = token_counts(tokens)
     return {"model": str(model_dir), "linears": gap, "blocks": blocks, "visual_share": visual_share(tokens),
-            "visual_tokens": sum(int(t.visual.sum()) for t in tokens),
-            "text_tokens": sum(int(t.text.sum()) for t in tokens), "samples": len(samples)}
+            "visual_tokens": visual, "text_tokens": text, "samples": len(samples)}
 
 
 def markdown(r: dict, args) -> str:

@@ -51,6 +51,20 @@ def test_quick_run_writes_every_table(quick):
     assert set(tables["main"]) == {f"{v}|{m}" for v in accuracy.VARIANTS for m in accuracy.MAIN_METHODS}
     assert all(tables["invariance"].values()) and len(tables["invariance"]) == 3
     assert out.with_name(out.name + "-atv-blocks.png").stat().st_size > 1000
+    mix = payload["meta"]["calibration_tokens"]["0"]
+    assert mix["visual"] == 4 * 64 and 0.5 < mix["visual_share"] < 1  # 4 conversations of one 64-token image
+    share = f"calibration tokens {100 * mix['visual_share']:.1f}% visual"
+    tables_titles = [line for line in text.splitlines() if line.startswith("##") and "Dense" not in line
+                     and not line.startswith("## Main comparison")]
+    assert tables_titles and all(share in line for line in tables_titles), tables_titles
+
+
+def test_rerender_reproduces_the_tables(quick, tmp_path):
+    out, payload = quick
+    copy = tmp_path / "again.json"
+    copy.write_text(out.with_suffix(".json").read_text())
+    text = accuracy.rerender(copy)
+    assert text + "\n" == out.with_suffix(".md").read_text()
 
 
 def test_quick_run_facts(quick):

@@ -298,3 +298,22 @@ def test_load_processor_errors(tmp_path, tiny_llama):
         load_processor(tmp_path / "nope")
     with pytest.raises(AtvSparseError, match=f"{tiny_llama}.*no multimodal processor"):
         load_processor(tiny_llama)  # a text-only model: AutoProcessor silently gives the tokenizer
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_token_mix_counts_the_image_tokens(vlm_dirs, family):
+    """CalibrationSet.token_mix (printed by convert, in prune_report.json) against a plain count of
+    the image token id in the samples' input_ids."""
+    from atv_sparse.calib import load_calibration
+    from atv_sparse.models import adapter_for, read_config
+    from atv_sparse.preflight import check_processor
+
+    ckpt = vlm_dirs[family]
+    adapter = adapter_for(read_config(ckpt), ckpt)
+    calibration = load_calibration(ckpt, adapter, nsamples=3, seqlen=2048, seed=5, processor=check_processor(ckpt))
+    image_id = transformers.AutoConfig.from_pretrained(ckpt).image_token_id
+    ids = torch.cat([s["input_ids"][0] for s in calibration.samples])
+    visual = int((ids == image_id).sum())
+    mix = calibration.token_mix()
+    assert (mix["visual"], mix["text"]) == (visual, ids.numel() - visual)
+    assert mix["visual_share"] == pytest.approx(visual / ids.numel())

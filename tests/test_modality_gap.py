@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from atv_sparse.analysis.modality_gap import channel_energy, linear_gap, modality_gap, visual_share
-from atv_sparse.prune.selectors import SampleTokens
+from atv_sparse.analysis.modality_gap import channel_energy, linear_gap, modality_gap
+from atv_sparse.prune.selectors import SampleTokens, visual_share
 
 VISUAL_ID = 7
 

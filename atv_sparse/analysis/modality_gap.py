@@ -108,10 +108,3 @@ def modality_gap(model: nn.Module, targets: dict[str, nn.Linear], samples: list[
     """linear name -> {"cosine", "norm_ratio", "overlap"} for every target (model order)."""
     energy = channel_energy(model, targets, samples, tokens)
     return {name: linear_gap(lin.weight, energy[name], sparsity) for name, lin in targets.items()}
-
-
-def visual_share(tokens: list[SampleTokens]) -> float:
-    """Share of the calibration positions that are visual (padding excluded), in [0, 1]."""
-    visual = sum(int(t.visual.sum()) for t in tokens)
-    text = sum(int(t.text.sum()) for t in tokens)
-    return visual / max(visual + text, 1)

@@ -13,7 +13,7 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import AtvSparseError
-from ..prune.selectors import SampleTokens
+from ..prune.selectors import SampleTokens, token_counts
 from .multimodal import Conversation, build_sample, read_multimodal_file
 from .text import (DEFAULT_CALIBRATION, check_calibration_size, default_calibration_text, read_calibration_text,
                    text_windows)
@@ -30,6 +30,14 @@ class CalibrationSet:
     samples: list[dict]
     tokens: list[SampleTokens] | None
     source: str
+
+    def token_mix(self) -> dict | None:
+        """{"visual": positions, "text": positions, "visual_share": visual / all} over all samples;
+        None for a text-only model's calibration (no image tokens to count)."""
+        if self.tokens is None:
+            return None
+        visual, text = token_counts(self.tokens)
+        return {"visual": visual, "text": text, "visual_share": visual / max(visual + text, 1)}
 
 
 def is_text_file(path: str | Path | None) -> bool:
