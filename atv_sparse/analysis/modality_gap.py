@@ -1,4 +1,4 @@
-"""How differently a vision-language model's decoder treats visual and text tokens.
+"""How differently a vision-language model's decoder treats visual and text tokens (docs/design.md 4.8).
 
 Three numbers per decoder linear, all from one dense forward pass over calibration samples
 (issue 17; they explain why token-selective calibration matters on one model and not another):
