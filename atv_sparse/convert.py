@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .cli import OneLineParser
 from .calib import (DEFAULT_CALIBRATION, DEFAULT_MULTIMODAL_CALIBRATION, check_calibration_size, is_text_file,
                     load_calibration)
 from .errors import AtvSparseError, with_flags
@@ -52,13 +53,8 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "b
 FLAGS = {"budget_target": "--budget-from", "out_dir": "--out", "rule": "--budget-rule"}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m atv_sparse.convert", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python -m atv_sparse.convert", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("ckpt", nargs="?", metavar="CKPT",
                    help="local Hugging Face model directory (safetensors); omit it to run on the embedded tiny model")

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import OneLineParser
 from .errors import AtvSparseError
 from .textfiles import read_user_text
 from .tinybench.items import limit_items, read_eval_file, synthetic_items
@@ -53,13 +54,8 @@ DEFAULT_PER_TASK = 500
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m atv_sparse.evaluate", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python -m atv_sparse.evaluate", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR",
                    help="dense, dense-with-zeros or compressed checkpoint (default: the bundled tiny VLM)")

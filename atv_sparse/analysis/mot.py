@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from ..errors import AtvSparseError
 from ..formats.bitmask import pack_bitmask
+from ..models.adapter import config_image_token_id
 from ..patterns import Pattern, parse_pattern
 from ..prune.masks import pattern_mask
 from ..prune.walk import check_finite, walk_blocks
@@ -208,10 +209,7 @@ def attach_mot(model: nn.Module, image_token_id: int | None = None, shared_o: bo
     their memory while the probe is attached.
     """
     if image_token_id is None:
-        config = model.config
-        image_token_id = getattr(config, "image_token_id", None)
-        if image_token_id is None:
-            image_token_id = getattr(config, "image_token_index", None)
+        image_token_id = config_image_token_id(model.config)
         if image_token_id is None:
             raise AtvSparseError(f"{type(model).__name__}: the config has no image_token_id, so the MoT probe cannot "
                                  "tell visual positions from text; give a vision-language model or image_token_id=")

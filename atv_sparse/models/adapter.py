@@ -49,9 +49,7 @@ class ModelAdapter:
         """The input id whose positions carry image features (None for a text model)."""
         if not self.multimodal:
             return None
-        token_id = getattr(config, "image_token_id", None)
-        if token_id is None:
-            token_id = getattr(config, "image_token_index", None)
+        token_id = config_image_token_id(config)
         if token_id is None:
             raise AtvSparseError(f"{self.architecture}: the config has no image_token_id; cannot tell image "
                                  "positions from text")
@@ -91,6 +89,14 @@ SUPPORTED_ARCHITECTURES = {
         "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration",
         "Qwen2_5_VLForConditionalGeneration")},
 }
+
+
+def config_image_token_id(config) -> int | None:
+    """``config.image_token_id`` (or the older ``image_token_index``); None when it has neither."""
+    token_id = getattr(config, "image_token_id", None)
+    if token_id is None:
+        token_id = getattr(config, "image_token_index", None)
+    return None if token_id is None else int(token_id)
 
 
 def read_config(model_dir: Path) -> dict:
