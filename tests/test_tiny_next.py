@@ -111,3 +111,21 @@ def test_training_encoder_builds_the_processor_ids(processor):
         assert enc["input_ids"][0].tolist() == ids.tolist(), task
         answer = processor.tokenizer(f" {item.answer}</s>", add_special_tokens=False)["input_ids"]
         assert labels[labels != -100].tolist() == answer
+
+
+def test_default_calibration_is_mostly_visual(processor, model, tmp_path):
+    """The embedded calibration set on the tiny LLaVA-NeXT: 112 px scenes (5 crops, 336 image tokens)
+    against ShareGPT4V-like texts, so that at least 85% of every block's calibration tokens are
+    visual, as with LLaVA-NeXT-8B's anyres images (the tiny LLaVA-1.5's share is 52-54%)."""
+    from atv_sparse.calib import load_calibration
+    from atv_sparse.models import adapter_for, read_config
+    from atv_sparse.preflight import check_processor
+
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    adapter = adapter_for(read_config(tmp_path), tmp_path)
+    for seed in (0, 1, 2):
+        mix = load_calibration(tmp_path, adapter, nsamples=32, seqlen=2048, seed=seed,
+                               processor=check_processor(tmp_path)).token_mix()
+        assert mix["visual"] == 32 * tiny_next.NUM_IMAGE_TOKENS
+        assert mix["visual_share"] >= 0.85, (seed, mix)

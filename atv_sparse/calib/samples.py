@@ -64,7 +64,8 @@ def load_calibration(ckpt: Path, adapter, *, path: str | Path | None = None, nsa
         else:
             from ..tinybench.tasks import calibration_conversations
 
-            conversations = calibration_conversations(nsamples, seed=seed)
+            size = synthetic_image_size(getattr(processor, "image_processor", None))
+            conversations = calibration_conversations(nsamples, seed=seed, **({"size": size} if size else {}))
         return conversation_calibration(processor, conversations, image_token_id,
                                         str(path) if path is not None else DEFAULT_MULTIMODAL_CALIBRATION)
     from transformers import AutoTokenizer
@@ -79,6 +80,20 @@ def load_calibration(ckpt: Path, adapter, *, path: str | Path | None = None, nsa
     samples = [{"input_ids": ids} for ids in text_windows(tokenizer, text, nsamples, seqlen, seed, source)]
     tokens = [SampleTokens.from_inputs(s["input_ids"], None, None) for s in samples] if adapter.multimodal else None
     return CalibrationSet(samples, tokens, source)
+
+
+def synthetic_image_size(image_processor) -> int | None:
+    """Side of the embedded calibration scenes for an anyres (LLaVA-NeXT-style) image processor: its
+    smallest square grid pinpoint above the crop size, so a scene tiles into a base view plus 2 x 2
+    crops as a photo does on LLaVA-NeXT (5 crops: 2,880 image tokens at 336 px / 576 per crop);
+    None for other processors (the tasks' own 56 px scenes)."""
+    pins = getattr(image_processor, "image_grid_pinpoints", None)
+    if not pins:
+        return None
+    crop = getattr(image_processor, "crop_size", None) or image_processor.size
+    side = crop["height"] if crop.get("height") else crop.get("shortest_edge")
+    squares = sorted(h for h, w in pins if h == w and side and h > side)
+    return squares[0] if squares else None
 
 
 def conversation_calibration(processor, conversations: list[Conversation], image_token_id: int,
