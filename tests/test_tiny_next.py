@@ -129,3 +129,21 @@ def test_default_calibration_is_mostly_visual(processor, model, tmp_path):
                                processor=check_processor(tmp_path)).token_mix()
         assert mix["visual"] == 32 * tiny_next.NUM_IMAGE_TOKENS
         assert mix["visual_share"] >= 0.85, (seed, mix)
+
+
+@pytest.mark.parametrize("case", ["empty image", "no image slot"])
+def test_bad_calibration_records_name_the_record(processor, case):
+    """As for the first model: a record the anyres path cannot use is an error naming the record."""
+    from PIL import Image
+
+    from atv_sparse.calib.multimodal import Conversation, build_sample
+    from atv_sparse.errors import AtvSparseError
+
+    image = Image.new("RGB", (0, 0)) if case == "empty image" else Image.new("RGB", (112, 112))
+    if case == "no image slot":
+        processor = tiny_next.build_processor()
+        processor.chat_template = "{% for m in messages %}{{ m['content'][-1]['text'] }}{% endfor %}"
+    conv = Conversation(image=image, turns=[("user", "Describe the image."), ("assistant", "A red circle.")],
+                        source="data.jsonl line 7")
+    with pytest.raises(AtvSparseError, match="calibration data.jsonl line 7: "):
+        build_sample(processor, conv, processor.tokenizer.convert_tokens_to_ids("<image>"))

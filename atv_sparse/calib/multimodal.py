@@ -250,6 +250,10 @@ def build_sample(processor, conv: Conversation, image_token_id: int) -> dict[str
     from jinja2 import TemplateError
 
     images = [conv.image] if conv.image is not None else None
+    if conv.image is not None and min(conv.image.size) < 1:
+        # anyres processors divide by the image's sides while tiling
+        raise AtvSparseError(f"calibration {conv.source}: the image is {conv.image.size[0]} x {conv.image.size[1]} px; "
+                             "it has no pixels to tile")
     try:
         if getattr(processor, "chat_template", None):
             prompt = processor.apply_chat_template(conversation_messages(conv), tokenize=False)
