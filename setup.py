@@ -58,8 +58,7 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["atv_sparse", "atv_sparse.*"]) + ["atv_sparse.kernels"],
-    package_dir={"atv_sparse.kernels": "kernels"},
+    packages=find_packages(include=["atv_sparse", "atv_sparse.*"]),
     package_data=package_data(),
     # The lowest transformers / triton are what CI's GPU-stack leg installs; torch 2.11 is what the
     # GPU machines run (CI's CPU legs use 2.13).

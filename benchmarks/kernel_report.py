@@ -503,14 +503,20 @@ def summary_line(s: dict, csrc_rows) -> str:
 
 
 def baseline_kernels(rev: str, dest: Path) -> Path:
-    """kernels/ of git revision ``rev`` written under ``dest`` (a package of its own)."""
+    """The Triton kernels of git revision ``rev`` written under ``dest`` (a package of its own); they
+    live in atv_sparse/kernels/, in revisions before 2026-12-05 in a top-level kernels/."""
     root = dest / "kernels"
     root.mkdir(parents=True, exist_ok=True)
-    names = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", f"{rev}:kernels"], capture_output=True,
-                           text=True, check=True).stdout.split()
-    for name in names:
+    folder = "atv_sparse/kernels"
+    listing = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", f"{rev}:{folder}"], capture_output=True,
+                             text=True)
+    if listing.returncode != 0:
+        folder = "kernels"
+        listing = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", f"{rev}:{folder}"],
+                                 capture_output=True, text=True, check=True)
+    for name in listing.stdout.split():
         if name.endswith(".py"):
-            text = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:kernels/{name}"], capture_output=True,
+            text = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{folder}/{name}"], capture_output=True,
                                   text=True, check=True).stdout
             (root / name).write_text(text)
     return root

@@ -19,19 +19,14 @@ PACKAGE = Path(atv_sparse.__file__).parent
 ALLOWED_CYCLES: set[tuple[str, ...]] = set()
 
 
-# setup.py installs the repository's kernels/ as atv_sparse.kernels (package_dir).
-KERNELS = PACKAGE.parent / "kernels"
-
-
 def module_names() -> dict[str, Path]:
     """Dotted name -> file of every module of the package (a package is its __init__.py)."""
     names = {}
-    for root, prefix in ((PACKAGE, ("atv_sparse",)), (KERNELS, ("atv_sparse", "kernels"))):
-        for path in sorted(root.rglob("*.py")):
-            parts = prefix + path.relative_to(root).with_suffix("").parts
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            names[".".join(parts)] = path
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = ("atv_sparse",) + path.relative_to(PACKAGE).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        names[".".join(parts)] = path
     return names
 
 

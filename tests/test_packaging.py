@@ -1,6 +1,6 @@
 """The package as users get it: a built wheel and sdist hold the whole source tree, the wheel
-imports from any directory, and the repository's top-level kernels/ folder never poses as a
-top-level ``kernels`` module (that name is Hugging Face's package, imported by transformers)."""
+imports from any directory, and nothing of the repository but ``atv_sparse`` is importable under a
+top-level name from its root (``kernels`` is Hugging Face's package, imported by transformers)."""
 
 import os
 import subprocess
@@ -31,8 +31,7 @@ def source_files(folder: Path) -> set[str]:
 
 
 def expected_wheel_files() -> set[str]:
-    package = {f"atv_sparse/{f}" for f in source_files(REPO / "atv_sparse")}
-    return package | {f"atv_sparse/kernels/{f}" for f in source_files(REPO / "kernels")}
+    return {f"atv_sparse/{f}" for f in source_files(REPO / "atv_sparse")}
 
 
 def python(code: str, cwd: Path, env_extra: dict | None = None, path: str | None = None):
@@ -80,7 +79,6 @@ def test_sdist_holds_sources_kernels_and_csrc(dist):
         root = t.getnames()[0].split("/")[0]
         names = {n.removeprefix(root + "/") for n in t.getnames() if t.getmember(n).isfile()}
     expected = {f"atv_sparse/{f}" for f in source_files(REPO / "atv_sparse")}
-    expected |= {f"kernels/{f}" for f in source_files(REPO / "kernels")}
     expected |= {f"csrc/{f}" for f in source_files(REPO / "csrc")}
     expected |= {"README.md", "setup.py", "pyproject.toml", "MANIFEST.in"}
     assert not expected - names, f"missing from the sdist: {sorted(expected - names)}"
@@ -117,47 +115,24 @@ def test_installed_wheel_imports_from_any_directory(dist, tmp_path):
     assert int(result.stdout.split()[-1]) >= 40
 
 
-def test_kernels_folder_is_never_a_top_level_module(tmp_path):
-    """From the repo root (first on sys.path) ``import kernels`` is Hugging Face's package when it is
-    installed, and fails as a missing module when it is not; atv_sparse.kernels still works."""
-    fake = tmp_path / "fake_site" / "kernels"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("CUDAProperties = 'hf'\nfrom kernels.layer import kernelize\n")
-    (fake / "layer.py").write_text("def kernelize():\n    return 'hf'\n")
-    shown = python("""
-        from kernels import CUDAProperties, kernelize
-        import kernels, kernels.layer
-        print(CUDAProperties, kernelize(), kernels.__file__)
-    """, cwd=REPO, path=str(tmp_path / "fake_site"), env_extra={"PYTHONNOUSERSITE": "1"})
-    assert shown.returncode == 0, shown.stderr
-    assert shown.stdout.split()[:2] == ["hf", "hf"] and str(fake) in shown.stdout
-
-    # No `kernels` installed (python -S: no site-packages): an empty module with no file and no version
-    # (what transformers takes for "not installed"), never the repo's folder.
-    bare = subprocess.run([sys.executable, "-S", "-c", textwrap.dedent("""
-        import kernels
-        assert kernels.__file__ is None and not hasattr(kernels, "__version__") and not hasattr(kernels, "nm_gemv")
-        try:
-            import kernels.nm_gemv
-        except ModuleNotFoundError:
-            print("hidden")
-    """)], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert bare.returncode == 0 and bare.stdout.split() == ["hidden"], bare.stderr
-
-    # This environment as it is: the repo's folder is atv_sparse.kernels only.
-    here = python("""
-        import atv_sparse.kernels.nm_gemv
-        import kernels
-        print(kernels.__file__)
+def test_no_top_level_module_of_the_repo_shadows_an_installed_package():
+    """From the repo root (first on sys.path) nothing of the repository is importable under a top-level
+    name but ``atv_sparse``: ``kernels`` in particular is Hugging Face's package (which transformers
+    imports at start-up) or absent, never the project's Triton kernels."""
+    found = python("""
+        import importlib.util
+        spec = importlib.util.find_spec("kernels")
+        print(spec.origin if spec is not None else "absent")
     """, cwd=REPO)
-    assert here.returncode == 0, here.stderr[-3000:]
-    shown = here.stdout.split()[-1]
-    assert shown == "None" or not shown.startswith(str(REPO)), shown
+    assert found.returncode == 0, found.stderr[-3000:]
+    origin = found.stdout.split()[-1]
+    assert origin == "absent" or not origin.startswith(str(REPO)), origin
+    packages = {p.name for p in REPO.iterdir() if (p / "__init__.py").is_file()}
+    assert packages == {"atv_sparse"}, packages
 
 
 def test_transformers_imports_from_the_repo_root():
-    """transformers imports (5.25) or probes (5.17) `kernels` at start-up; from the repo root that must
-    not hit kernels/, with Hugging Face's package installed or not."""
+    """transformers imports (5.25) or probes (5.17) `kernels` at start-up, from the repo root too."""
     result = python("""
         import transformers.activations  # imports integrations.hub_kernels
         import atv_sparse
