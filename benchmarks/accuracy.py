@@ -103,11 +103,9 @@ _STATE: dict = {}
 def setup(args) -> dict:
     """Load the model, build both variants, the calibration samples per seed and the scored items."""
     from atv_sparse.analysis.outliers import add_outlier_channels
-    from atv_sparse.calib import conversation_calibration
     from atv_sparse.tinybench.items import synthetic_items
     from atv_sparse.tinybench.loading import load_model_and_processor
     from atv_sparse.tinybench.scoring import cache_decoder_inputs, prepare_items
-    from atv_sparse.tinybench.tasks import calibration_conversations
     from atv_sparse.models import adapter_for, read_config
 
     model_dir = Path(args.model)
@@ -116,8 +114,7 @@ def setup(args) -> dict:
     outlier = copy.deepcopy(model)
     transform = add_outlier_channels(outlier, OUTLIER_CHANNELS, OUTLIER_SCALE, seed=0)
     token_id = model.config.image_token_id
-    calib = {seed: conversation_calibration(processor, calibration_conversations(args.nsamples, seed), token_id)
-             for seed in args.seeds}
+    calib = calibration_sets(processor, token_id, args.nsamples, args.seeds)
     items = synthetic_items(args.per_task, seed=args.test_seed)
     prepared = prepare_items(model, processor, items)
     return {"models": {"plain": model, "outlier": outlier}, "processor": processor, "adapter": adapter,
@@ -125,17 +122,23 @@ def setup(args) -> dict:
             "outlier_channels": transform.channels}
 
 
+def calibration_sets(processor, token_id: int, nsamples: int, seeds) -> dict:
+    """seed -> the ``CalibrationSet`` of ``nsamples`` conversations of the synthetic calibration split."""
+    from atv_sparse.calib import conversation_calibration
+    from atv_sparse.tinybench.tasks import calibration_conversations
+
+    return {seed: conversation_calibration(processor, calibration_conversations(nsamples, seed), token_id)
+            for seed in seeds}
+
+
 def calibration_token_mix(args) -> dict[str, dict]:
     """seed -> the calibration set's token mix (``CalibrationSet.token_mix``), without pruning anything."""
-    from atv_sparse.calib import conversation_calibration
     from atv_sparse.models.processors import load_processor
-    from atv_sparse.tinybench.tasks import calibration_conversations
     from transformers import AutoConfig
 
-    processor = load_processor(Path(args.model))
-    token_id = AutoConfig.from_pretrained(args.model).image_token_id
-    return {str(seed): conversation_calibration(processor, calibration_conversations(args.nsamples, seed),
-                                                token_id).token_mix() for seed in args.seeds}
+    sets = calibration_sets(load_processor(Path(args.model)), AutoConfig.from_pretrained(args.model).image_token_id,
+                            args.nsamples, args.seeds)
+    return {str(seed): c.token_mix() for seed, c in sets.items()}
 
 
 def _init_worker(threads: int) -> None:
@@ -448,6 +451,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=str(bundled_model_dir()), help="a dense LLaVA-style checkpoint directory")
+    p.add_argument("--rerender", metavar="JSON", help="rewrite the tables of an earlier run from its JSON (nothing "
+                   "pruned or scored; the other options are ignored)")
     p.add_argument("--quick", action="store_true",
                    help="a subset: 2:4 only, one seed, 12 items per task, 8 calibration samples, fewer ablations")
     p.add_argument("--per-task", type=int, default=500, help="test items per task")
@@ -506,10 +511,10 @@ def rerender(json_path: Path) -> str:
 
 
 def main(argv=None) -> int:
-    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--rerender":
-        print(rerender(Path(sys.argv[2])))
-        return 0
     args = parse_args(argv)
+    if args.rerender:
+        print(rerender(Path(args.rerender)))
+        return 0
     from tqdm.auto import tqdm
 
     start = time.time()

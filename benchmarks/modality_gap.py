@@ -31,29 +31,29 @@ KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 
 def measure(model_dir: Path, nsamples: int, seeds: tuple[int, ...]) -> dict:
     from atv_sparse.analysis.modality_gap import modality_gap
-    from atv_sparse.calib.multimodal import build_sample
-    from atv_sparse.tinybench.tasks import calibration_conversations
-    from atv_sparse.tinybench.loading import load_model_and_processor
+    from atv_sparse.calib.samples import conversation_calibration, synthetic_image_size
     from atv_sparse.models import adapter_for, read_config
-    from atv_sparse.prune.selectors import SampleTokens, token_counts, visual_share
+    from atv_sparse.patterns import parse_pattern
+    from atv_sparse.prune.targets import resolve_targets
+    from atv_sparse.tinybench.loading import load_model_and_processor
+    from atv_sparse.tinybench.tasks import calibration_conversations
 
     model, processor = load_model_and_processor(model_dir, dtype=torch.float32)
     adapter = adapter_for(read_config(model_dir), model_dir)
     prefix = adapter.layers_prefix(model)
-    targets = {name: m for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and name.startswith(prefix + ".")}
-    token_id = model.config.image_token_id
-    samples = [build_sample(processor, conv, token_id)
-               for seed in seeds for conv in calibration_conversations(nsamples, seed)]
-    tokens = [SampleTokens.from_inputs(s["input_ids"], s.get("attention_mask"), token_id) for s in samples]
-    gap = modality_gap(model, targets, samples, tokens)
+    targets = resolve_targets(model, prefix, parse_pattern("unstructured", 0.5)).targets  # every decoder linear
+    size = synthetic_image_size(processor.image_processor)  # as convert's embedded calibration draws them
+    conversations = [conv for seed in seeds
+                     for conv in calibration_conversations(nsamples, seed, **({"size": size} if size else {}))]
+    calibration = conversation_calibration(processor, conversations, model.config.image_token_id)
+    gap = modality_gap(model, targets, calibration.samples, calibration.tokens)
     blocks: dict[int, dict] = {}
     for name, g in gap.items():
         index, kind = int(name[len(prefix) + 1:].split(".")[0]), name.rsplit(".", 1)[1]
         blocks.setdefault(index, {})[kind] = g
-    visual, text = token_counts(tokens)
-    return {"model": str(model_dir), "linears": gap, "blocks": blocks, "visual_share": visual_share(tokens),
-            "visual_tokens": visual, "text_tokens": text, "samples": len(samples)}
+    mix = calibration.token_mix()
+    return {"model": str(model_dir), "linears": gap, "blocks": blocks, "visual_share": mix["visual_share"],
+            "visual_tokens": mix["visual"], "text_tokens": mix["text"], "samples": len(calibration.samples)}
 
 
 def markdown(r: dict, args) -> str:

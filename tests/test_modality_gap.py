@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from atv_sparse.analysis.modality_gap import channel_energy, linear_gap, modality_gap
-from atv_sparse.prune.selectors import SampleTokens, visual_share
+from atv_sparse.calib import CalibrationSet
+from atv_sparse.prune.selectors import SampleTokens
 
 VISUAL_ID = 7
 
@@ -92,8 +93,9 @@ def test_same_profile_scaled_gives_cosine_one_full_overlap():
     assert energy["lin"].text_count == 40 and energy["lin"].visual_count == 40
 
 
-def test_visual_share_excludes_padding():
+def test_token_mix_excludes_padding():
     ids = torch.tensor([[VISUAL_ID, VISUAL_ID, VISUAL_ID, 1, 2, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
     tokens = [SampleTokens.from_inputs(ids, mask, VISUAL_ID)]
-    assert visual_share(tokens) == pytest.approx(3 / 5)
+    mix = CalibrationSet([{"input_ids": ids}], tokens, "test").token_mix()
+    assert mix == {"visual": 3, "text": 2, "visual_share": pytest.approx(3 / 5)}

@@ -13,7 +13,7 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import AtvSparseError
-from ..prune.selectors import SampleTokens, token_counts
+from ..prune.selectors import SampleTokens
 from .multimodal import Conversation, build_sample, read_multimodal_file
 from .text import (DEFAULT_CALIBRATION, check_calibration_size, default_calibration_text, read_calibration_text,
                    text_windows)
@@ -32,11 +32,12 @@ class CalibrationSet:
     source: str
 
     def token_mix(self) -> dict | None:
-        """{"visual": positions, "text": positions, "visual_share": visual / all} over all samples;
-        None for a text-only model's calibration (no image tokens to count)."""
+        """{"visual": positions, "text": positions, "visual_share": visual / all} over all samples
+        (padding is neither; the paper's models: ~90% visual); None for a text-only model's calibration."""
         if self.tokens is None:
             return None
-        visual, text = token_counts(self.tokens)
+        visual = sum(int(t.visual.sum()) for t in self.tokens)
+        text = sum(int(t.text.sum()) for t in self.tokens)
         return {"visual": visual, "text": text, "visual_share": visual / max(visual + text, 1)}
 
 

@@ -51,17 +51,6 @@ class SampleTokens:
         return cls(visual=visual.cpu(), text=(real & ~visual).cpu())
 
 
-def token_counts(tokens: list[SampleTokens]) -> tuple[int, int]:
-    """(visual, text) positions over all samples; padding counts as neither."""
-    return sum(int(t.visual.sum()) for t in tokens), sum(int(t.text.sum()) for t in tokens)
-
-
-def visual_share(tokens: list[SampleTokens]) -> float:
-    """Share of the calibration positions that are visual, in [0, 1] (the paper's models: ~90%)."""
-    visual, text = token_counts(tokens)
-    return visual / max(visual + text, 1)
-
-
 class MixedTokens(TokenSelector):
     """Every position."""
 
