@@ -42,7 +42,7 @@ import torch
 from .cli import OneLineParser
 from .errors import AtvSparseError
 from .textfiles import read_user_text
-from .tinybench.items import limit_items, read_eval_file, synthetic_items
+from .tinybench.items import limit_items, read_eval_file, scene_size, synthetic_items
 from .tinybench.loading import is_multimodal, load_model_and_processor
 from .tinybench.metrics import compare
 from .tinybench.model import bundled_model_dir
@@ -145,8 +145,8 @@ def run(args) -> dict:
         n_tasks = len(args.tasks or TASKS)
         per_task = args.per_task or DEFAULT_PER_TASK
         per_task = per_task if args.limit is None else min(per_task, -(-args.limit // n_tasks))
-        items = limit_items(synthetic_items(per_task, args.seed, tuple(args.tasks) if args.tasks else None),
-                            None, args.limit)
+        items = limit_items(synthetic_items(per_task, args.seed, tuple(args.tasks) if args.tasks else None,
+                                            size=scene_size(processor)), None, args.limit)
         report["data"] = f"synthetic test split, {per_task} per task, seed {args.seed}"
         describe = describe_tasks()
     result = evaluate_model(model, processor, items, args.scorer, args.batch_size, progress=not args.quiet)

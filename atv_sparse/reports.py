@@ -104,14 +104,14 @@ def print_summary(s: dict) -> None:
 def accuracy_report(ckpt: Path, out: str, per_task: int, device, quiet: bool) -> dict:
     """Dense (``ckpt``) vs pruned (``out``) accuracy on ``per_task`` synthetic test items per task,
     printed as a table; returns {"per_task", "dense", "pruned", "average_retention", "tasks"}."""
-    from .tinybench.items import synthetic_items
+    from .tinybench.items import scene_size, synthetic_items
     from .tinybench.loading import load_model_and_processor
     from .tinybench.metrics import compare
     from .tinybench.scoring import evaluate_model, prepare_items
 
     t0 = time.perf_counter()
-    items = synthetic_items(per_task, seed=0)
     model, processor = load_model_and_processor(ckpt, device=str(device))
+    items = synthetic_items(per_task, seed=0, size=scene_size(processor))
     prepared = prepare_items(model, processor, items)  # the output has the same processor files
     dense = evaluate_model(model, processor, prepared, progress=not quiet)
     del model  # one model in memory at a time

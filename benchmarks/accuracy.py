@@ -64,6 +64,9 @@ ALPHAS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 CALIBRATIONS = {"visual-only": "visual", "mixed": "mixed", "text-only": "text", "ATV": "atv"}
 MOT_PATHWAYS, MOT_ROWS, MOT_SPARSITIES = ("text", "visual"), ("text", "visual", "all"), ("50%", "60%")
 VARIANTS = ("plain", "outlier")
+TABLES = ("main", "ablation", "alpha", "calibration", "mot")
+# --model names of the bundled models -> (default --out, name in titles)
+BUNDLED = {"tiny-vlm": ("accuracy-tiny", "the bundled tiny VLM"), "tiny-next": ("accuracy-tiny-next", "the tiny LLaVA-NeXT")}
 INVARIANT_SCORES = ("wanda", "tamp")
 OUTLIER_CHANNELS, OUTLIER_SCALE = 4, 32.0
 
@@ -103,7 +106,7 @@ _STATE: dict = {}
 def setup(args) -> dict:
     """Load the model, build both variants, the calibration samples per seed and the scored items."""
     from atv_sparse.analysis.outliers import add_outlier_channels
-    from atv_sparse.tinybench.items import synthetic_items
+    from atv_sparse.tinybench.items import scene_size, synthetic_items
     from atv_sparse.tinybench.loading import load_model_and_processor
     from atv_sparse.tinybench.scoring import cache_decoder_inputs, prepare_items
     from atv_sparse.models import adapter_for, read_config
@@ -115,20 +118,26 @@ def setup(args) -> dict:
     transform = add_outlier_channels(outlier, OUTLIER_CHANNELS, OUTLIER_SCALE, seed=0)
     token_id = model.config.image_token_id
     calib = calibration_sets(processor, token_id, args.nsamples, args.seeds)
-    items = synthetic_items(args.per_task, seed=args.test_seed)
+    items = synthetic_items(args.per_task, seed=args.test_seed, size=scene_size(processor))
     prepared = prepare_items(model, processor, items)
+    first = next(iter(calib.values()))
     return {"models": {"plain": model, "outlier": outlier}, "processor": processor, "adapter": adapter,
+            "image_tokens": first.token_mix()["visual"] // len(first.samples),  # one image per conversation
             "calib": calib, "prepared": prepared, "decoder_inputs": cache_decoder_inputs(model, prepared),
             "outlier_channels": transform.channels}
 
 
 def calibration_sets(processor, token_id: int, nsamples: int, seeds) -> dict:
-    """seed -> the ``CalibrationSet`` of ``nsamples`` conversations of the synthetic calibration split."""
+    """seed -> the ``CalibrationSet`` of ``nsamples`` conversations of the synthetic calibration split
+    (scenes drawn at the model's :func:`scene_size`, as ``convert``'s default calibration draws them)."""
     from atv_sparse.calib import conversation_calibration
+    from atv_sparse.tinybench.items import scene_size
     from atv_sparse.tinybench.tasks import calibration_conversations
 
-    return {seed: conversation_calibration(processor, calibration_conversations(nsamples, seed), token_id)
-            for seed in seeds}
+    size = scene_size(processor)
+    return {seed: conversation_calibration(
+        processor, calibration_conversations(nsamples, seed, **({"size": size} if size else {})), token_id)
+        for seed in seeds}
 
 
 def calibration_token_mix(args) -> dict[str, dict]:
@@ -209,7 +218,8 @@ def plan_jobs(args) -> dict[str, list]:
     """Section -> rows; every row is (label, {column: [Job per seed]}). Jobs repeat across sections
     (the ATV 2:4 runs are in main, ablation and alpha); each unique job runs once."""
     seeds = args.seeds
-    sections: dict[str, list] = {"dense": [("dense", {v: [Job(v, "dense", None, "dense", None)] for v in VARIANTS})]}
+    sections: dict[str, list] = {"dense": [("dense", {v: [Job(v, "dense", None, "dense", None)]
+                                                      for v in args.variants})]}
 
     def cells(score, tokens, patterns, variant="plain", **kw):
         return {p: [job(variant, score, tokens, p, s, **kw) for s in seeds] for p in patterns}
@@ -237,6 +247,11 @@ def plan_jobs(args) -> dict[str, list]:
     sections["mot"] = [(f"{pathway} pathway, {rows} rows",
                         cells("wanda", "mixed", args.mot_sparsities, mot=(pathway, rows)))
                        for pathway in args.mot_pathways for rows in MOT_ROWS]
+    for name in TABLES:
+        if name not in args.sections:
+            sections[name] = []
+    if "main" not in args.sections:
+        sections["invariance"] = []
     return sections
 
 
@@ -300,7 +315,7 @@ def verdict(delta: float, se: float) -> str:
 
 
 def build_tables(sections: dict[str, list], results: dict[Job, dict], tasks: list[str]) -> dict:
-    dense = {v: results[Job(v, "dense", None, "dense", None)] for v in VARIANTS}
+    dense = {v: results[j] for v, (j,) in sections["dense"][0][1].items()}
     tables: dict = {"dense": {v: {"average": d["average"], "average_nll": d["average_nll"],
                                   "tasks": d["tasks"]} for v, d in dense.items()}}
     for section in ("main", "ablation", "alpha", "calibration", "mot"):
@@ -328,7 +343,37 @@ def build_tables(sections: dict[str, list], results: dict[Job, dict], tasks: lis
         plain = results[dataclasses.replace(j, variant="plain")]
         checks[f"{label} {col} seed {j.seed}"] = results[j]["correct"] == plain["correct"]
     tables["invariance"] = checks
+    tables["prediction"] = prediction_checks(sections, results, tables["paired"])
     return tables
+
+
+# The paper's predictions (docs/design.md, the issue that asked for the tiny LLaVA-NeXT):
+# (label, section, row A, row B, column, relation). ">": A ahead of B by more than 2 SE; ">=": A
+# not behind B by more than 2 SE.
+PREDICTIONS = (
+    ("Wanda: ATV >= text-only calibration", "calibration", "Wanda ATV", "Wanda text-only", "50%", ">="),
+    ("Wanda: text-only > mixed calibration", "calibration", "Wanda text-only", "Wanda mixed", "50%", ">"),
+    ("Wanda: mixed > visual-only calibration", "calibration", "Wanda mixed", "Wanda visual-only", "50%", ">"),
+    ("SparseGPT: mixed >= text-only calibration (A7(ii))", "calibration", "SparseGPT mixed", "SparseGPT text-only",
+     "50%", ">="),
+    ("SparseGPT: mixed >= visual-only calibration (A7(ii))", "calibration", "SparseGPT mixed",
+     "SparseGPT visual-only", "50%", ">="),
+) + tuple((f"ATV > {base} at {col}", "main", "plain|ATV", f"plain|{base}", col, ">")
+          for base in ("Wanda", "TAMP") for col in ("2:4", "4:8", "60%"))
+
+
+def prediction_checks(sections: dict[str, list], results: dict[Job, dict], paired: dict) -> list[dict]:
+    """Each of :data:`PREDICTIONS` whose cells ran: the paired difference A - B of average accuracy
+    (points, standard error over items) and whether the prediction held."""
+    out = []
+    for label, section, a, b, col, relation in PREDICTIONS:
+        rows = dict(sections[section])
+        if a not in rows or b not in rows or col not in rows[a] or col not in rows[b]:
+            continue
+        d, se = paired_difference([results[j] for j in rows[a][col]], [results[j] for j in rows[b][col]])
+        held = d > 2 * se if relation == ">" else d > -2 * se
+        out.append({"prediction": label, "delta": d, "se": se, "held": held})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +400,7 @@ def markdown(tables: dict, args, tasks: list[str], meta: dict) -> str:
     mix = meta["calibration_tokens"]
     per_seed = "; ".join(f"seed {s}: {m['visual']:,} image + {m['text']:,} text tokens ({100 * m['visual_share']:.1f}% "
                          "visual)" for s, m in mix.items())
-    out = [f"# Accuracy of pruning methods on the bundled tiny VLM ({meta['date']})", "",
+    out = [f"# Accuracy of pruning methods on {meta.get('model_name', 'the bundled tiny VLM')} ({meta['date']})", "",
            f"Model `{meta['model']}` ({meta['params']:,} parameters; {meta['image_tokens']} image tokens per image). "
            f"Test: {args.per_task} items per task of the synthetic test split (seed {args.test_seed}), "
            f"teacher-forced exact match. Calibration: {args.nsamples} conversations of the calibration split per "
@@ -364,16 +409,29 @@ def markdown(tables: dict, args, tasks: list[str], meta: dict) -> str:
            f"Token mix of the calibration sets (every block sees all of them; the paper's LLaVA-NeXT-8B: ~90% "
            f"visual): {per_seed}.", "",
            "Retention = 100 x accuracy / dense accuracy per task; Average = unweighted mean over tasks "
-           "(the paper's Average column), mean ± standard deviation over calibration seeds. "
-           "Outlier variant: the same model with hidden channels "
-           f"{meta['outlier_channels']} of every RMSNorm x{OUTLIER_SCALE:g} and the columns they feed /"
-           f"{OUTLIER_SCALE:g} (bit-identical function).", ""]
+           "(the paper's Average column), mean ± standard deviation over calibration seeds."
+           + (" Outlier variant: the same model with hidden channels "
+              f"{meta['outlier_channels']} of every RMSNorm x{OUTLIER_SCALE:g} and the columns they feed /"
+              f"{OUTLIER_SCALE:g} (bit-identical function)." if "outlier" in args.variants else ""), ""]
+    if meta.get("prediction"):
+        out += ["## Prediction, written before the run", "", meta["prediction"].strip(), ""]
+    if tables.get("prediction"):
+        out += [f"## Outcome beside the prediction ({share})", "",
+                "Paired difference A - B of average accuracy in points (same items, seeds averaged per item first), "
+                "± its standard error over items; '>' holds when A is ahead by more than 2 SE, '>=' when A is not "
+                "behind by more than 2 SE.", "", "| prediction | A - B | held |", "| --- | ---: | --- |"]
+        out += [f"| {c['prediction']} | {c['delta']:+.2f} ± {c['se']:.2f} | {'yes' if c['held'] else '**no**'} |"
+                for c in tables["prediction"]]
+        out.append("")
     out += ["## Dense model (no calibration)", "", "| variant | " + " | ".join(tasks) + " | average | answer NLL |",
             "| --- |" + " ---: |" * (len(tasks) + 2)]
     for v, d in tables["dense"].items():
         out.append(f"| {v} | " + " | ".join(f"{100 * d['tasks'][t]['accuracy']:.1f}" for t in tasks)
                    + f" | {100 * d['average']:.1f} | {d['average_nll']:.3f} |")
     out.append("")
+    if not tables["main"]:
+        _simple_tables(out, tables, share)
+        return "\n".join(out)
     out += ["## Main comparison (Table A1-like): retention per task, %", ""]
     for variant in args.variants:
         for col in args.patterns:
@@ -412,8 +470,15 @@ def markdown(tables: dict, args, tasks: list[str], meta: dict) -> str:
                 + ("per-item results identical to the plain model's, as the invariance predicts; their outlier "
                    "rows reuse the plain runs." if same else "**NOT identical to the plain model's** (rerun with "
                    "--full-outlier)."), ""]
+    _simple_tables(out, tables, share)
+    return "\n".join(out)
 
+
+def _simple_tables(out: list[str], tables: dict, share: str) -> None:
+    """The ablation, alpha, calibration and MoT tables (those that ran) appended to ``out``."""
     def simple(title: str, section: str, note: str = "") -> None:
+        if not tables.get(section):
+            return
         columns = list(next(iter(tables[section].values())))
         out.extend([f"## {title} ({share})", ""] + ([note, ""] if note else []))
         out.append("| configuration | " + " | ".join(f"{c} Average" for c in columns) + " | "
@@ -430,15 +495,15 @@ def markdown(tables: dict, args, tasks: list[str], meta: dict) -> str:
     simple("Calibration pools (Table A3-like), 50% unstructured, plain model", "calibration")
     simple("MoT probe (Table 1-like): one pathway pruned with Wanda, plain model", "mot",
            "The other pathway stays dense; rows = the calibration positions that feed the statistics.")
-    return "\n".join(out)
 
 
 def plot_atv_blocks(results: dict[Job, dict], args, path: Path) -> Path | None:
     from atv_sparse.plot import plot_blocks
 
     j = job("plain", "wanda", "atv", args.patterns[0], args.seeds[0])
-    blocks = results[j]["blocks"]
-    return plot_blocks(blocks, path, f"ATV {args.patterns[0]}, bundled tiny VLM, seed {args.seeds[0]}")
+    if j not in results:
+        return None
+    return plot_blocks(results[j]["blocks"], path, f"ATV {args.patterns[0]}, {args.model_name}, seed {args.seeds[0]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,11 +511,12 @@ def plot_atv_blocks(results: dict[Job, dict], args, path: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    from atv_sparse.tinybench.model import bundled_model_dir
+    from atv_sparse.tinybench.loading import model_dir_of
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=str(bundled_model_dir()), help="a dense LLaVA-style checkpoint directory")
+    p.add_argument("--model", default="tiny-vlm",
+                   help=f"a bundled model ({', '.join(BUNDLED)}) or a dense LLaVA-style checkpoint directory")
     p.add_argument("--rerender", metavar="JSON", help="rewrite the tables of an earlier run from its JSON (nothing "
                    "pruned or scored; the other options are ignored)")
     p.add_argument("--quick", action="store_true",
@@ -464,14 +530,27 @@ def parse_args(argv=None):
     p.add_argument("--full-outlier", action="store_true",
                    help="also run Wanda, TAMP and ATV on the outlier variant everywhere (they reuse the plain runs, "
                         "checked on one run each, by default)")
-    p.add_argument("--out", default=str(HERE / "results" / "accuracy-tiny"),
-                   help="output path without extension: writes OUT.md, OUT.json and OUT-atv-blocks.png")
+    p.add_argument("--out", help="output path without extension: writes OUT.md, OUT.json and OUT-atv-blocks.png "
+                   "(default: benchmarks/results/accuracy-tiny for tiny-vlm, accuracy-tiny-next for tiny-next)")
+    p.add_argument("--sections", nargs="+", default=list(TABLES), choices=TABLES, help="tables to make")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                   help="model variants of the main table (plain always runs)")
+    p.add_argument("--prediction", metavar="FILE",
+                   help="what the run is expected to show, written before it: printed at the top of OUT.md, with "
+                        "the outcome of each checkable prediction beside it")
     p.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=PATTERNS, help="main-table columns")
     p.add_argument("--ablation-patterns", nargs="+", default=["2:4", "60%"], choices=PATTERNS,
                    help="columns of the selector and alpha tables")
     p.add_argument("--mot-sparsities", nargs="+", default=list(MOT_SPARSITIES), choices=("50%", "60%", "70%"))
     args = p.parse_args(argv)
-    args.variants = list(VARIANTS)
+    if args.rerender:
+        return args
+    out_name, args.model_name = BUNDLED.get(args.model, (None, f"`{Path(args.model).name}`"))
+    args.model = str(model_dir_of(args.model))
+    if args.out is None:
+        args.out = str(HERE / "results" / (out_name or f"accuracy-{Path(args.model).name}"))
+    args.variants = ["plain"] + [v for v in args.variants if v != "plain"]
+    args.prediction_text = Path(args.prediction).read_text() if args.prediction else None
     args.selectors, args.alphas, args.calibrations = dict(SELECTORS), list(ALPHAS), dict(CALIBRATIONS)
     args.mot_pathways = list(MOT_PATHWAYS)
     if args.quick:
@@ -542,13 +621,14 @@ def main(argv=None) -> int:
                 pool.close()
                 pool.join()
     tasks = list(results[jobs[0]]["tasks"])
-    plain, outlier = (results[Job(v, "dense", None, "dense", None)] for v in VARIANTS)
-    if plain["correct"] != outlier["correct"]:
+    dense = {v: results[Job(v, "dense", None, "dense", None)] for v in args.variants}
+    if "outlier" in dense and dense["plain"]["correct"] != dense["outlier"]["correct"]:
         print("warning: the outlier variant does not score like the plain model", file=sys.stderr)
     tables = build_tables(sections, results, tasks)
     model = _STATE["models"]["plain"]
     meta = {"date": datetime.date.today().isoformat(), "model": _shown(args.model), "machine": f"{cpu_name()} x{os.cpu_count()}",
-            "params": sum(p.numel() for p in model.parameters()), "image_tokens": model.config.image_seq_length,
+            "params": sum(p.numel() for p in model.parameters()), "model_name": args.model_name,
+            "image_tokens": _STATE["image_tokens"], "prediction": args.prediction_text,
             "outlier_channels": _STATE["outlier_channels"], "jobs": len(jobs),
             "calibration_tokens": {str(seed): c.token_mix() for seed, c in _STATE["calib"].items()},
             "wall_minutes": (time.time() - start) / 60, "torch": torch.__version__, "workers": args.workers}

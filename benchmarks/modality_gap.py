@@ -1,6 +1,7 @@
 """Modality-gap diagnostics of a bundled tiny VLM (``atv_sparse.analysis.modality_gap``).
 
     python benchmarks/modality_gap.py                          # -> benchmarks/results/modality-gap-tiny.{md,json}
+    python benchmarks/modality_gap.py --model tiny-next        # -> benchmarks/results/modality-gap-tiny-next.{md,json}
     python benchmarks/modality_gap.py --nsamples 8 --out /tmp/g   # a quick look
 
 Per decoder block and linear input: the cosine between the text and visual tokens' per-channel
@@ -52,8 +53,16 @@ def measure(model_dir: Path, nsamples: int, seeds: tuple[int, ...]) -> dict:
         index, kind = int(name[len(prefix) + 1:].split(".")[0]), name.rsplit(".", 1)[1]
         blocks.setdefault(index, {})[kind] = g
     mix = calibration.token_mix()
-    return {"model": str(model_dir), "linears": gap, "blocks": blocks, "visual_share": mix["visual_share"],
+    return {"model": _shown(model_dir), "linears": gap, "blocks": blocks, "visual_share": mix["visual_share"],
             "visual_tokens": mix["visual"], "text_tokens": mix["text"], "samples": len(calibration.samples)}
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (results name no home directory)."""
+    try:
+        return str(path.resolve().relative_to(HERE.parent))
+    except ValueError:
+        return str(path)
 
 
 def markdown(r: dict, args) -> str:
@@ -87,16 +96,20 @@ def markdown(r: dict, args) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="model directory (default: the bundled tiny VLM)")
+    p.add_argument("--model", default="tiny-vlm", help="a bundled model (tiny-vlm, tiny-next) or a model directory")
     p.add_argument("--nsamples", type=int, default=32, help="calibration conversations per seed")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out", default=str(HERE / "results" / "modality-gap-tiny"), help="output path without suffix")
+    p.add_argument("--out", help="output path without suffix (default: benchmarks/results/modality-gap-tiny for "
+                   "tiny-vlm, modality-gap-tiny-next for tiny-next)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.model is None:
-        from atv_sparse.tinybench.model import bundled_model_dir
-        args.model = str(bundled_model_dir())
+    from atv_sparse.tinybench.loading import model_dir_of
+
+    if args.out is None:
+        name = {"tiny-vlm": "tiny", "tiny-next": "tiny-next"}.get(args.model, Path(args.model).name)
+        args.out = str(HERE / "results" / f"modality-gap-{name}")
+    args.model = str(model_dir_of(args.model))
     r = measure(Path(args.model), args.nsamples, tuple(args.seeds))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,10 @@ class EvalItem:
     key: str = ""
 
 
-def synthetic_items(per_task: int = 500, seed: int = 0, tasks: tuple[str, ...] | None = None) -> list[EvalItem]:
-    """The synthetic test split as :class:`EvalItem` (images rendered)."""
+def synthetic_items(per_task: int = 500, seed: int = 0, tasks: tuple[str, ...] | None = None,
+                    size: int | None = None) -> list[EvalItem]:
+    """The synthetic test split as :class:`EvalItem`, images rendered ``size`` px square (None: the
+    scenes' own 56 px; :func:`scene_size` gives a model's)."""
     from . import tasks as synthetic
 
     tasks = tuple(tasks) if tasks else synthetic.TASKS
@@ -31,8 +33,19 @@ def synthetic_items(per_task: int = 500, seed: int = 0, tasks: tuple[str, ...] |
     if unknown:
         raise AtvSparseError(f"unknown task(s) {', '.join(unknown)}; the synthetic tasks are "
                              f"{', '.join(synthetic.TASKS)}")
-    return [EvalItem(it.task, it.question, it.answer, it.image(), it.key)
+    return [EvalItem(it.task, it.question, it.answer,
+                     it.image() if size is None or it.scene is None else it.scene.render(it.render_seed, size=size),
+                     it.key)
             for it in synthetic.test_items(per_task, seed, tasks)]
+
+
+def scene_size(processor) -> int | None:
+    """The side at which a model sees the synthetic scenes: an anyres (LLaVA-NeXT) processor's
+    smallest square pinpoint above its crop (the tiny LLaVA-NeXT: 112 px, 5 crops), as in
+    calibration; None (the scenes' own 56 px) for other processors."""
+    from ..calib.samples import synthetic_image_size
+
+    return synthetic_image_size(getattr(processor, "image_processor", None))
 
 
 def read_eval_file(path: str | Path, limit: int | None = None) -> list[EvalItem]:

@@ -8,6 +8,18 @@ import torch
 
 from ..errors import AtvSparseError
 
+# Names of the models shipped in atv_sparse/assets -> their directory there (see each model card).
+BUNDLED_MODELS = {"tiny-vlm": "tiny_vlm", "tiny-next": "tiny_next"}
+
+
+def model_dir_of(name_or_path: str | Path) -> Path:
+    """The directory of a bundled model (a :data:`BUNDLED_MODELS` name) or ``name_or_path`` itself."""
+    if str(name_or_path) in BUNDLED_MODELS:
+        from importlib import resources
+
+        return Path(str(resources.files("atv_sparse").joinpath("assets", BUNDLED_MODELS[str(name_or_path)])))
+    return Path(name_or_path)
+
 
 def is_multimodal(model) -> bool:
     return getattr(model.config, "vision_config", None) is not None

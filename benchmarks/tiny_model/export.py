@@ -16,20 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from atv_sparse.tinybench.items import synthetic_items
-from atv_sparse.tinybench.loading import load_model_and_processor
+from atv_sparse.tinybench.bundle import copy_checkpoint, record_test_scores
 from atv_sparse.tinybench.model import bundled_model_dir
-from atv_sparse.tinybench.scoring import evaluate_model
-
-FILES = ("config.json", "generation_config.json", "model.safetensors", "chat_template.jinja", "processor_config.json",
-         "tokenizer.json", "tokenizer_config.json")
 
 
 def main(argv=None) -> int:
@@ -43,27 +36,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     src, dst = Path(args.checkpoint), bundled_model_dir()
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-    model, processor = load_model_and_processor(dst)
-    items = synthetic_items(args.per_task, args.seed)
-    t0 = time.time()
-    result = evaluate_model(model, processor, items, progress=False)
-    seconds = time.time() - t0
-    tasks = {}
-    for task, s in result["tasks"].items():
-        correct = "".join("1" if r["correct"] else "0" for r in result["records"] if r["task"] == task)
-        tasks[task] = {**s, "correct": correct}
-    scores = {"per_task": args.per_task, "seed": args.seed, "scorer": "teacher-forced", "average": result["average"],
-              "average_nll": result["average_nll"], "eval_seconds": round(seconds, 1), "tasks": tasks}
-    (dst / "test_scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+    copy_checkpoint(src, dst)
+    model, scores = record_test_scores(dst, args.per_task, args.seed)
     validation = json.loads((src / "validation.json").read_text()) if (src / "validation.json").is_file() else {}
     (dst / "README.md").write_text(model_card(model, scores, validation, args.train_command))
-    for task, s in tasks.items():
+    for task, s in scores["tasks"].items():
         print(f"{task:18s} {100 * s['accuracy']:5.1f}  nll {s['nll']:.3f}  n {s['n']}  distinct {s['distinct']}")
-    print(f"average {100 * result['average']:.2f} ({seconds:.0f} s)")
+    print(f"average {100 * scores['average']:.2f} ({scores['eval_seconds']:.0f} s)")
     return 0
 
 

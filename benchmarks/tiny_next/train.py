@@ -17,7 +17,16 @@ cosine to 5% over its ``--minutes``; what each stage trains is ``tiny_next.STAGE
    conversations about train-split scenes (the tasks' questions and captions) plus text-only
    conversations; the vision tower stays frozen.
 
-Loss: cross-entropy on the answers and their EOS only, each answer weighing the same. Every
+Loss: cross-entropy on the answers and their EOS only, each answer weighing the same. In the align
+and instruct stages, plus the bundled tiny VLM's training-only auxiliary losses
+(``atv_sparse.tinybench.supervision``, heads discarded after training): what every projected patch
+token of the 5 crops shows and the scene summary (``--aux-weight``), read from the projector's
+output and from block ``--scene-layer``'s hidden state where the first answer is predicted, and in
+the instruct stage the objects each question refers to (``--ref-weight``, block ``--ref-layer``).
+In the align stage their gradients reach only the projector and ``image_newline`` (nothing else
+trains); they make the frozen language model's blocks gather the image where a question needs it,
+which caption loss alone did not do in 20 minutes (the first run: align loss flat at 1.5, then
+image tasks near chance through most of the instruct stage). Every
 ``--eval-minutes`` and at the end of each stage: teacher-forced exact match on ``--eval-per-task``
 calibration-split items per task (never the test split), with images at 112 px (or, in the text
 stage, the scene in words), logged to OUT/eval_log.jsonl; task weights become 0.2 + (1 - accuracy).
@@ -45,6 +54,8 @@ from atv_sparse.tinybench import model as tiny_vlm  # noqa: E402
 from atv_sparse.tinybench import next_model as tiny_next  # noqa: E402
 from atv_sparse.tinybench import tasks as synthetic  # noqa: E402
 from atv_sparse.tinybench.scenes import caption  # noqa: E402
+from atv_sparse.tinybench.supervision import (AuxHeads, anyres_patch_labels, referent_labels,  # noqa: E402
+                                              scene_labels)
 from atv_sparse.tinybench.training import (ConversationEncoder, answer_token_losses, collate,  # noqa: E402
                                            per_turn_mean, save, teacher_forced_scores)
 
@@ -57,16 +68,21 @@ def parse_args(argv=None):
     p.add_argument("--out", default="benchmarks/tiny_next/run", help="output directory")
     p.add_argument("--stages", nargs="+", default=list(tiny_next.STAGES), choices=list(tiny_next.STAGES),
                    help="stages to run, in order (a later stage starts from OUT/<previous stage>)")
-    p.add_argument("--minutes", type=float, nargs=3, default=(15.0, 20.0, 55.0), metavar=("TEXT", "ALIGN", "INSTRUCT"),
+    p.add_argument("--minutes", type=float, nargs=3, default=(30.0, 10.0, 50.0), metavar=("TEXT", "ALIGN", "INSTRUCT"),
                    help="wall-time per stage")
-    p.add_argument("--lr", type=float, nargs=3, default=(1.5e-3, 1e-3, 1e-3), metavar=("TEXT", "ALIGN", "INSTRUCT"))
-    p.add_argument("--batch", type=int, nargs=3, default=(64, 16, 16), metavar=("TEXT", "ALIGN", "INSTRUCT"),
+    p.add_argument("--lr", type=float, nargs=3, default=(2e-3, 1e-3, 1e-3), metavar=("TEXT", "ALIGN", "INSTRUCT"))
+    p.add_argument("--batch", type=int, nargs=3, default=(32, 16, 16), metavar=("TEXT", "ALIGN", "INSTRUCT"),
                    help="conversations per step (instruct: image conversations; text ones are --batch-text)")
     p.add_argument("--batch-text", type=int, default=12, help="text-only conversations per instruct step")
-    p.add_argument("--max-turns", type=int, default=6, help="question / answer turns per conversation, at most")
-    p.add_argument("--min-turns", type=int, default=3, help="turns per image conversation, at least")
+    p.add_argument("--max-turns", type=int, default=8, help="question / answer turns per conversation, at most")
+    p.add_argument("--min-turns", type=int, default=6,
+                   help="turns per image conversation, at least (more answers per 336-token image forward)")
     p.add_argument("--caption-weight", type=float, default=0.2,
                    help="weight of a caption among the extra turns of an instruct conversation")
+    p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the patch and scene auxiliary losses")
+    p.add_argument("--scene-layer", type=int, default=3, help="block whose output feeds the scene-summary head")
+    p.add_argument("--ref-weight", type=float, default=0.5, help="weight of the referent loss (instruct stage)")
+    p.add_argument("--ref-layer", type=int, default=4, help="block whose output feeds the referent head")
     p.add_argument("--warmup", type=int, default=100, help="warm-up steps of each stage")
     p.add_argument("--eval-minutes", type=float, default=6.0)
     p.add_argument("--eval-per-task", type=int, default=40)
@@ -116,17 +132,27 @@ class Data:
 
     def caption_batch(self, n: int):
         items = [synthetic.draw_item(self._task(synthetic.IMAGE_TASKS), "train", self.rng) for _ in range(n)]
-        encoded = [self.encoder.encode([(DESCRIBE, caption(it.scene))], has_image=True) for it in items]
-        return (*collate(encoded, self.pad_id), self._pixels([render(it) for it in items]))
+        turns = [[(DESCRIBE, caption(it.scene))] for it in items]
+        return self._image_inputs(items, turns)
 
     def image_batch(self, n: int):
-        firsts, encoded = [], []
+        firsts, all_turns = [], []
         for _ in range(n):
             first, turns = synthetic.training_turns(self.rng, self._task(synthetic.IMAGE_TASKS), self.args.max_turns,
                                                     self._extra(), self.args.min_turns)
             firsts.append(first)
-            encoded.append(self.encoder.encode(turns, has_image=True))
-        return (*collate(encoded, self.pad_id), self._pixels([render(it) for it in firsts]))
+            all_turns.append(turns)
+        return self._image_inputs(firsts, all_turns)
+
+    def _image_inputs(self, items, all_turns):
+        """Model inputs of image conversations, and their auxiliary targets in ``self.targets``."""
+        encoded = [self.encoder.encode(turns, has_image=True) for turns in all_turns]
+        present, counts = zip(*(scene_labels(it.scene) for it in items), strict=True)
+        self.targets = {
+            "patch": torch.stack([anyres_patch_labels(it, tiny_next.IMAGE_SIZE).flatten(0, 1) for it in items]),
+            "present": torch.stack(present), "counts": torch.stack(counts),
+            "referent": torch.cat([referent_labels(it.scene, turns) for it, turns in zip(items, all_turns, strict=True)])}
+        return (*collate(encoded, self.pad_id), self._pixels([render(it) for it in items]))
 
     def _extra(self) -> dict[str, float]:
         return {t: self.weights[t] for t in synthetic.IMAGE_TASKS} | {"caption": self.args.caption_weight}
@@ -162,18 +188,49 @@ def lr_at(step: int, progress: float, lr: float, warmup: int) -> float:
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def run_stage(stage: str, model, processor, data: Data, args, log, out: Path) -> dict:
+class Taps:
+    """Forward hooks that keep the projector's output and two blocks' outputs of the last forward."""
+
+    def __init__(self, model, layers):
+        self.projected, self.blocks = None, {}
+        model.model.multi_modal_projector.register_forward_hook(lambda mod, inp, out: setattr(self, "projected", out))
+        for number in set(layers):
+            model.model.language_model.layers[number - 1].register_forward_hook(self._keep(number))
+
+    def _keep(self, number):
+        def hook(mod, inp, out):
+            self.blocks[number] = out[0] if isinstance(out, tuple) else out
+        return hook
+
+
+def auxiliary_loss(stage: str, heads: AuxHeads, taps: Taps, targets: dict, starts, args) -> torch.Tensor:
+    """The image batch's auxiliary losses (see the module docstring); starts: (B, L - 1) bool, the
+    positions that predict each answer's first token."""
+    batch = starts.shape[0]
+    projected = taps.projected.reshape(batch, -1, taps.projected.shape[-1])  # the 5 crops of each image
+    assert projected.shape[1] == targets["patch"].shape[1], "an image did not tile to the 112 x 112 pinpoint"
+    text_hidden = taps.blocks[args.scene_layer][torch.arange(batch), starts.int().argmax(1)]
+    loss = args.aux_weight * heads(projected, text_hidden, targets["patch"], targets["present"], targets["counts"])
+    if stage == "instruct" and args.ref_weight > 0:
+        turn_hidden = taps.blocks[args.ref_layer][:, :-1][starts]
+        loss = loss + args.ref_weight * heads.referent_loss(turn_hidden, targets["referent"])
+    return loss
+
+
+def run_stage(stage: str, model, processor, data: Data, args, log, out: Path, heads: AuxHeads, taps: Taps) -> dict:
     index = list(tiny_next.STAGES).index(stage)
     minutes, lr, batch = args.minutes[index], args.lr[index], args.batch[index]
     trained = tiny_next.set_stage(model, stage)
     params = [p for p in model.parameters() if p.requires_grad]
     print(f"[{stage}] training {sum(p.numel() for p in params):,} parameters in {len(trained)} tensors "
           f"for {minutes} min", flush=True)
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    aux = stage != "text" and args.aux_weight > 0
+    optimizer = torch.optim.AdamW(params + (list(heads.parameters()) if aux else []), lr=lr, betas=(0.9, 0.98),
+                                  weight_decay=0.01)
     val_items = [it for task in synthetic.TASKS
                  for it in synthetic.generate(task, "calibration", args.eval_per_task, seed=12345)]
     words = stage == "text"
-    start, last_eval, t_log, step, running, best = time.time(), time.time(), time.time(), 0, [], None
+    start, last_eval, t_log, step, running, running_aux, best = time.time(), time.time(), time.time(), 0, [], [], None
 
     def evaluate() -> dict:
         t0 = time.time()
@@ -191,21 +248,27 @@ def run_stage(stage: str, model, processor, data: Data, args, log, out: Path) ->
         rate = lr_at(step, (time.time() - start) / 60 / minutes, lr, args.warmup)
         for group in optimizer.param_groups:
             group["lr"] = rate
-        turn_losses = []
+        turn_losses, aux_loss = [], None
         for ids, labels, mask, images in data.batches(stage, batch):
-            losses, _, _, turn, _ = answer_token_losses(model, ids, labels, mask, **images)
+            losses, _, _, turn, starts = answer_token_losses(model, ids, labels, mask, **images)
             turn_losses.append(per_turn_mean(losses, turn))
-        loss = torch.cat(turn_losses).mean()
+            if aux and images:
+                aux_loss = auxiliary_loss(stage, heads, taps, data.targets, starts, args)
+        loss = lm_loss = torch.cat(turn_losses).mean()
+        if aux_loss is not None:
+            loss = loss + aux_loss
+            running_aux.append(aux_loss.item())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         step += 1
-        running.append(loss.item())
+        running.append(lm_loss.item())
         if step % 25 == 0:
-            print(f"[{stage}] step {step} loss {sum(running) / len(running):.4f} lr {rate:.2e} "
+            aux_text = f" aux {sum(running_aux) / len(running_aux):.3f}" if running_aux else ""
+            print(f"[{stage}] step {step} loss {sum(running) / len(running):.4f}{aux_text} lr {rate:.2e} "
                   f"{25 / (time.time() - t_log):.2f} steps/s", flush=True)
-            running, t_log = [], time.time()
+            running, running_aux, t_log = [], [], time.time()
         if time.time() - last_eval > args.eval_minutes * 60:
             record = evaluate()
             last_eval = time.time()
@@ -238,11 +301,13 @@ def main(argv=None) -> int:
     else:
         model = LlavaNextForConditionalGeneration.from_pretrained(out / order[first - 1], dtype=torch.float32)
     data = Data(processor, args, random.Random(f"tiny-next|{args.seed}"))
+    heads = AuxHeads(model.config.text_config.hidden_size)
+    taps = Taps(model, (args.scene_layer, args.ref_layer))
     print(f"params {sum(p.numel() for p in model.parameters()):,}; args {vars(args)}", flush=True)
     t0 = time.time()
     with open(out / "eval_log.jsonl", "a") as log:
         for stage in args.stages:
-            run_stage(stage, model, processor, data, args, log, out)
+            run_stage(stage, model, processor, data, args, log, out, heads, taps)
     print(f"done in {(time.time() - t0) / 60:.1f} min", flush=True)
     return 0
 

@@ -1,14 +1,12 @@
-"""The training-only labels of benchmarks/tiny_model/train.py agree with the tasks' answers."""
+"""The training-only labels of atv_sparse.tinybench.supervision agree with the tasks' answers and the pixels."""
 
 import random
 
+import numpy
 import pytest
 import torch
-from script_modules import load_script
-
+from atv_sparse.tinybench import supervision
 from atv_sparse.tinybench import tasks as synthetic
-
-train = load_script("benchmarks/tiny_model/train.py")
 
 
 def _turns(seed: int, per_task: int = 40):
@@ -27,7 +25,7 @@ def test_referents_answer_the_question(seed):
     seen = set()
     for scene, turns in _turns(seed=seed):
         for question, answer in turns:
-            refs = train.referents(scene, question)
+            refs = supervision.referents(scene, question)
             line = question.split("\n")[0]
             assert all(obj in scene.objects for obj in refs), question
             if "to the left or to the right" in line:
@@ -58,15 +56,40 @@ def test_referents_answer_the_question(seed):
 
 
 def test_referent_labels_encode_cell_colour_shape():
-    scene, turns = next(s for s in _turns(seed=3) if any(train.referents(s[0], q) for q, _ in s[1]))
-    labels = train.referent_labels(scene, turns)
-    assert labels.shape == (len(turns), train.REF_SLOTS * len(train.REF_CLASSES))
+    scene, turns = next(s for s in _turns(seed=3) if any(supervision.referents(s[0], q) for q, _ in s[1]))
+    labels = supervision.referent_labels(scene, turns)
+    assert labels.shape == (len(turns), supervision.REF_SLOTS * len(supervision.REF_CLASSES))
     for t, (question, _) in enumerate(turns):
-        refs = train.referents(scene, question)[:train.REF_SLOTS]
-        expected = torch.zeros(train.REF_SLOTS * 4, dtype=torch.long)
+        refs = supervision.referents(scene, question)[:supervision.REF_SLOTS]
+        expected = torch.zeros(supervision.REF_SLOTS * 4, dtype=torch.long)
         for k, obj in enumerate(refs):
             expected[4 * k:4 * k + 4] = torch.tensor([obj.row + 1, obj.col + 1,
-                                                       train.COLOURS.index(obj.colour) + 1,
-                                                       train.SHAPES.index(obj.shape) + 1])
+                                                       supervision.COLOURS.index(obj.colour) + 1,
+                                                       supervision.SHAPES.index(obj.shape) + 1])
         assert torch.equal(labels[t], expected)
-        assert (labels[t] < torch.tensor(train.REF_CLASSES * train.REF_SLOTS)).all()
+        assert (labels[t] < torch.tensor(supervision.REF_CLASSES * supervision.REF_SLOTS)).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_anyres_patch_labels_follow_the_pixels(seed):
+    """Every crop's patch labels (base view, then the 2 x 2 tiles of the 112 px image) name the
+    colour drawn in that patch of that crop: checked against the rendered pixels."""
+    from atv_sparse.tinybench.scenes import COLOURS as RGB
+
+    items = synthetic.generate("count", "train", 6, seed=seed)
+    for item in items:
+        labels = supervision.anyres_patch_labels(item, 112)
+        assert labels.shape == (5, 64, len(supervision.PATCH_CLASSES))
+        assert torch.equal(labels[0], supervision.patch_labels(item))
+        full = numpy.asarray(item.scene.render(item.render_seed, size=112))
+        base = numpy.asarray(item.scene.render(item.render_seed))
+        crops = [base] + [full[r:r + 56, c:c + 56] for r in (0, 56) for c in (0, 56)]
+        coloured = 0
+        for crop, crop_labels in zip(crops, labels, strict=True):
+            for k, (colour, *_rest) in enumerate(crop_labels.tolist()):
+                if colour:
+                    patch = crop[7 * (k // 8):7 * (k // 8) + 7, 7 * (k % 8):7 * (k % 8) + 7].reshape(-1, 3)
+                    rgb = RGB[supervision.COLOURS[colour - 1]]
+                    assert (patch == numpy.array(rgb)).all(1).sum() >= 6, (item.question, k)
+                    coloured += 1
+        assert coloured > 0
