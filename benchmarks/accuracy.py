@@ -344,6 +344,13 @@ def build_tables(sections: dict[str, list], results: dict[Job, dict], tasks: lis
         checks[f"{label} {col} seed {j.seed}"] = results[j]["correct"] == plain["correct"]
     tables["invariance"] = checks
     tables["prediction"] = prediction_checks(sections, results, tables["paired"])
+    atv = dict(sections["main"]).get("plain|ATV")
+    if atv:
+        col, jobs = next(iter(atv.items()))
+        tables["atv_blocks"] = {"column": col, "seed": jobs[0].seed, "nsamples": results[jobs[0]].get("nsamples"),
+                                "blocks": [{k: b[k] for k in ("block", "s_bar", "k_mean", "k_min", "k_max",
+                                                               "text_tokens", "visual_tokens_used") if k in b}
+                                           for b in results[jobs[0]]["blocks"]]}
     return tables
 
 
@@ -471,6 +478,18 @@ def markdown(tables: dict, args, tasks: list[str], meta: dict) -> str:
                    "rows reuse the plain runs." if same else "**NOT identical to the plain model's** (rerun with "
                    "--full-outlier)."), ""]
     _simple_tables(out, tables, share)
+    if tables.get("atv_blocks"):
+        a = tables["atv_blocks"]
+        out += [f"## ATV's drift and budget per block (Fig. A1-like): Wanda scores, {a['column']}, seed {a['seed']} "
+                f"({share})", "",
+                "s_bar: mean drift 1 - cos(block input, block output) over the visual positions; K: visual tokens "
+                "selected per sample (round(min(1, alpha s_bar) x its text tokens)); text and selected visual tokens "
+                f"over the {a['nsamples']} calibration samples.", "",
+                "| block | s_bar | K mean (min-max) | text tokens | visual tokens selected |",
+                "| ---: | ---: | ---: | ---: | ---: |"]
+        out += [f"| {b['block']} | {b['s_bar']:.4f} | {b['k_mean']:.2f} ({b['k_min']}-{b['k_max']}) | "
+                f"{b['text_tokens']:,} | {b['visual_tokens_used']:,} |" for b in a["blocks"]]
+        out.append("")
     return "\n".join(out)
 
 

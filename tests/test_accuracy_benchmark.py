@@ -51,6 +51,9 @@ def test_quick_run_writes_every_table(quick):
     assert set(tables["main"]) == {f"{v}|{m}" for v in accuracy.VARIANTS for m in accuracy.MAIN_METHODS}
     assert all(tables["invariance"].values()) and len(tables["invariance"]) == 3
     assert out.with_name(out.name + "-atv-blocks.png").stat().st_size > 1000
+    blocks = tables["atv_blocks"]["blocks"]
+    assert [b["block"] for b in blocks] == list(range(6)) and "Fig. A1-like" in text
+    assert all(b["visual_tokens_used"] == round(b["k_mean"] * 4) for b in blocks)  # 4 samples
     mix = payload["meta"]["calibration_tokens"]["0"]
     assert mix["visual"] == 4 * 64 and 0.5 < mix["visual_share"] < 1  # 4 conversations of one 64-token image
     share = f"calibration tokens {100 * mix['visual_share']:.1f}% visual"
