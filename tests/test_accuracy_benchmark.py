@@ -84,3 +84,24 @@ def test_quick_run_facts(quick):
     assert 0 < ablation["ATV (drift)"]["2:4"]["visual_tokens"] < ablation["mixed"]["2:4"]["visual_tokens"]
     # Magnitude's scores move with the rescaled columns, so its pruned model differs between the variants.
     assert runs["plain/magnitude/-/2:4/seedNone"]["average_nll"] != runs["outlier/magnitude/-/2:4/seedNone"]["average_nll"]
+
+
+def test_quick_run_on_the_tiny_next_with_a_prediction(tmp_path):
+    """The new model's tables in CI time: anyres scenes (336 image tokens), >= 85% visual calibration
+    tokens in every title, the prediction printed first and each checkable claim given an outcome."""
+    prediction = tmp_path / "prediction.md"
+    prediction.write_text("ATV ahead of Wanda, written before the run.\n")
+    out = tmp_path / "next"
+    assert accuracy.main(["--model", "tiny-next", "--quick", "--per-task", "3", "--nsamples", "4", "--workers", "2",
+                          "--sections", "main", "calibration", "--variants", "plain", "--prediction", str(prediction),
+                          "--out", str(out)]) == 0
+    payload = json.loads(out.with_suffix(".json").read_text())
+    text = out.with_suffix(".md").read_text()
+    assert text.startswith("# Accuracy of pruning methods on the tiny LLaVA-NeXT")
+    assert payload["meta"]["image_tokens"] == 336
+    assert payload["meta"]["calibration_tokens"]["0"]["visual_share"] >= 0.85
+    assert text.index("ATV ahead of Wanda, written before the run.") < text.index("## Outcome beside the prediction")
+    checked = {c["prediction"] for c in payload["tables"]["prediction"]}
+    assert {"ATV > Wanda at 2:4", "ATV > TAMP at 2:4", "Wanda: ATV >= text-only calibration"} <= checked
+    assert set(payload["tables"]["main"]) == {f"plain|{m}" for m in accuracy.MAIN_METHODS}
+    assert not payload["tables"]["ablation"] and not payload["tables"]["mot"] and "Table 3" not in text

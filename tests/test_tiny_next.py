@@ -147,3 +147,46 @@ def test_bad_calibration_records_name_the_record(processor, case):
                         source="data.jsonl line 7")
     with pytest.raises(AtvSparseError, match="calibration data.jsonl line 7: "):
         build_sample(processor, conv, processor.tokenizer.convert_tokens_to_ids("<image>"))
+
+
+# The shipped model (atv_sparse/assets/tiny_next, trained by benchmarks/tiny_next/train.py).
+REPRO_PER_TASK = 12
+
+
+def test_bundled_next_model_reproduces_its_reported_accuracy():
+    """The first 12 items per task of the model card's evaluation (500 per task, seed 0, 112 px
+    scenes) are scored again through the real LlavaNextProcessor and compared item by item with the
+    stored results; only float32 summation order differs between machines (allow 2 of 132)."""
+    import json
+
+    from atv_sparse.tinybench.items import scene_size, synthetic_items
+    from atv_sparse.tinybench.loading import load_model_and_processor, model_dir_of
+    from atv_sparse.tinybench.scoring import evaluate_model
+
+    bundled = model_dir_of("tiny-next")
+    scores = json.loads((bundled / "test_scores.json").read_text())
+    assert scores["per_task"] == 500 and scores["seed"] == 0 and scores["image_size"] == tiny_next.IMAGE_SIZE
+    model, proc = load_model_and_processor(bundled)
+    assert type(model).__name__ == "LlavaNextForConditionalGeneration" and scene_size(proc) == tiny_next.IMAGE_SIZE
+    items = synthetic_items(REPRO_PER_TASK, seed=0, size=scene_size(proc))
+    result = evaluate_model(model, proc, items, progress=False)
+    stored = [scores["tasks"][it.task]["correct"][k % REPRO_PER_TASK] == "1" for k, it in enumerate(items)]
+    got = [r["correct"] for r in result["records"]]
+    assert sum(a != b for a, b in zip(got, stored, strict=True)) <= 2
+    for task, s in scores["tasks"].items():
+        assert s["accuracy"] == pytest.approx(s["correct"].count("1") / len(s["correct"]))
+    card = (bundled / "README.md").read_text()
+    assert f"**{100 * scores['average']:.1f}**" in card
+
+
+def test_bundled_next_model_calibrates_mostly_visual():
+    """convert's default calibration on the shipped model: >= 85% of block 0's tokens visual."""
+    from atv_sparse.calib import load_calibration
+    from atv_sparse.models import adapter_for, read_config
+    from atv_sparse.preflight import check_processor
+    from atv_sparse.tinybench.loading import model_dir_of
+
+    bundled = model_dir_of("tiny-next")
+    mix = load_calibration(bundled, adapter_for(read_config(bundled), bundled), nsamples=32, seqlen=2048, seed=0,
+                           processor=check_processor(bundled)).token_mix()
+    assert mix["visual_share"] >= 0.85, mix

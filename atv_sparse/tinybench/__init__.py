@@ -3,6 +3,10 @@ exercise the package offline, in the spirit of ``torchao.testing``.
 
 - the bundled tiny VLM (:mod:`.model`: its builders and :func:`.model.bundled_model_dir`, the
   trained weights in ``atv_sparse/assets/tiny_vlm``) and its byte-level BPE (:mod:`.tokenizer`);
+- the tiny LLaVA-NeXT trained the LLaVA way (:mod:`.next_model`, weights in
+  ``atv_sparse/assets/tiny_next``); both by name through :func:`.loading.model_dir_of`;
+- what the training scripts share (:mod:`.training`, the auxiliary supervision of
+  :mod:`.supervision`) and how a trained model is shipped with its test scores (:mod:`.bundle`);
 - tiny random checkpoints of every supported VLM family (:mod:`.families`);
 - the synthetic tasks it is trained, calibrated and scored on (:mod:`.tasks`, drawn by
   :mod:`.scenes` with the pixel font of :mod:`.font`);

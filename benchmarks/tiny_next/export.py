@@ -63,7 +63,7 @@ def gap_summary(path: Path) -> dict | None:
             "block0_attn_cosine": r["blocks"]["0"]["q_proj"]["cosine"]}
 
 
-def model_card(model, scores: dict, stages: dict, mix: dict, gaps: dict, command: str) -> str:
+def model_card(model, scores: dict, stages: dict, shipped: dict, mix: dict, gaps: dict, command: str) -> str:
     from atv_sparse.tinybench.tasks import describe_tasks
 
     text, vision = model.config.text_config, model.config.vision_config
@@ -80,10 +80,13 @@ def model_card(model, scores: dict, stages: dict, mix: dict, gaps: dict, command
     weak = [f"{t} ({100 * s['accuracy']:.1f}%)" for t, s in scores["tasks"].items() if s["accuracy"] < 0.7]
     missed = ([f"the average is {100 * scores['average']:.1f}%"] if scores["average"] < 0.9 else []) + (
         [f"below 70%: {', '.join(weak)}"] if weak else [])
-    verdict = ("The issue's target (>= 90% average, no task below 70%) is **not reached** within the ~90 minute "
-               f"CPU budget: {'; '.join(missed)}. Pruning retention on tasks near chance (the yes/no and two-way "
-               "questions) carries little signal: read the per-task retention of the others."
-               if missed else "The issue's target (>= 90% average, no task below 70%) is reached.")
+    verdict = ("The project's target for it (>= 90% average, no task below 70%) is **not reached** within the "
+               f"~90 minute CPU budget: {'; '.join(missed)}. Pruning retention on tasks near chance (relation is a "
+               "two-way choice; ocr is barely learned) carries little signal: read the per-task retention of the "
+               "others, and the paired differences of accuracy."
+               if missed else "The project's target for it (>= 90% average, no task below 70%) is reached.")
+    best = (f"The shipped weights are the instruct stage's best validation: step {shipped['step']}, "
+            f"{100 * shipped['average']:.1f}%." if shipped else "")
     gap_rows = "\n".join(
         f"| {name} | {100 * g['visual_share']:.1f}% | {100 * g['overlap_mean']:.1f}% ({100 * g['overlap_min']:.1f}-"
         f"{100 * g['overlap_max']:.1f}) | {g['cosine_min']:.3f}-{g['cosine_max']:.3f} | {g['block0_attn_cosine']:.3f} |"
@@ -119,6 +122,9 @@ calibration-split items per task (never the test split).
 | stage | trains | minutes | steps | validation average at its end, % |
 | --- | --- | ---: | ---: | ---: |
 {stage_rows}
+
+The text stage is validated with each scene described in words (the only way a text-only model
+can answer), the others with the images. {best}
 
 Text stage inputs: the arithmetic and facts questions, and every image question asked about a
 scene described in words. Align: 112 px scenes, "Describe the image." -> the caption. Instruct:
@@ -158,7 +164,7 @@ teacher-forced exact match over the answer and its end-of-turn token, answer NLL
 
 {verdict}
 
-`python -m atv_sparse.evaluate {{path to this directory}}` reproduces these numbers;
+`python -m atv_sparse.evaluate atv_sparse/assets/tiny_next` reproduces these numbers;
 `tests/test_tiny_next.py` re-scores the first items of every task against `test_scores.json`.
 """
 
@@ -184,7 +190,9 @@ def main(argv=None) -> int:
         model, scores = record_test_scores(dst, args.per_task, args.seed)
     gaps = {"tiny_vlm": gap_summary(RESULTS / "modality-gap-tiny.json"),
             "tiny_next": gap_summary(RESULTS / "modality-gap-tiny-next.json")}
-    card = model_card(model, scores, stage_records(src.parent), calibration_mix(dst), gaps, args.train_command)
+    shipped = json.loads((src / "validation.json").read_text()) if (src / "validation.json").is_file() else {}
+    card = model_card(model, scores, stage_records(src.parent), shipped, calibration_mix(dst), gaps,
+                      args.train_command)
     (dst / "README.md").write_text(card)
     for task, s in scores["tasks"].items():
         print(f"{task:18s} {100 * s['accuracy']:5.1f}  nll {s['nll']:.3f}  n {s['n']}  distinct {s['distinct']}")
