@@ -136,7 +136,7 @@ def calibration_sets(processor, token_id: int, nsamples: int, seeds) -> dict:
 
     size = scene_size(processor)
     return {seed: conversation_calibration(
-        processor, calibration_conversations(nsamples, seed, **({"size": size} if size else {})), token_id)
+        processor, calibration_conversations(nsamples, seed, size=size), token_id)
         for seed in seeds}
 
 

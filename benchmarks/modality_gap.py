@@ -45,7 +45,7 @@ def measure(model_dir: Path, nsamples: int, seeds: tuple[int, ...]) -> dict:
     targets = resolve_targets(model, prefix, parse_pattern("unstructured", 0.5)).targets  # every decoder linear
     size = synthetic_image_size(processor.image_processor)  # as convert's embedded calibration draws them
     conversations = [conv for seed in seeds
-                     for conv in calibration_conversations(nsamples, seed, **({"size": size} if size else {}))]
+                     for conv in calibration_conversations(nsamples, seed, size=size)]
     calibration = conversation_calibration(processor, conversations, model.config.image_token_id)
     gap = modality_gap(model, targets, calibration.samples, calibration.tokens)
     blocks: dict[int, dict] = {}

@@ -66,7 +66,7 @@ def load_calibration(ckpt: Path, adapter, *, path: str | Path | None = None, nsa
             from ..tinybench.tasks import calibration_conversations
 
             size = synthetic_image_size(getattr(processor, "image_processor", None))
-            conversations = calibration_conversations(nsamples, seed=seed, **({"size": size} if size else {}))
+            conversations = calibration_conversations(nsamples, seed=seed, size=size)
         return conversation_calibration(processor, conversations, image_token_id,
                                         str(path) if path is not None else DEFAULT_MULTIMODAL_CALIBRATION)
     from transformers import AutoTokenizer

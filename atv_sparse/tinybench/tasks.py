@@ -441,11 +441,11 @@ def training_turns(rng: random.Random, task: str, max_turns: int, extra_tasks: d
     return first, turns
 
 
-def calibration_conversations(n: int, seed: int = 0, size: int = IMAGE_SIZE):
+def calibration_conversations(n: int, seed: int = 0, size: int | None = None):
     """``n`` ShareGPT4V-style calibration samples from the calibration split, as
     :class:`atv_sparse.calib.multimodal.Conversation`: a ``size`` x ``size`` RGB image and either a
     caption request with its detailed description (40%) or one to three question / answer turns
-    about the image. ``size`` changes the pixels only (the model's own is 56 px; the tests give
+    about the image. ``size`` changes the pixels only (None: the scenes' own 56 px; the tests give
     other families larger images), never the texts."""
     from ..calib.multimodal import Conversation
 
@@ -463,7 +463,7 @@ def calibration_conversations(n: int, seed: int = 0, size: int = IMAGE_SIZE):
                 qa = extra_turn(item.scene, rng, image_tasks, [1.0] * len(image_tasks))
                 if qa is not None:
                     turns += [("user", qa[0]), ("assistant", qa[1])]
-        out.append(Conversation(image=item.scene.render(item.render_seed, size), turns=turns,
+        out.append(Conversation(image=item.scene.render(item.render_seed, size or IMAGE_SIZE), turns=turns,
                                 source=f"synthetic calibration sample {i}"))
     return out
 

@@ -42,14 +42,13 @@ def stage_records(run_dir: Path) -> dict[str, dict]:
 
 def calibration_mix(model_dir: Path, nsamples: int = 32, seed: int = 0) -> dict:
     """Token mix of convert's default calibration set for this model (``nsamples`` conversations)."""
-    from atv_sparse.calib import conversation_calibration
-    from atv_sparse.tinybench.items import scene_size
-    from atv_sparse.tinybench.loading import load_model_and_processor
-    from atv_sparse.tinybench.tasks import calibration_conversations
+    from atv_sparse.calib import load_calibration
+    from atv_sparse.models import adapter_for, read_config
+    from atv_sparse.preflight import check_processor
 
-    model, processor = load_model_and_processor(model_dir)
-    conversations = calibration_conversations(nsamples, seed, size=scene_size(processor))
-    return conversation_calibration(processor, conversations, model.config.image_token_id).token_mix()
+    adapter = adapter_for(read_config(model_dir), model_dir)
+    return load_calibration(model_dir, adapter, nsamples=nsamples, seqlen=2048, seed=seed,
+                            processor=check_processor(model_dir)).token_mix()
 
 
 def gap_summary(path: Path) -> dict | None:
