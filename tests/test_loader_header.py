@@ -124,7 +124,8 @@ def test_overlap_gap_and_past_the_end(shard):
     (b"{\"a\": " + b"9" * 5000 + b"}", "not valid UTF-8 JSON"),
     (b"{\"x\": {}, \"x\": {}}", "appears twice"),
     (b"{\"x\": NaN}", "not valid UTF-8 JSON"),
-], ids=["list", "space", "cut", "utf8", "deep", "digits", "dup", "nan"])
+    (b"{\"__metadata__\": {\"format\": \"\\ud800\"}}", "not valid UTF-8 JSON"),  # safetensors refuses it too
+], ids=["list", "space", "cut", "utf8", "deep", "digits", "dup", "nan", "lone-surrogate"])
 def test_unreadable_header_json(shard, header_bytes, words):
     rewrite(shard, header_bytes=header_bytes, data=b"")
     with pytest.raises(AtvSparseError, match=words) as e:

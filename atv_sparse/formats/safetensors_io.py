@@ -66,8 +66,12 @@ def parse_json(raw: bytes, what: str, constants: bool = False):
     refuses them in a header).
     """
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates(what),
-                          parse_constant=float if constants else _refuse_constant)
+        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates(what),
+                           parse_constant=float if constants else _refuse_constant)
+        # A lone surrogate escape ("\\ud800") is valid to Python's json, not to safetensors' (serde): a
+        # string that cannot be UTF-8 encoded fails here (UnicodeEncodeError is a ValueError).
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return value
     except AtvSparseError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
