@@ -30,6 +30,12 @@ the average retention (unweighted over tasks, the paper's "Average" column) as m
 deviation over calibration seeds, the mean answer NLL, and for ATV against every baseline the
 paired difference of average accuracy on the same items, averaged over seeds first, with its
 standard error over items. Jobs run in ``--workers`` processes of one thread each.
+
+Every finished run is appended to a run log (``OUT.runs.jsonl``, one JSON line per pruned model with
+its per-item results), keyed by the checkpoint's bytes, ``--per-task``, ``--nsamples`` and
+``--test-seed``: a run stopped part way resumes where it stopped, and a later invocation with more
+sections or columns prunes only what is new. The log does not see code changes: delete it (or pass
+``--no-run-log``) after changing the pruning or scoring code.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import multiprocessing
@@ -103,8 +110,9 @@ def job(variant: str, score: str, tokens: str | None, pattern: str, seed: int | 
 _STATE: dict = {}
 
 
-def setup(args) -> dict:
-    """Load the model, build both variants, the calibration samples per seed and the scored items."""
+def setup(args, score: bool = True) -> dict:
+    """Load the model, build both variants, the calibration samples per seed and (``score``) the
+    scored items."""
     from atv_sparse.analysis.outliers import add_outlier_channels
     from atv_sparse.tinybench.items import scene_size, synthetic_items
     from atv_sparse.tinybench.loading import load_model_and_processor
@@ -118,13 +126,15 @@ def setup(args) -> dict:
     transform = add_outlier_channels(outlier, OUTLIER_CHANNELS, OUTLIER_SCALE, seed=0)
     token_id = model.config.image_token_id
     calib = calibration_sets(processor, token_id, args.nsamples, args.seeds)
-    items = synthetic_items(args.per_task, seed=args.test_seed, size=scene_size(processor))
-    prepared = prepare_items(model, processor, items)
     first = next(iter(calib.values()))
-    return {"models": {"plain": model, "outlier": outlier}, "processor": processor, "adapter": adapter,
-            "image_tokens": first.token_mix()["visual"] // len(first.samples),  # one image per conversation
-            "calib": calib, "prepared": prepared, "decoder_inputs": cache_decoder_inputs(model, prepared),
-            "outlier_channels": transform.channels}
+    state = {"models": {"plain": model, "outlier": outlier}, "processor": processor, "adapter": adapter,
+             "image_tokens": first.token_mix()["visual"] // len(first.samples),  # one image per conversation
+             "calib": calib, "outlier_channels": transform.channels}
+    if score:
+        items = synthetic_items(args.per_task, seed=args.test_seed, size=scene_size(processor))
+        state["prepared"] = prepare_items(model, processor, items)
+        state["decoder_inputs"] = cache_decoder_inputs(model, state["prepared"])
+    return state
 
 
 def calibration_sets(processor, token_id: int, nsamples: int, seeds) -> dict:
@@ -208,6 +218,47 @@ def run_job(job: Job) -> dict:
             "correct": {t: "".join(c) for t, c in correct.items()},
             "blocks": [{k: v for k, v in b.items() if not k.startswith("time_")} for b in blocks],
             "prune_s": round(t1 - t0, 2), "eval_s": round(time.perf_counter() - t1, 2)}
+
+
+class RunLog:
+    """Finished runs of one setting, one JSON line each (``{"key": ..., "run": ...}``), appended as
+    they finish. Lines of another key (another checkpoint or item count) are kept and ignored; a
+    line cut short by a killed run is skipped."""
+
+    def __init__(self, path: Path, key: dict):
+        self.path, self.key = path, key
+
+    def load(self) -> dict[str, dict]:
+        """Job name -> run, for the runs of this key."""
+        runs = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if entry.get("key") == self.key:
+                    runs[entry["run"]["name"]] = entry["run"]
+        return runs
+
+    def append(self, run: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+b") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell():  # a line cut short by a killed run stays on its own
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write((json.dumps({"key": self.key, "run": run}) + "\n").encode())
+
+
+def run_key(args) -> dict:
+    """What a logged run depends on besides its job: the checkpoint's weights and the items scored."""
+    digest = hashlib.sha256()
+    for f in sorted(Path(args.model).glob("*.safetensors")):
+        digest.update(f.read_bytes())
+    return {"weights_sha256": digest.hexdigest()[:16], "per_task": args.per_task, "nsamples": args.nsamples,
+            "test_seed": args.test_seed}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,6 +453,16 @@ def calibration_share(meta: dict) -> str:
     return f"calibration tokens {span} visual"
 
 
+def _effort(meta: dict) -> str:
+    """What the tables cost: wall time of the last invocation, and CPU time over all runs when some
+    came from the run log."""
+    text = f"{meta['wall_minutes']:.1f} min for {meta['jobs']} pruned models"
+    if meta.get("jobs_from_log"):
+        text += (f" ({meta['jobs_from_log']} of them from the run log of earlier invocations; "
+                 f"{meta['cpu_minutes']:.0f} CPU-minutes of pruning and scoring over all {meta['jobs']})")
+    return text
+
+
 def markdown(tables: dict, args, tasks: list[str], meta: dict) -> str:
     share = calibration_share(meta)
     mix = meta["calibration_tokens"]
@@ -412,7 +473,7 @@ def markdown(tables: dict, args, tasks: list[str], meta: dict) -> str:
            f"Test: {args.per_task} items per task of the synthetic test split (seed {args.test_seed}), "
            f"teacher-forced exact match. Calibration: {args.nsamples} conversations of the calibration split per "
            f"seed, seeds {', '.join(map(str, args.seeds))}. {meta['machine']}; torch {torch.__version__}; "
-           f"{meta['wall_minutes']:.1f} min for {meta['jobs']} pruned models.", "",
+           f"{_effort(meta)}.", "",
            f"Token mix of the calibration sets (every block sees all of them; the paper's LLaVA-NeXT-8B: ~90% "
            f"visual): {per_seed}.", "",
            "Retention = 100 x accuracy / dense accuracy per task; Average = unweighted mean over tasks "
@@ -551,6 +612,9 @@ def parse_args(argv=None):
                         "checked on one run each, by default)")
     p.add_argument("--out", help="output path without extension: writes OUT.md, OUT.json and OUT-atv-blocks.png "
                    "(default: benchmarks/results/accuracy-tiny for tiny-vlm, accuracy-tiny-next for tiny-next)")
+    p.add_argument("--run-log", metavar="JSONL", help="finished runs, reused by later invocations of the same "
+                   "checkpoint and settings (default: OUT.runs.jsonl)")
+    p.add_argument("--no-run-log", action="store_true", help="prune and score every run, log nothing")
     p.add_argument("--sections", nargs="+", default=list(TABLES), choices=TABLES, help="tables to make")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                    help="model variants of the main table (plain always runs)")
@@ -617,28 +681,39 @@ def main(argv=None) -> int:
 
     start = time.time()
     torch.set_num_threads(1)
-    _STATE.update(setup(args))
+    out = Path(args.out)
+    log = None if args.no_run_log else RunLog(Path(args.run_log or out.with_suffix(".runs.jsonl")), run_key(args))
+    logged = log.load() if log else {}
     sections = plan_jobs(args)
     jobs = unique_jobs(sections)
+    todo = [j for j in jobs if j.name() not in logged]
+    _STATE.update(setup(args, score=bool(todo)))
+    if logged:
+        print(f"{len(jobs) - len(todo)} of {len(jobs)} runs from {log.path}", file=sys.stderr)
     nsamples = args.nsamples
-    results: dict[Job, dict] = {}
+    done: dict[Job, dict] = {j: logged[j.name()] for j in jobs if j.name() in logged}
+    by_name = {j.name(): j for j in todo}
     ctx = multiprocessing.get_context("fork")  # workers inherit the models and the prepared items
-    with tqdm(total=len(jobs), desc="Pruning and scoring", unit="model") as bar:
-        if args.workers == 1:
-            outputs = map(run_job, jobs)
+    with tqdm(total=len(todo), desc="Pruning and scoring", unit="model") as bar:
+        if args.workers == 1 or len(todo) <= 1:
+            outputs = map(run_job, todo)
             pool = None
         else:
             pool = ctx.Pool(args.workers, initializer=_init_worker, initargs=(1,))
-            outputs = pool.imap(run_job, jobs)
+            outputs = pool.imap_unordered(run_job, todo)
         try:
-            for j, r in zip(jobs, outputs, strict=True):
+            for r in outputs:
+                j = by_name[r["name"]]
                 r["nsamples"] = nsamples if j.seed is not None else None
-                results[j] = r
+                done[j] = r
+                if log:
+                    log.append(r)
                 bar.update()
         finally:
             if pool is not None:
-                pool.close()
+                pool.terminate()
                 pool.join()
+    results = {j: done[j] for j in jobs}
     tasks = list(results[jobs[0]]["tasks"])
     dense = {v: results[Job(v, "dense", None, "dense", None)] for v in args.variants}
     if "outlier" in dense and dense["plain"]["correct"] != dense["outlier"]["correct"]:
@@ -648,10 +723,10 @@ def main(argv=None) -> int:
     meta = {"date": datetime.date.today().isoformat(), "model": _shown(args.model), "machine": f"{cpu_name()} x{os.cpu_count()}",
             "params": sum(p.numel() for p in model.parameters()), "model_name": args.model_name,
             "image_tokens": _STATE["image_tokens"], "prediction": args.prediction_text,
-            "outlier_channels": _STATE["outlier_channels"], "jobs": len(jobs),
+            "outlier_channels": _STATE["outlier_channels"], "jobs": len(jobs), "jobs_from_log": len(jobs) - len(todo),
+            "cpu_minutes": sum(r["prune_s"] + r["eval_s"] for r in results.values()) / 60,
             "calibration_tokens": {str(seed): c.token_mix() for seed, c in _STATE["calib"].items()},
             "wall_minutes": (time.time() - start) / 60, "torch": torch.__version__, "workers": args.workers}
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(tables, args, tasks, meta)
     settings = vars(args) | {"model": _shown(args.model), "out": _shown(args.out)}

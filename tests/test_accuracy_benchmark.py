@@ -62,6 +62,37 @@ def test_quick_run_writes_every_table(quick):
     assert tables_titles and all(share in line for line in tables_titles), tables_titles
 
 
+def test_run_log_keeps_finished_runs_of_its_key(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    log = accuracy.RunLog(path, {"per_task": 4})
+    log.append({"name": "a", "average": 0.5})
+    with open(path, "a") as f:
+        f.write('{"key": {"per_task": 4}, "run": {"name": "cut')  # a run killed mid-write
+    log.append({"name": "b", "average": 0.25})
+    accuracy.RunLog(path, {"per_task": 8}).append({"name": "a", "average": 1.0})
+    assert log.load() == {"a": {"name": "a", "average": 0.5}, "b": {"name": "b", "average": 0.25}}
+    assert accuracy.RunLog(path, {"per_task": 8}).load() == {"a": {"name": "a", "average": 1.0}}
+    assert accuracy.RunLog(tmp_path / "none.jsonl", {}).load() == {}
+
+
+def test_second_invocation_reuses_the_run_log(quick, tmp_path):
+    """Every run of the quick invocation is in its log; the same invocation again prunes nothing and
+    writes the same tables (the runs file holds every per-item result the paired statistics need)."""
+    out, payload = quick
+    log = out.with_suffix(".runs.jsonl")
+    names = [json.loads(line)["run"]["name"] for line in log.read_text().splitlines()]
+    assert sorted(names) == sorted(r["name"] for r in payload["runs"])
+    again = tmp_path / "acc"
+    argv = ["--quick", "--per-task", "4", "--nsamples", "4", "--workers", "2", "--out", str(again),
+            "--run-log", str(log)]
+    assert accuracy.main(argv) == 0
+    second = json.loads(again.with_suffix(".json").read_text())
+    assert second["tables"] == payload["tables"]
+    assert second["meta"]["jobs_from_log"] == len(names) == second["meta"]["jobs"]
+    assert "of them from the run log" in again.with_suffix(".md").read_text()
+    assert log.read_text().count("\n") == len(names)  # nothing pruned, nothing appended
+
+
 def test_rerender_reproduces_the_tables(quick, tmp_path):
     out, payload = quick
     copy = tmp_path / "again.json"
