@@ -359,6 +359,18 @@ def paired_difference(ours: list[dict], theirs: list[dict]) -> tuple[float, floa
     return 100 * sum(deltas) / len(tasks), 100 * math.sqrt(sum(variances)) / len(tasks)
 
 
+def reference_row(section: str, label: str) -> str | None:
+    """The row of a selector, alpha or calibration table that the others are paired against:
+    ATV's drift selector, alpha = 1, and mixed calibration of the same score rule."""
+    if section == "ablation":
+        return "ATV (drift)"
+    if section == "alpha":
+        return "alpha=1"
+    if section == "calibration":
+        return label.split(" ")[0] + " mixed"
+    return None
+
+
 def verdict(delta: float, se: float) -> str:
     if abs(delta) < 2 * se:
         return "within noise (|d| < 2 SE)"
@@ -375,6 +387,14 @@ def build_tables(sections: dict[str, list], results: dict[Job, dict], tasks: lis
             variant = label.split("|")[0] if section == "main" else "plain"
             rows[label] = {col: summarize_cell([results[j] for j in jobs], dense[variant])
                            for col, jobs in columns.items()}
+            ref = reference_row(section, label)
+            ref_columns = dict(sections[section]).get(ref)
+            if ref_columns is None or ref == label:
+                continue
+            for col, jobs in columns.items():
+                if col in ref_columns:
+                    d, se = paired_difference([results[j] for j in jobs], [results[j] for j in ref_columns[col]])
+                    rows[label][col]["vs_reference"] = {"reference": ref, "delta": d, "se": se}
         tables[section] = rows
     diffs = {}
     for label, columns in sections["main"]:
@@ -527,9 +547,7 @@ def markdown(tables: dict, args, tasks: list[str], meta: dict) -> str:
         variant, comparison = key.split("|")
         cells = []
         for col in args.patterns:
-            d = tables["paired"][f"{key}|{col}"]
-            mark = "" if d["verdict"].startswith("within") else (" ▲" if d["delta"] > 0 else " ▼")
-            cells.append(f"{d['delta']:+.2f} ± {d['se']:.2f}{mark}")
+            cells.append(_paired_cell(tables["paired"][f"{key}|{col}"]))
         out.append(f"| {variant} | {comparison} | " + " | ".join(cells) + " |")
     out += ["", "▲ / ▼: the first method better / worse by more than 2 standard errors; unmarked: within noise.", ""]
     if tables["invariance"]:
@@ -554,25 +572,42 @@ def markdown(tables: dict, args, tasks: list[str], meta: dict) -> str:
     return "\n".join(out)
 
 
+def _paired_cell(d: dict | None) -> str:
+    if d is None:
+        return "-"
+    mark = "" if abs(d["delta"]) < 2 * d["se"] else (" ▲" if d["delta"] > 0 else " ▼")
+    return f"{d['delta']:+.2f} ± {d['se']:.2f}{mark}"
+
+
 def _simple_tables(out: list[str], tables: dict, share: str) -> None:
     """The ablation, alpha, calibration and MoT tables (those that ran) appended to ``out``."""
-    def simple(title: str, section: str, note: str = "") -> None:
+    def simple(title: str, section: str, note: str = "", pairing: str = "") -> None:
         if not tables.get(section):
             return
         columns = list(next(iter(tables[section].values())))
+        # Runs from before the paired column (a rerendered JSON) have no "vs_reference".
+        paired = any("vs_reference" in cell for cols in tables[section].values() for cell in cols.values())
         out.extend([f"## {title} ({share})", ""] + ([note, ""] if note else []))
+        if paired:
+            out.extend([f"Paired: the row minus {pairing}, points of average accuracy ± SE over items (seeds "
+                        "averaged per item first); ▲ / ▼ beyond 2 SE.", ""])
         out.append("| configuration | " + " | ".join(f"{c} Average" for c in columns) + " | "
+                   + (" | ".join(f"{c} paired" for c in columns) + " | " if paired else "")
                    + " | ".join(f"{c} visual tokens / sample / block" for c in columns) + " |")
-        out.append("| --- |" + " ---: |" * (2 * len(columns)))
+        out.append("| --- |" + " ---: |" * ((3 if paired else 2) * len(columns)))
         for label, cols in tables[section].items():
             vis = ["-" if cols[c]["visual_tokens"] is None else f"{cols[c]['visual_tokens']:.1f}" for c in columns]
-            out.append(f"| {label} | " + " | ".join(_cell(cols[c]) for c in columns) + " | " + " | ".join(vis) + " |")
+            pair = [_paired_cell(cols[c].get("vs_reference")) for c in columns] if paired else []
+            out.append(f"| {label} | " + " | ".join(_cell(cols[c]) for c in columns) + " | "
+                       + "".join(p + " | " for p in pair) + " | ".join(vis) + " |")
         out.append("")
 
     simple("Visual-token selectors (Table 3-like), Wanda scores, plain model", "ablation",
-           "ABS, DBS and drift-fixed are scaled to the total visual budget of ATV's drift rule on the same data.")
-    simple("ATV's alpha (budget scale), plain model", "alpha", "alpha = 0 is text-only calibration.")
-    simple("Calibration pools (Table A3-like), 50% unstructured, plain model", "calibration")
+           "ABS, DBS and drift-fixed are scaled to the total visual budget of ATV's drift rule on the same data.",
+           "ATV (drift)")
+    simple("ATV's alpha (budget scale), plain model", "alpha", "alpha = 0 is text-only calibration.", "alpha = 1")
+    simple("Calibration pools (Table A3-like), 50% unstructured, plain model", "calibration",
+           pairing="the same method's mixed calibration")
     simple("MoT probe (Table 1-like): one pathway pruned with Wanda, plain model", "mot",
            "The other pathway stays dense; rows = the calibration positions that feed the statistics.")
 

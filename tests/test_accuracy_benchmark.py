@@ -117,6 +117,24 @@ def test_quick_run_facts(quick):
     assert runs["plain/magnitude/-/2:4/seedNone"]["average_nll"] != runs["outlier/magnitude/-/2:4/seedNone"]["average_nll"]
 
 
+def test_selector_and_alpha_rows_paired_against_their_reference(quick):
+    """The selector table pairs each row with ATV's drift selector, item by item: text-only minus ATV
+    recomputed here from the logged per-item results, and equal to alpha = 0 minus alpha = 1."""
+    out, payload = quick
+    lines = map(json.loads, out.with_suffix(".runs.jsonl").read_text().splitlines())
+    logged = {line["run"]["name"]: line["run"] for line in lines}
+    text, atv = logged["plain/wanda/text/2:4/seed0"], logged["plain/wanda/atv/2:4/seed0"]
+    per_task = [sum(int(a) - int(b) for a, b in zip(text["correct"][t], atv["correct"][t])) / len(atv["correct"][t])
+                for t in atv["correct"]]
+    ablation, alpha = payload["tables"]["ablation"], payload["tables"]["alpha"]
+    pair = ablation["text-only"]["2:4"]["vs_reference"]
+    assert pair["reference"] == "ATV (drift)" and pair["delta"] == pytest.approx(100 * sum(per_task) / len(per_task))
+    assert alpha["alpha=0"]["2:4"]["vs_reference"]["delta"] == pytest.approx(pair["delta"])
+    assert "vs_reference" not in ablation["ATV (drift)"]["2:4"] and "vs_reference" not in alpha["alpha=1"]["2:4"]
+    text_md = out.with_suffix(".md").read_text()
+    assert "the row minus ATV (drift)" in text_md and "2:4 paired" in text_md
+
+
 def test_quick_run_on_the_tiny_next_with_a_prediction(tmp_path):
     """The new model's tables in CI time: anyres scenes (336 image tokens), >= 85% visual calibration
     tokens in every title, the prediction printed first and each checkable claim given an outcome."""
