@@ -154,3 +154,25 @@ def test_quick_run_on_the_tiny_next_with_a_prediction(tmp_path):
     assert {"ATV > Wanda at 2:4", "ATV > TAMP at 2:4", "Wanda: ATV >= text-only calibration"} <= checked
     assert set(payload["tables"]["main"]) == {f"plain|{m}" for m in accuracy.MAIN_METHODS}
     assert not payload["tables"]["ablation"] and not payload["tables"]["mot"] and "Table 3" not in text
+
+
+def test_outlier_strength_shares_the_run_log(quick, tmp_path):
+    """benchmarks/outlier_strength.py reuses the accuracy runs it shares (dense, ATV, magnitude on the
+    plain and the 4-channel outlier model), prunes only the new variant, and pairs ATV against each row."""
+    strength = load_script("benchmarks/outlier_strength.py")
+    out, _ = quick
+    log = tmp_path / "runs.jsonl"
+    log.write_text(out.with_suffix(".runs.jsonl").read_text())
+    argv = ["--model", "tiny-vlm", "--per-task", "4", "--nsamples", "4", "--seeds", "0", "--channels", "4", "8",
+            "--patterns", "2:4", "--workers", "1", "--out", str(tmp_path / "os"), "--run-log", str(log)]
+    assert strength.main(argv) == 0
+    payload = json.loads((tmp_path / "os.json").read_text())
+    assert payload["meta"]["new_runs"] == 1 and payload["meta"]["from_log"] == 4
+    assert len(payload["meta"]["channels"]["outlier8"]) == 8
+    logged = {line["run"]["name"]: line["run"] for line in map(json.loads, log.read_text().splitlines())}
+    atv, mag = logged["plain/wanda/atv/2:4/seed0"], logged["plain/magnitude/-/2:4/seedNone"]
+    per_task = [sum(int(a) - int(b) for a, b in zip(atv["correct"][t], mag["correct"][t])) / len(mag["correct"][t])
+                for t in mag["correct"]]
+    rows = {r["row"]: r for r in payload["table"]}
+    assert rows["magnitude, no outliers"]["atv_minus"] == pytest.approx(100 * sum(per_task) / len(per_task))
+    assert "outlier8/magnitude/-/2:4/seedNone" in logged and "se" not in rows["ATV"]
