@@ -437,7 +437,13 @@ PREDICTIONS = (
     ("SparseGPT: mixed >= visual-only calibration (A7(ii))", "calibration", "SparseGPT mixed",
      "SparseGPT visual-only", "50%", ">="),
 ) + tuple((f"ATV > {base} at {col}", "main", "plain|ATV", f"plain|{base}", col, ">")
-          for base in ("Wanda", "TAMP") for col in ("2:4", "4:8", "60%"))
+          for base in ("Wanda", "TAMP") for col in ("2:4", "4:8", "60%")) + tuple(
+    (f"Selectors: ATV (drift) >= {other} at {col}", "ablation", "ATV (drift)", other, col, ">=")
+    for other in ("ABS", "DBS", "random", "drift-fixed") for col in ("2:4", "60%")) + tuple(
+    (f"alpha = 1 >= alpha = {a} at {col}", "alpha", "alpha=1", f"alpha={a}", col, ">=")
+    for a in (0, 8) for col in ("2:4", "60%")) + (
+    ("MoT: visual pathway pruned > text pathway pruned (all rows, 50%)", "mot", "visual pathway, all rows",
+     "text pathway, all rows", "50%", ">"),)
 
 
 def prediction_checks(sections: dict[str, list], results: dict[Job, dict], paired: dict) -> list[dict]:

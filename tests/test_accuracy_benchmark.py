@@ -131,6 +131,9 @@ def test_selector_and_alpha_rows_paired_against_their_reference(quick):
     assert pair["reference"] == "ATV (drift)" and pair["delta"] == pytest.approx(100 * sum(per_task) / len(per_task))
     assert alpha["alpha=0"]["2:4"]["vs_reference"]["delta"] == pytest.approx(pair["delta"])
     assert "vs_reference" not in ablation["ATV (drift)"]["2:4"] and "vs_reference" not in alpha["alpha=1"]["2:4"]
+    checks = {c["prediction"]: c for c in payload["tables"]["prediction"]}
+    assert checks["alpha = 1 >= alpha = 0 at 2:4"]["delta"] == pytest.approx(-pair["delta"])
+    assert "Selectors: ATV (drift) >= random at 2:4" in checks
     text_md = out.with_suffix(".md").read_text()
     assert "the row minus ATV (drift)" in text_md and "2:4 paired" in text_md
 
