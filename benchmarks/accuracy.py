@@ -609,7 +609,9 @@ def _simple_tables(out: list[str], tables: dict, share: str) -> None:
         out.append("")
 
     simple("Visual-token selectors (Table 3-like), Wanda scores, plain model", "ablation",
-           "ABS, DBS and drift-fixed are scaled to the total visual budget of ATV's drift rule on the same data.",
+           "ABS, DBS and drift-fixed are scaled to the total visual budget of ATV's drift rule on a dense pass over "
+           "the same data (docs/design.md 4.5). ATV's and random's own runs measure drift on inputs propagated "
+           "through the blocks already pruned, where it is larger: compare the visual-token columns.",
            "ATV (drift)")
     simple("ATV's alpha (budget scale), plain model", "alpha", "alpha = 0 is text-only calibration.", "alpha = 1")
     simple("Calibration pools (Table A3-like), 50% unstructured, plain model", "calibration",
