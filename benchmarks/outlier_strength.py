@@ -115,7 +115,7 @@ def parse_args(argv=None):
     p.add_argument("--nsamples", type=int, default=32, help="ATV's calibration conversations per seed")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--test-seed", type=int, default=0)
-    p.add_argument("--channels", type=int, nargs="+", default=[4, 8, 16, 32], help="outlier channel counts C")
+    p.add_argument("--channels", type=int, nargs="+", default=[4, 16, 32], help="outlier channel counts C")
     p.add_argument("--scale", type=float, default=accuracy.OUTLIER_SCALE)
     p.add_argument("--patterns", nargs="+", default=["2:4", "50%"], choices=accuracy.PATTERNS)
     p.add_argument("--workers", type=int, default=2)
