@@ -581,8 +581,8 @@ def markdown(tables: dict, args, tasks: list[str], meta: dict) -> str:
 def _paired_cell(d: dict | None) -> str:
     if d is None:
         return "-"
-    mark = "" if abs(d["delta"]) < 2 * d["se"] else (" ▲" if d["delta"] > 0 else " ▼")
-    return f"{d['delta']:+.2f} ± {d['se']:.2f}{mark}"
+    within = verdict(d["delta"], d["se"]).startswith("within")
+    return f"{d['delta']:+.2f} ± {d['se']:.2f}" + ("" if within else " ▲" if d["delta"] > 0 else " ▼")
 
 
 def _simple_tables(out: list[str], tables: dict, share: str) -> None:

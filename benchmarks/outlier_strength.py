@@ -66,15 +66,15 @@ def add_variants(state: dict, channels: list[int], scale: float) -> dict[str, li
 
 def build_table(args, rows: dict[str, list[Job]], results: dict[str, dict]) -> list[dict]:
     dense = results[Job("plain", "dense", None, "dense", None).name()]
+    atv = {p: [results[j.name()] for j in rows["ATV"] if j.pattern == p] for p in args.patterns}
     table = []
     for label, jobs in rows.items():
         for p in args.patterns:
             mine = [results[j.name()] for j in jobs if j.pattern == p]
-            atv = [results[j.name()] for j in rows["ATV"] if j.pattern == p]
             row = {"row": label, "pattern": p, "accuracy": 100 * sum(r["average"] for r in mine) / len(mine),
                    "retention": sum(accuracy.retention_of(r, dense)["average"] for r in mine) / len(mine)}
             if label != "ATV":
-                row["atv_minus"], row["se"] = accuracy.paired_difference(atv, mine)
+                row["atv_minus"], row["se"] = accuracy.paired_difference(atv[p], mine)
             table.append(row)
     return table
 
