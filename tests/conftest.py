@@ -14,31 +14,8 @@ if not torch.cuda.is_available():  # Triton kernels run in Triton's interpreter 
 os.environ.setdefault("ATV_SPARSE_TRITON_ONE_CONFIG", "1")
 torch.set_num_threads(1)  # 2 threads on a shared 2-core machine make forwards erratic
 
-TEXT_DIMS = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-
-
-def write_tiny_model(path, family: str, seed: int = 0, dtype=torch.float32, **overrides):
-    """Save a tiny random LlamaForCausalLM or Qwen2ForCausalLM with its tokenizer to ``path``."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    from atv_sparse.calib import default_calibration_text
-    from atv_sparse.tinybench.tokenizer import train_tiny_tokenizer
-
-    dims = {**TEXT_DIMS, **overrides}
-    if family == "llama":
-        tok = train_tiny_tokenizer(default_calibration_text(), ["<s>", "</s>"])
-        config = LlamaConfig(**dims, head_dim=dims["hidden_size"] // dims["num_attention_heads"])
-        cls = LlamaForCausalLM
-    else:
-        tok = train_tiny_tokenizer(default_calibration_text(), ["<|endoftext|>", "<|im_end|>"])
-        config = Qwen2Config(**dims)
-        cls = Qwen2ForCausalLM
-    torch.manual_seed(seed)
-    model = cls(config).to(dtype)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+# The tiny LLM checkpoints live with the other fixtures of every family (tinybench.families).
+from atv_sparse.tinybench.families import write_tiny_llm as write_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

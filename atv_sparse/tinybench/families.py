@@ -1,6 +1,7 @@
-"""Tiny offline vision-language checkpoints of every supported family (random weights, in-process
-tokenizer, real processor), for the tests and the benchmarks.
+"""Tiny offline checkpoints of every supported family (random weights, in-process tokenizer, real
+processor), for the tests and the benchmarks.
 
+``write_tiny_llm(path, family)`` saves a LLaMA or Qwen2 causal LM with its tokenizer;
 ``write_tiny_vlm(path, family)`` saves a model, its processor, tokenizer and chat template to
 ``path`` for each of the five LVLM families atv_sparse supports. The configs are the ones
 measured in /work/shared/notes/tiny-models.md (section 2): text model H=64, I=128, 2 layers,
@@ -187,3 +188,34 @@ def write_tiny_vlm(path, family: str, seed: int = 0, dtype: torch.dtype = torch.
     model.save_pretrained(path)
     processor.save_pretrained(path)  # also writes the tokenizer files and chat_template.jinja
     return path
+
+
+LLM_FAMILIES = ("llama", "qwen2")
+LLM_DIMS = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+
+
+def write_tiny_llm(path, family: str, seed: int = 0, dtype=torch.float32, **overrides) -> Path:
+    """Save a tiny random LlamaForCausalLM or Qwen2ForCausalLM with its tokenizer to ``path``;
+    ``overrides`` replace entries of :data:`LLM_DIMS`."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from ..calib import default_calibration_text
+    from .tokenizer import train_tiny_tokenizer
+
+    if family not in LLM_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {LLM_FAMILIES}")
+    dims = {**LLM_DIMS, **overrides}
+    if family == "llama":
+        tok = train_tiny_tokenizer(default_calibration_text(), ["<s>", "</s>"])
+        config = LlamaConfig(**dims, head_dim=dims["hidden_size"] // dims["num_attention_heads"])
+        cls = LlamaForCausalLM
+    else:
+        tok = train_tiny_tokenizer(default_calibration_text(), ["<|endoftext|>", "<|im_end|>"])
+        config = Qwen2Config(**dims)
+        cls = Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    model = cls(config).to(dtype)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)
