@@ -15,6 +15,7 @@ Small calibration (4 samples, 64-token text windows) keeps it to minutes on a CP
 Safetensors files, sparsity.json and config.json are hashed as written. Two things in the JSON
 files change from run to run and are taken out before hashing: DIR itself (written as ``<work>``)
 and, in prune_report.json, the timings and the peak memory (keys ``time*`` and ``peak_rss_bytes``).
+``--rehash`` recomputes the list from the outputs already in DIR (after a change to this script).
 The inputs are hashed too, so a changed fixture shows as such rather than as a changed pruner.
 """
 
@@ -104,7 +105,7 @@ def canonical_bytes(path: Path, work: Path) -> bytes:
 
     def strip(obj):
         if isinstance(obj, dict):
-            return {k: strip(v) for k, v in obj.items() if not k.startswith("time") and k != "peak_rss_bytes"}
+            return {k: strip(v) for k, v in obj.items() if not k.startswith(("time", "timings")) and k != "peak_rss_bytes"}
         if isinstance(obj, list):
             return [strip(v) for v in obj]
         return obj
@@ -117,7 +118,7 @@ def hash_dir(directory: Path, work: Path) -> list[tuple[str, str]]:
             for p in sorted(directory.rglob("*")) if p.is_file()]
 
 
-def output_hashes(work: Path, only: str | None = None) -> list[str]:
+def output_hashes(work: Path, only: str | None = None, rehash: bool = False) -> list[str]:
     """One line "case<TAB>file<TAB>sha256" per output file (and per input file, case "input/<model>")."""
     from atv_sparse.calib import default_calibration_text
     from atv_sparse.convert import run
@@ -130,6 +131,9 @@ def output_hashes(work: Path, only: str | None = None) -> list[str]:
         if only is not None and only not in case:
             continue
         out = work / "out" / case.replace("/", "_").replace(":", "-")
+        if rehash:
+            lines += [f"{case}\t{f}\t{h}" for f, h in hash_dir(out, work)]
+            continue
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             run(argv + CALIBRATION + ["--out", str(out), "--overwrite", "--quiet", "--device", "cpu"])
         lines += [f"{case}\t{f}\t{h}" for f, h in hash_dir(out, work)]
@@ -142,18 +146,20 @@ def main() -> int:
     p.add_argument("--work", required=True, type=Path, help="directory for the models and the outputs")
     p.add_argument("--save", type=Path, help="write the list here")
     p.add_argument("--check", type=Path, help="compare with this list; exit 1 on any difference")
+    p.add_argument("--rehash", action="store_true", help="hash the outputs already in --work; convert nothing")
     p.add_argument("--only", help="run only the cases whose name contains this (for debugging)")
     args = p.parse_args()
     torch.set_num_threads(1)
     import transformers
 
-    lines = output_hashes(args.work.resolve(), args.only)
+    lines = output_hashes(args.work.resolve(), args.only, args.rehash)
     header = [f"# {len(lines)} files; python benchmarks/output_hashes.py --work DIR --check THIS_FILE",
               f"# torch {torch.__version__}, transformers {transformers.__version__}"]
     if args.save:
         args.save.write_text("\n".join(header + lines) + "\n")
     if args.check:
-        expected = [ln for ln in args.check.read_text().splitlines() if ln and not ln.startswith("#")]
+        expected = [ln for ln in args.check.read_text().splitlines() if ln and not ln.startswith("#")
+                    and (args.only is None or args.only in ln.split("\t")[0] or ln.startswith("input/"))]
         if lines != expected:
             diff = sorted(set(lines) ^ set(expected))
             print(f"{len(diff)} lines differ from {args.check}:", *diff[:40], sep="\n")
