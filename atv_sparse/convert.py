@@ -39,8 +39,8 @@ from .models import adapter_for, read_config
 from .patterns import parse_pattern
 from .preflight import check_device, check_output_location, check_processor, read_budget_report, require_module
 from .prune.pipeline import prune_model
-from .prune.recipe import METHODS, PruneRecipe
-from .prune.selectors import BUDGET_RULES, CALIB_TOKENS
+from .prune.recipe import METHODS, PruneRecipe, selector_names
+from .prune.selectors import BUDGET_RULES
 from .prune.targets import resolve_targets
 from .reports import (accuracy_report, method_settings, module_entry, peak_rss_bytes, print_dry_run, print_summary,
                       sparsity_json)
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "models: ShareGPT4V .json / .jsonl ({\"image\", \"conversations\"}) or .jsonl {\"image\", \"text\"}, "
                         "or .txt for text only. Default: an embedded text, or for vision-language models the "
                         "ShareGPT4V-style conversations of the synthetic tasks' calibration split")
-    p.add_argument("--calib-tokens", choices=CALIB_TOKENS, default=None,
+    p.add_argument("--calib-tokens", choices=selector_names(), default=None,
                    help="positions feeding the statistics of Wanda / SparseGPT (vision-language models): mixed (all), "
                         "text, visual, atv, random (ATV's budget, random positions), and the paper's ablations abs "
                         "(attention), dbs (diversity), drift-fixed (one K for all blocks), each scaled to ATV's total "
@@ -128,7 +128,7 @@ def run(argv: list[str] | None = None) -> dict:
     if eval_per_task < 0:
         raise AtvSparseError(f"--eval-per-task must be >= 0, got {eval_per_task}")
     check_calibration_size(nsamples, seqlen)
-    recipe = PruneRecipe(args.method, pattern, calib_tokens=args.calib_tokens, alpha=args.alpha,
+    recipe = PruneRecipe.build(args.method, pattern, calib_tokens=args.calib_tokens, alpha=args.alpha,
                          budget_rule=args.budget_rule, seed=args.seed, das=args.das,
                          budget_target=read_budget_report(args.budget_from) if args.budget_from else None,
                          budget_source=str(Path(args.budget_from)) if args.budget_from else None,
@@ -173,7 +173,7 @@ def run(argv: list[str] | None = None) -> dict:
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     estimate = estimate_conversion(model, adapter, plan, tensors, pattern, device, packed=args.format == "packed",
-                                   score=recipe.score, calibrated=recipe.tokens is not None, nsamples=nsamples,
+                                   rule=recipe.rule, calibrated=recipe.tokens is not None, nsamples=nsamples,
                                    seqlen=seqlen)
     if out is not None:
         check_output_location(out, estimate["output_bytes"])

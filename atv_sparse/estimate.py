@@ -13,6 +13,7 @@ from torch import nn
 
 from .formats.bitmask import packed_nbytes
 from .patterns import Pattern
+from .prune.rule import PruningRule
 from .prune.targets import TargetPlan
 
 # Resident memory of the Python process with torch and transformers imported, before any weight.
@@ -20,13 +21,13 @@ RUNTIME_BYTES = 600 * 10**6
 
 
 def estimate_conversion(skeleton: nn.Module, adapter, plan: TargetPlan, tensors: dict, pattern: Pattern,
-                        device: torch.device, *, packed: bool, score: str, calibrated: bool, nsamples: int,
-                        seqlen: int) -> dict:
+                        device: torch.device, *, packed: bool, rule: PruningRule, calibrated: bool,
+                        nsamples: int, seqlen: int) -> dict:
     """Output bytes and the streamed run's peak memory, from shapes alone.
 
     skeleton: the model on the meta device (``adapter.open_lazy``); tensors: the checkpoint's
-    tensor name -> (file, header info); packed: bitmask + values output (else dense); score: the
-    driver's rule (``PruneRecipe.score``); calibrated: whether calibration activations are cached
+    tensor name -> (file, header info); packed: bitmask + values output (else dense); rule: the
+    run's pruning rule (``PruneRecipe.rule``), which estimates its own statistics; calibrated: whether calibration activations are cached
     (``nsamples`` windows of ``seqlen`` tokens).
 
     Memory follows one phase at a time: the capture (everything outside the blocks but the output
@@ -50,14 +51,7 @@ def estimate_conversion(skeleton: nn.Module, adapter, plan: TargetPlan, tensors:
     acts = 2 * nsamples * seqlen * hidden * element if calibrated else 0  # inputs + outputs
     prefix = adapter.layers_prefix(skeleton) + ".0."
     block0 = [lin for name, lin in plan.targets.items() if name.startswith(prefix)] or list(plan.targets.values())
-    if score == "sparsegpt":
-        # Every linear's Hessian at once, then one linear's H copy, its inverse factor and fp32 weights.
-        stats = sum(lin.in_features ** 2 * 4 for lin in block0)
-        stats += max(2 * lin.in_features ** 2 * 4 + 2 * lin.weight.numel() * 4 for lin in block0)
-    elif score in ("wanda", "tamp"):  # fp32 vectors, then one linear's fp32 scores
-        stats = sum(lin.in_features * 4 for lin in block0) + max(lin.weight.numel() * 4 for lin in block0)
-    else:
-        stats = max(lin.weight.numel() * 4 for lin in block0)
+    stats = rule.stats_bytes(block0)
     on_host = device.type == "cpu"
     head = skeleton.get_output_embeddings()
     head_params = {id(p) for p in head.parameters()} if head is not None else set()

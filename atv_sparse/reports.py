@@ -51,18 +51,14 @@ def sparsity_json(targets, pruned: dict[str, tuple[dict, int]], pattern: Pattern
 def method_settings(recipe: PruneRecipe, *, nsamples: int, seqlen: int, calibration: str, dtype: str, device: str,
                     budget: dict) -> dict:
     """The settings a run used, for quantization_config's method_settings and prune_report.json:
-    only those that change its result (magnitude: none but dtype and device)."""
+    only those that change its result (magnitude: none but dtype and device): the calibration's,
+    the selector's (``TokenSelection.settings``), the budget calibration's and the rule's
+    (``PruningRule.settings``)."""
     if recipe.tokens is None:
         return {"dtype": dtype, "device": device}
     settings = {"nsamples": nsamples, "seqlen": seqlen, "seed": recipe.seed, "calibration": calibration,
-                "dtype": dtype, "device": device, "calib_tokens": recipe.tokens}
-    if recipe.tokens in ("atv", "random"):
-        settings.update(alpha=recipe.alpha, budget_rule=recipe.budget_rule)
-    if recipe.das:
-        settings.update(das=True)
-    settings.update(budget)
-    if recipe.score == "sparsegpt":
-        settings.update(blocksize=recipe.blocksize, percdamp=recipe.percdamp)
+                "dtype": dtype, "device": device, "calib_tokens": recipe.tokens,
+                **recipe.selection.settings(), **budget, **recipe.rule.settings()}
     return settings
 
 

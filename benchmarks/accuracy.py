@@ -201,7 +201,7 @@ def run_job(job: Job) -> dict:
         plan = resolve_targets(model, prefix, pattern)
         targets = {name: model.get_submodule(name) for name in plan.targets}
         # Every score rule is also a method's name; the job's selector replaces (or is) its own.
-        recipe = PruneRecipe(job.score, pattern, calib_tokens=job.tokens, alpha=job.alpha, seed=job.seed or 0)
+        recipe = PruneRecipe.build(job.score, pattern, calib_tokens=job.tokens, alpha=job.alpha, seed=job.seed or 0)
         result = prune_model(model, layers, prefix, targets, recipe, calibration, torch.device("cpu"), progress=False)
         blocks = result.blocks
     t1 = time.perf_counter()
@@ -278,7 +278,7 @@ def plan_jobs(args) -> dict[str, list]:
     main, invariance = [], []
     for variant in args.variants:
         for label, method in MAIN_METHODS.items():
-            score, tokens = METHODS[method].score, METHODS[method].tokens
+            score, tokens = METHODS[method].rule.name, METHODS[method].tokens
             # Wanda-score methods give the outlier variant the plain model's masks exactly (a
             # power-of-two rescaling of input channels leaves |W| * ||X|| bit-identical, and the
             # token selectors see the same hidden states): their outlier cells reuse the plain runs,

@@ -19,6 +19,7 @@ from atv_sparse.models.processors import load_processor
 from atv_sparse.patterns import parse_pattern
 from atv_sparse.prune.driver import prune_blocks
 from atv_sparse.prune.magnitude import magnitude_mask
+from atv_sparse.prune.recipe import METHODS
 from atv_sparse.tinybench.families import write_tiny_vlm
 
 FAMILIES = ["llama", "qwen2", "llava", "qwen2_vl"]
@@ -95,14 +96,15 @@ def test_other_scale_within_fp32_rounding(ckpts, family):
     assert error_original > 0  # the bound is not vacuous
 
 
-def prune_masks(model, samples, method, pattern, **kwargs):
-    """Every decoder linear's keep-mask after pruning a copy of ``model`` with the block driver."""
+def prune_masks(model, samples, method, pattern, **settings):
+    """Every decoder linear's keep-mask after pruning a copy of ``model`` with the block driver
+    (``method``'s rule with ``settings``)."""
     model = copy.deepcopy(model)
     layers = model.get_decoder().layers
     prefix = next(name for name, m in model.named_modules() if m is layers)
     targets = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix + ".")}
-    result = prune_blocks(model, layers, prefix, targets, method, pattern, samples, torch.device("cpu"),
-                          progress=False, **kwargs)
+    result = prune_blocks(model, layers, prefix, targets, METHODS[method].rule(**settings), pattern, samples,
+                          torch.device("cpu"), progress=False)
     return {n: unpack_bitmask(b, targets[n].in_features) for n, b in result.bitmasks.items()}
 
 

@@ -13,7 +13,9 @@ from atv_sparse.models import adapter_for, read_config
 from atv_sparse.patterns import parse_pattern
 from atv_sparse.prune.driver import PruneResult
 from atv_sparse.prune.pipeline import prune_model
-from atv_sparse.prune.recipe import METHODS, PruneRecipe
+from atv_sparse.prune.recipe import METHODS, PruneRecipe, TokenSelection
+from atv_sparse.prune.sparsegpt import SparseGpt
+from atv_sparse.prune.wanda import Wanda
 from atv_sparse.prune.targets import resolve_targets
 
 TWO_FOUR, HALF = parse_pattern("2:4"), parse_pattern("unstructured", 0.5)
@@ -23,24 +25,44 @@ TWO_FOUR, HALF = parse_pattern("2:4"), parse_pattern("unstructured", 0.5)
     ("magnitude", "magnitude", None), ("wanda", "wanda", "mixed"), ("sparsegpt", "sparsegpt", "mixed"),
     ("atv", "wanda", "atv"), ("atv-sparsegpt", "sparsegpt", "atv"), ("tamp", "tamp", "tamp"),
 ])
-def test_method_names_their_score_and_selector(method, score, tokens):
+def test_method_names_its_rule_and_selector(method, score, tokens):
     recipe = PruneRecipe(method, TWO_FOUR)
-    assert (recipe.score, recipe.tokens) == (score, tokens) == (METHODS[method].score, METHODS[method].tokens)
+    assert (recipe.rule.name, recipe.tokens) == (score, tokens) == (METHODS[method].rule.name, METHODS[method].tokens)
+    assert recipe == PruneRecipe.build(method, TWO_FOUR)
 
 
 def test_calib_tokens_replace_a_plain_methods_selector():
-    assert PruneRecipe("wanda", TWO_FOUR, calib_tokens="visual").tokens == "visual"
-    assert PruneRecipe("sparsegpt", TWO_FOUR, calib_tokens="atv").tokens == "atv"
-    assert PruneRecipe("atv", TWO_FOUR, calib_tokens="atv").tokens == "atv"  # its own: allowed
-    recipe = PruneRecipe("tamp", HALF, das=True)
+    assert PruneRecipe.build("wanda", TWO_FOUR, calib_tokens="visual").tokens == "visual"
+    assert PruneRecipe.build("sparsegpt", TWO_FOUR, calib_tokens="atv").tokens == "atv"
+    assert PruneRecipe.build("atv", TWO_FOUR, calib_tokens="atv").tokens == "atv"  # its own: allowed
+    recipe = PruneRecipe.build("tamp", HALF, das=True)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        recipe.alpha = 2.0
+        recipe.rule.das = False
+
+
+def test_each_setting_lives_with_its_owner():
+    recipe = PruneRecipe.build("atv-sparsegpt", TWO_FOUR, alpha=2.0, budget_rule="paper", blocksize=64, percdamp=0.1,
+                               das=False, seed=3)
+    assert recipe.rule == SparseGpt(blocksize=64, percdamp=0.1) and recipe.seed == 3
+    assert recipe.selection == TokenSelection("atv", alpha=2.0, budget_rule="paper")
+    assert recipe.selection.settings() == {"alpha": 2.0, "budget_rule": "paper"}
+    assert recipe.rule.settings() == {"blocksize": 64, "percdamp": 0.1}
+    # SparseGPT's settings given to Wanda are checked and ignored, as the CLI always passes them.
+    assert PruneRecipe.build("wanda", TWO_FOUR, blocksize=64).rule == Wanda()
+    assert PruneRecipe.build("tamp", HALF, das=True).rule.settings() == {"das": True}
+    assert PruneRecipe.build("magnitude", TWO_FOUR, alpha=3.0).selection is None
+    with pytest.raises(AtvSparseError, match="runs the sparsegpt rule, not wanda"):
+        PruneRecipe("atv-sparsegpt", TWO_FOUR, rule=Wanda())
+    with pytest.raises(TypeError, match="unknown setting 'power'"):
+        PruneRecipe.build("wanda", TWO_FOUR, power=2)
 
 
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(method="nope"), "`method` 'nope': choose one of magnitude, wanda"),
     (dict(blocksize=0), "`blocksize` must be at least 1"),
+    (dict(method="sparsegpt", blocksize=0), "`blocksize` must be at least 1"),
     (dict(percdamp=-0.1), "`percdamp` must be >= 0"),
+    (dict(method="magnitude", alpha=-1.0), "`alpha` must be >= 0"),
     (dict(alpha=-1.0), "`alpha` must be >= 0"),
     (dict(budget_rule="median"), "`budget_rule` 'median'"),
     (dict(method="wanda", calib_tokens="everything"), "`calib_tokens` 'everything'"),
@@ -54,7 +76,7 @@ def test_calib_tokens_replace_a_plain_methods_selector():
 def test_bad_settings_are_refused_when_built(kwargs, needle):
     kwargs = {"method": "wanda", "pattern": TWO_FOUR, **kwargs}
     with pytest.raises(AtvSparseError) as err:
-        PruneRecipe(**kwargs)
+        PruneRecipe.build(**kwargs)
     assert needle in str(err.value)
 
 

@@ -27,6 +27,7 @@ from atv_sparse.nn import SparseLinear
 from atv_sparse.patterns import parse_pattern
 from atv_sparse.preflight import check_processor
 from atv_sparse.prune.driver import prune_blocks
+from atv_sparse.prune.wanda import Wanda
 from atv_sparse.prune.pipeline import prune_model
 from atv_sparse.prune.recipe import PruneRecipe
 from atv_sparse.prune.selectors import MixedTokens
@@ -60,7 +61,7 @@ def prune(ckpt, method, pattern="2:4", *, calib=None, targets=None, **settings):
     """The checkpoint's model pruned in memory as ``convert`` would: (model, adapter, recipe, result)."""
     adapter = adapter_for(read_config(ckpt), ckpt)
     model = adapter.load(ckpt)
-    recipe = PruneRecipe(method, pattern if not isinstance(pattern, str) else parse_pattern(pattern), **settings)
+    recipe = PruneRecipe.build(method, pattern if not isinstance(pattern, str) else parse_pattern(pattern), **settings)
     calibration = None
     if recipe.tokens is not None:
         processor = check_processor(ckpt) if adapter.multimodal and not is_text_file(calib) else None
@@ -176,7 +177,7 @@ def test_blocks_get_the_models_own_mrope_positions(vlm_dirs, family):
             h.remove()
     spy = _Spy()
     targets = {f"{adapter.layers_prefix(model)}.{b}.mlp.up_proj": layers[b].mlp.up_proj for b in range(len(layers))}
-    prune_blocks(model, layers, adapter.layers_prefix(model), targets, "wanda", atv_sparse.parse_pattern("2:4"),
+    prune_blocks(model, layers, adapter.layers_prefix(model), targets, Wanda(), atv_sparse.parse_pattern("2:4"),
                  samples, torch.device("cpu"), selector=spy, progress=False)
     assert len(spy.seen) == len(layers)
     for b in range(len(layers)):
@@ -222,7 +223,7 @@ def test_tamp_das_layerwise_sparsity(vlm_dirs):
                                budget=result.budget)
     assert settings["das"] and result.blocks[0]["tamp_selected"] and "DAS pre-pass" in result.timings
     with pytest.raises(AtvSparseError, match="`das` applies to `method` tamp with `pattern` unstructured only"):
-        PruneRecipe("tamp", parse_pattern("2:4"), das=True)
+        PruneRecipe.build("tamp", parse_pattern("2:4"), das=True)
 
 
 def test_tamp_needs_images(tiny_llama):

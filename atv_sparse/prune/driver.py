@@ -25,19 +25,12 @@ from tqdm.auto import tqdm
 from ..errors import AtvSparseError
 from ..formats.bitmask import pack_bitmask
 from ..patterns import Pattern
-from .magnitude import magnitude_mask
-from .masks import pattern_mask
+from .rule import PruningRule
 from .selectors import MixedTokens
-from .sparsegpt import HessianStats, sparsegpt_prune
-from .tamp import TampStats
 from .walk import RESIDENT, Residency, TokenSelector, capture_block_inputs, check_finite, walk_blocks
-from .wanda import WandaStats, wanda_score
 
-# Score / update rules: Wanda's statistics over sequences, TAMP's over selected tokens (then the
-# Wanda score), SparseGPT's Hessian, or no calibration at all.
-# (The methods users name, and the selector each runs with, are ``recipe.METHODS``.)
-SCORES = ("magnitude", "wanda", "sparsegpt", "tamp")
-CALIBRATED_SCORES = ("wanda", "sparsegpt", "tamp")
+# The driver knows no rule by name: it asks the ``PruningRule`` for statistics and masks.
+# (The methods users name, their rules and selectors, are ``recipe.METHODS``.)
 # Receives each pruned linear (full module name, module, packed keep-mask) while its weights are
 # materialised: the streaming checkpoint writer.
 Sink = Callable[[str, nn.Module, torch.Tensor], None]
@@ -58,14 +51,13 @@ class PruneResult:
 
 @torch.no_grad()
 def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, targets: dict[str, nn.Linear],
-                 score: str, pattern: Pattern, samples: list[dict] | None, device: torch.device,
-                 selector: TokenSelector | None = None, blocksize: int = 128, percdamp: float = 0.01,
-                 sparsities: dict[str, float] | None = None, progress: bool = True,
+                 rule: PruningRule, pattern: Pattern, samples: list[dict] | None, device: torch.device,
+                 selector: TokenSelector | None = None, sparsities: dict[str, float] | None = None, progress: bool = True,
                  residency: Residency = RESIDENT, sink: Sink | None = None) -> PruneResult:
     """Prune ``targets`` (full module names -> linears) in place, block by block.
 
-    score: "magnitude" (no samples needed), "wanda", "sparsegpt" or "tamp" (``samples``: model
-    inputs per sample, at least ``input_ids`` (1, T) int64). ``selector`` picks the positions
+    rule: the pruning rule (``rule.PruningRule``); a calibrated one needs ``samples``: model
+    inputs per sample, at least ``input_ids`` (1, T) int64. ``selector`` picks the positions
     feeding each block's statistics (default: all). ``sparsities`` overrides an unstructured
     pattern's sparsity per module (TAMP's DAS). ``residency`` says where the weights are (default:
     the model is in host memory; each block visits ``device`` in turn). ``sink(name, linear,
@@ -77,19 +69,19 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
     input rows gathered while block-0 inputs are captured, which are then captured again through
     the pruned linears; ``lm_head`` last, from the final norm of the last block's outputs.
     """
-    if score not in SCORES:
-        raise AtvSparseError(f"unknown `score` {score!r}; choose one of {', '.join(SCORES)}")
+    if not isinstance(rule, PruningRule):
+        raise TypeError(f"rule must be a PruningRule (recipe.METHODS), got {type(rule).__name__}")
     selector = selector or MixedTokens()
     timings = {"capture": 0.0, "calibrate": 0.0, "prune": 0.0, "propagate": 0.0}
     result = PruneResult({}, [], timings)
-    calibrated = score in CALIBRATED_SCORES
+    calibrated = rule.calibrated
     in_blocks = {n: m for n, m in targets.items() if n.startswith(layers_prefix + ".")}
     outside = {n: m for n, m in targets.items() if n not in in_blocks}
     after_blocks = {}
 
     def prune_into_result(name, mod, stats):
         layer_pattern = Pattern(None, None, sparsities[name]) if sparsities and name in sparsities else pattern
-        bitmask = pack_bitmask(_prune_linear(mod, score, layer_pattern, stats, blocksize, percdamp)).cpu()
+        bitmask = pack_bitmask(rule.prune(mod.weight.data, stats, layer_pattern)).cpu()
         if sink is None:
             result.bitmasks[name] = bitmask
         else:  # the sink owns it: a model larger than memory has bitmasks larger than a block
@@ -103,10 +95,10 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
             residency.free(mod)
     else:
         if not samples:
-            raise AtvSparseError(f"{score} scores need calibration samples; `samples` is empty")
+            raise AtvSparseError(f"{rule.name} scores need calibration samples; `samples` is empty")
         t0 = time.perf_counter()
         if outside:
-            before = _stats_while(outside, score, device,
+            before = _stats_while(outside, rule, device,
                                   lambda: capture_block_inputs(model, layers, samples, device, progress, residency))
             for name, st in before.items():
                 residency.bring(outside[name], device)
@@ -127,7 +119,7 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
         if calibrated and block_targets:
             t0 = time.perf_counter()
             report.update(selector.begin_block(b, run, len(samples)))
-            stats, counts = _collect_stats(run, block_targets, score, selector, len(samples), device,
+            stats, counts = _collect_stats(run, block_targets, rule, selector, len(samples), device,
                                            f"{step.label}: Calibrating", progress)
             report.update(counts)
             report["time_calibrate_s"] = time.perf_counter() - t0
@@ -148,21 +140,14 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
         result.blocks.append(report)
     if after_blocks:
         t0 = time.perf_counter()
-        _prune_output_head(model, after_blocks, captured[0], score, device, prune_into_result, residency)
+        _prune_output_head(model, after_blocks, captured[0], rule, device, prune_into_result, residency)
         timings["prune"] += time.perf_counter() - t0
     return result
 
 
-_STATS = {"wanda": WandaStats, "tamp": TampStats, "sparsegpt": HessianStats}
-
-
-def _check_finite(name: str, st) -> None:
-    check_finite(name, st.hessian if isinstance(st, HessianStats) else st.scaler_row)
-
-
-def _stats_while(linears: dict[str, nn.Linear], score: str, device, work) -> dict:
+def _stats_while(linears: dict[str, nn.Linear], rule: PruningRule, device, work) -> dict:
     """Statistics of every input row of ``linears`` while ``work()`` runs; only those that ran."""
-    stats = {name: _STATS[score](mod.in_features, device=device) for name, mod in linears.items()}
+    stats = {name: rule.new_stats(mod.in_features, device) for name, mod in linears.items()}
     handles = [mod.register_forward_hook(lambda m, args, out, st=stats[name]: st.update(args[0]))
                for name, mod in linears.items()]
     try:
@@ -172,11 +157,11 @@ def _stats_while(linears: dict[str, nn.Linear], score: str, device, work) -> dic
             h.remove()
     ran = {name: st for name, st in stats.items() if st.nsamples > 0}
     for name, st in ran.items():
-        _check_finite(name, st)
+        check_finite(name, rule.statistic(st))
     return ran
 
 
-def _prune_output_head(model, linears: dict[str, nn.Linear], hidden: list, score: str, device, prune,
+def _prune_output_head(model, linears: dict[str, nn.Linear], hidden: list, rule: PruningRule, device, prune,
                        residency: Residency) -> None:
     """Prune ``lm_head`` from the final norm of the last block's outputs (all positions)."""
     head = model.get_output_embeddings()
@@ -188,7 +173,7 @@ def _prune_output_head(model, linears: dict[str, nn.Linear], hidden: list, score
     residency.bring(norm, device)
     residency.bring(head, device)
     try:
-        stats = _stats_while(linears, score, device, lambda: [head(norm(h.to(device))) for h in hidden])
+        stats = _stats_while(linears, rule, device, lambda: [head(norm(h.to(device))) for h in hidden])
         for name, mod in linears.items():
             prune(name, mod, stats[name])
     finally:
@@ -196,13 +181,13 @@ def _prune_output_head(model, linears: dict[str, nn.Linear], hidden: list, score
         residency.free(head)
 
 
-def _collect_stats(run, block_targets, score, selector, num_samples, device, desc, progress):
+def _collect_stats(run, block_targets, rule: PruningRule, selector, num_samples, device, desc, progress):
     """Statistics pass: the dense block on every sample with hooks on its target linears.
 
     Returns ({name: stats}, {"tokens": positions used per linear, and for vision-language models
     "text_tokens_used" / "visual_tokens_used"}).
     """
-    stats = {name: _STATS[score](mod.in_features, device=device) for name, mod in block_targets.items()}
+    stats = {name: rule.new_stats(mod.in_features, device) for name, mod in block_targets.items()}
     positions, sample = None, 0
     per_linear = selector.linear_positions if selector.per_linear else None
 
@@ -233,26 +218,6 @@ def _collect_stats(run, block_targets, score, selector, num_samples, device, des
         for h in handles:
             h.remove()
     for name, st in stats.items():
-        _check_finite(name, st)
+        check_finite(name, rule.statistic(st))
     return stats, counts
 
-
-def _prune_linear(mod: nn.Linear, score: str, pattern: Pattern, stats, blocksize: int,
-                  percdamp: float) -> torch.Tensor:
-    """Prune ``mod.weight`` in place; return its keep-mask (out, in) bool."""
-    weight = mod.weight.data
-    if score == "magnitude":
-        keep = magnitude_mask(weight, **_mask_args(pattern))
-    elif score in ("wanda", "tamp"):
-        keep = pattern_mask(wanda_score(weight, stats), **_mask_args(pattern))
-    else:
-        pruned, keep = sparsegpt_prune(weight, stats.hessian, blocksize=blocksize, percdamp=percdamp,
-                                       **_mask_args(pattern))
-        weight.copy_(pruned)
-        return keep
-    weight.masked_fill_(~keep, 0)
-    return keep
-
-
-def _mask_args(pattern: Pattern) -> dict:
-    return {"n": pattern.n, "m": pattern.m} if pattern.is_nm else {"sparsity": pattern.sparsity}

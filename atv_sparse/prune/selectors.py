@@ -10,8 +10,8 @@ statistics pass and ``positions(j)`` for each sample during it (docs/design.md 4
 - ``random``: the same K_j as ``atv``, positions drawn with a seeded generator.
 - ``abs``, ``dbs``, ``drift-fixed``: the paper's ablations (ablation_tokens.py).
 
-The interface (``walk.TokenSelector``) and ``pipeline.make_selector``, which builds one by name,
-live below and above this module, so that selectors never import the modules that use them.
+The interface (``walk.TokenSelector``) and ``recipe.SELECTORS``, the table that builds one by
+name, live below and above this module, so that selectors never import the modules that use them.
 
 Positions are returned sorted ascending, so a selection of every position reads exactly the rows
 ``mixed`` reads, in the same order.
@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from ..errors import AtvSparseError
 from .walk import TokenSelector
 
-CALIB_TOKENS = ("mixed", "text", "visual", "atv", "random", "abs", "dbs", "drift-fixed")
 BUDGET_RULES = ("code", "paper")
 
 

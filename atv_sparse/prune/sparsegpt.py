@@ -7,12 +7,15 @@ and surviving fp32 weights agree to fp32 rounding.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import torch
+from torch import nn
 
 from ..errors import AtvSparseError
 from .masks import check_mask_args
+from .rule import PruningRule, mask_args
 
 
 class HessianStats:
@@ -108,3 +111,39 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
             keep[:, i1:i2] = ~pruned1
             W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
     return W.to(weight.dtype), keep
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseGpt(PruningRule):
+    """``sparsegpt_prune`` from ``HessianStats``. blocksize: columns per block (>= 1); percdamp:
+    dampening, a fraction of the mean of diag(H) (>= 0)."""
+
+    name = "sparsegpt"
+    blocksize: int = 128
+    percdamp: float = 0.01
+
+    def __post_init__(self):
+        if self.blocksize < 1:
+            raise AtvSparseError(f"`blocksize` must be at least 1, got {self.blocksize}")
+        if not 0 <= self.percdamp:
+            raise AtvSparseError(f"`percdamp` must be >= 0, got {self.percdamp}")
+
+    def new_stats(self, in_features, device):
+        return HessianStats(in_features, device=device)
+
+    def statistic(self, stats):
+        return stats.hessian
+
+    def prune(self, weight, stats, pattern):
+        pruned, keep = sparsegpt_prune(weight, stats.hessian, blocksize=self.blocksize, percdamp=self.percdamp,
+                                       **mask_args(pattern))
+        weight.copy_(pruned)
+        return keep
+
+    def stats_bytes(self, linears: list[nn.Linear]) -> int:
+        # Every linear's Hessian at once, then one linear's H copy, its inverse factor and fp32 weights.
+        return (sum(lin.in_features ** 2 * 4 for lin in linears)
+                + max(2 * lin.in_features ** 2 * 4 + 2 * lin.weight.numel() * 4 for lin in linears))
+
+    def settings(self) -> dict:
+        return {"blocksize": self.blocksize, "percdamp": self.percdamp}

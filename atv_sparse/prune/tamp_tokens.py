@@ -8,15 +8,18 @@ The maths lives in ``tamp.py``; this module only wires it to the running model.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 from torch import nn
 
+from ..errors import AtvSparseError
 from .attention import roped_qk
 from .selectors import SampleTokens
 from .walk import RESIDENT, Residency, TokenSelector, walk_blocks
-from .tamp import amia_select, attention_contribution, das_allocation, das_score, modality_similarity
+from .tamp import TampStats, amia_select, attention_contribution, das_allocation, das_score, modality_similarity
+from .wanda import Wanda
 
 
 class TampTokens(TokenSelector):
@@ -83,3 +86,30 @@ def das_sparsities(model, layers, layers_prefix: str, targets: dict[str, nn.Line
     scores = {name: das_score(*(v / n for v in acc)) for name, acc in sums.items()}
     numels = {name: mod.weight.numel() for name, mod in targets.items()}
     return das_allocation(scores, numels, sparsity), scores
+
+
+@dataclasses.dataclass(frozen=True)
+class Tamp(Wanda):
+    """TAMP's statistics (``TampStats``: tokens counted) with Wanda's score. das: layer-wise
+    sparsities from DAS (``das_sparsities``), unstructured patterns only."""
+
+    name = "tamp"
+    pre_pass_name = "DAS pre-pass"
+    das: bool = dataclasses.field(default=False, metadata={"only": "`method` tamp with `pattern` unstructured"})
+
+    def check(self, pattern):
+        if self.das and pattern.is_nm:
+            raise AtvSparseError("`das` applies to `method` tamp with `pattern` unstructured only")
+
+    def new_stats(self, in_features, device):
+        return TampStats(in_features, device=device)
+
+    def settings(self) -> dict:
+        return {"das": True} if self.das else {}
+
+    def layer_sparsities(self, model, layers, layers_prefix, targets, samples, tokens, device, pattern, *,
+                         progress=True, residency=RESIDENT):
+        if not self.das:
+            return None
+        return das_sparsities(model, layers, layers_prefix, targets, samples, tokens, device, pattern.sparsity,
+                              progress=progress, residency=residency)[0]

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+from torch import nn
+
+from .masks import pattern_mask
+from .rule import PruningRule, mask_args, prune_by_score
 
 
 class WandaStats:
@@ -30,3 +36,20 @@ def wanda_score(weight: torch.Tensor, stats: WandaStats | torch.Tensor) -> torch
     """weight: (out, in); stats: ``WandaStats`` or its (in,) fp32 ``scaler_row``. Returns (out, in) fp32."""
     scaler_row = stats.scaler_row if isinstance(stats, WandaStats) else stats
     return torch.abs(weight) * torch.sqrt(scaler_row.to(weight.device).reshape((1, -1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Wanda(PruningRule):
+    """``wanda_score`` from ``WandaStats`` (sequences counted), masks as docs/design.md 4.1; no settings."""
+
+    name = "wanda"
+
+    def new_stats(self, in_features, device):
+        return WandaStats(in_features, device=device)
+
+    def prune(self, weight, stats, pattern):
+        return prune_by_score(weight, pattern_mask(wanda_score(weight, stats), **mask_args(pattern)))
+
+    def stats_bytes(self, linears: list[nn.Linear]) -> int:
+        # fp32 vectors for every linear, then one linear's fp32 scores
+        return sum(lin.in_features * 4 for lin in linears) + max(lin.weight.numel() * 4 for lin in linears)
