@@ -187,9 +187,12 @@ def run(argv: list[str] | None = None) -> dict:
     times: dict[str, float] = {}
     calibration = None
     if recipe.tokens is not None:
+        from .tinybench.tasks import calibration_conversations  # the embedded default of a vision-language model
+
         t0 = time.perf_counter()
         calibration = load_calibration(ckpt, adapter, path=args.calib, nsamples=nsamples, seqlen=seqlen,
-                                       seed=recipe.seed, processor=processor)
+                                       seed=recipe.seed, processor=processor,
+                                       default_conversations=calibration_conversations)
         if len(calibration.samples) < nsamples:
             print(f"warning: {args.calib} holds {len(calibration.samples)} samples, fewer than --nsamples "
                   f"{nsamples}; using them all", file=sys.stderr)

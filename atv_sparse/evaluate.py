@@ -15,7 +15,7 @@ the reference answer is the assistant turn that follows. ``teacher-forced`` (def
 is correct when every token of the reference answer and its end-of-turn token is the argmax of
 the model's prediction given the prompt and the reference tokens before it, which is exactly
 "greedy decoding would write the answer and stop"; one forward pass per item instead of one per
-token. ``generate``: greedy decoding, then exact match after :func:`atv_sparse.tinybench.metrics.normalize_answer`. Both
+token. ``generate``: greedy decoding, then exact match after :func:`atv_sparse.evaluation.metrics.normalize_answer`. Both
 report the answer NLL (the sum of -log p over the answer and end-of-turn tokens), a continuous
 second metric.
 
@@ -42,12 +42,12 @@ import torch
 from .cli import OneLineParser
 from .errors import AtvSparseError
 from .textfiles import read_user_text
-from .tinybench.items import limit_items, read_eval_file, scene_size, synthetic_items
-from .tinybench.loading import is_multimodal, load_model_and_processor
-from .tinybench.metrics import compare
+from .evaluation.items import limit_items, read_eval_file, scene_size, synthetic_items
+from .evaluation.loading import is_multimodal, load_model_and_processor
+from .evaluation.metrics import compare
 from .tinybench.model import bundled_model_dir
-from .tinybench.perplexity import text_perplexity
-from .tinybench.scoring import SCORERS, evaluate_model
+from .evaluation.perplexity import text_perplexity
+from .evaluation.scoring import SCORERS, evaluate_model
 from .tinybench.tasks import TASKS, describe_tasks
 
 DEFAULT_PER_TASK = 500

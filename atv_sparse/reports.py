@@ -100,10 +100,10 @@ def print_summary(s: dict) -> None:
 def accuracy_report(ckpt: Path, out: str, per_task: int, device, quiet: bool) -> dict:
     """Dense (``ckpt``) vs pruned (``out``) accuracy on ``per_task`` synthetic test items per task,
     printed as a table; returns {"per_task", "dense", "pruned", "average_retention", "tasks"}."""
-    from .tinybench.items import scene_size, synthetic_items
-    from .tinybench.loading import load_model_and_processor
-    from .tinybench.metrics import compare
-    from .tinybench.scoring import evaluate_model, prepare_items
+    from .evaluation.items import scene_size, synthetic_items
+    from .evaluation.loading import load_model_and_processor
+    from .evaluation.metrics import compare
+    from .evaluation.scoring import evaluate_model, prepare_items
 
     t0 = time.perf_counter()
     model, processor = load_model_and_processor(ckpt, device=str(device))

@@ -114,9 +114,9 @@ def setup(args, score: bool = True) -> dict:
     """Load the model, build both variants, the calibration samples per seed and (``score``) the
     scored items."""
     from atv_sparse.analysis.outliers import add_outlier_channels
-    from atv_sparse.tinybench.items import scene_size, synthetic_items
-    from atv_sparse.tinybench.loading import load_model_and_processor
-    from atv_sparse.tinybench.scoring import cache_decoder_inputs, prepare_items
+    from atv_sparse.evaluation.items import scene_size, synthetic_items
+    from atv_sparse.evaluation.loading import load_model_and_processor
+    from atv_sparse.evaluation.scoring import cache_decoder_inputs, prepare_items
     from atv_sparse.models import adapter_for, read_config
 
     model_dir = Path(args.model)
@@ -141,7 +141,7 @@ def calibration_sets(processor, token_id: int, nsamples: int, seeds) -> dict:
     """seed -> the ``CalibrationSet`` of ``nsamples`` conversations of the synthetic calibration split
     (scenes drawn at the model's :func:`scene_size`, as ``convert``'s default calibration draws them)."""
     from atv_sparse.calib import conversation_calibration
-    from atv_sparse.tinybench.items import scene_size
+    from atv_sparse.evaluation.items import scene_size
     from atv_sparse.tinybench.tasks import calibration_conversations
 
     size = scene_size(processor)
@@ -176,7 +176,7 @@ def parse_label(label: str):
 def run_job(job: Job) -> dict:
     """Prune a fresh copy of the job's dense model and score it: per task accuracy, NLL and the
     per-item correctness (a 0/1 string in item order), plus the driver's per-block report."""
-    from atv_sparse.tinybench.scoring import evaluate_model
+    from atv_sparse.evaluation.scoring import evaluate_model
 
     st = _STATE
     t0 = time.perf_counter()
@@ -634,7 +634,7 @@ def plot_atv_blocks(results: dict[Job, dict], args, path: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    from atv_sparse.tinybench.loading import model_dir_of
+    from atv_sparse.evaluation.loading import model_dir_of
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -36,7 +36,7 @@ def measure(model_dir: Path, nsamples: int, seeds: tuple[int, ...]) -> dict:
     from atv_sparse.models import adapter_for, read_config
     from atv_sparse.patterns import parse_pattern
     from atv_sparse.prune.targets import resolve_targets
-    from atv_sparse.tinybench.loading import load_model_and_processor
+    from atv_sparse.evaluation.loading import load_model_and_processor
     from atv_sparse.tinybench.tasks import calibration_conversations
 
     model, processor = load_model_and_processor(model_dir, dtype=torch.float32)
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from atv_sparse.tinybench.loading import model_dir_of
+    from atv_sparse.evaluation.loading import model_dir_of
 
     if args.out is None:
         name = {"tiny-vlm": "tiny", "tiny-next": "tiny-next"}.get(args.model, Path(args.model).name)

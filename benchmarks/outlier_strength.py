@@ -106,7 +106,7 @@ def markdown(args, table: list[dict], meta: dict) -> str:
 
 
 def parse_args(argv=None):
-    from atv_sparse.tinybench.loading import model_dir_of
+    from atv_sparse.evaluation.loading import model_dir_of
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -41,7 +41,7 @@ CALIBRATION = ["--nsamples", "4", "--seqlen", "64"]
 def write_models(work: Path) -> dict[str, Path]:
     """name -> checkpoint directory under ``work`` (written once, reused when present)."""
     from atv_sparse.tinybench.families import FAMILIES, write_tiny_llm, write_tiny_vlm
-    from atv_sparse.tinybench.loading import model_dir_of
+    from atv_sparse.evaluation.loading import model_dir_of
 
     models = {}
     for seed, family in enumerate(("llama", "qwen2")):

@@ -1,14 +1,14 @@
 """Re-scoring a bundled model's first test items against the per-item results it ships with
-(``test_scores.json``, written by ``atv_sparse.tinybench.bundle.record_test_scores``)."""
+(``test_scores.json``, written by ``atv_sparse.evaluation.scorecard.record_test_scores``)."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from atv_sparse.tinybench.items import scene_size, synthetic_items
-from atv_sparse.tinybench.loading import load_model_and_processor
-from atv_sparse.tinybench.scoring import evaluate_model
+from atv_sparse.evaluation.items import scene_size, synthetic_items
+from atv_sparse.evaluation.loading import load_model_and_processor
+from atv_sparse.evaluation.scoring import evaluate_model
 
 
 def rescore_first_items(model_dir: Path, per_task: int):

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from atv_sparse.calib import SampleTokens
 from atv_sparse.convert import run
 from atv_sparse.prune.ablation_tokens import (DbsTokens, DriftFixedTokens, calibrate_scale, max_min_diversity,
                                               total_budget, visual_attention)
-from atv_sparse.prune.selectors import SampleTokens
 from atv_sparse.tinybench.families import write_tiny_vlm
 
 

@@ -310,7 +310,8 @@ def test_token_mix_counts_the_image_tokens(vlm_dirs, family):
 
     ckpt = vlm_dirs[family]
     adapter = adapter_for(read_config(ckpt), ckpt)
-    calibration = load_calibration(ckpt, adapter, nsamples=3, seqlen=2048, seed=5, processor=check_processor(ckpt))
+    calibration = load_calibration(ckpt, adapter, nsamples=3, seqlen=2048, seed=5, processor=check_processor(ckpt),
+                                   default_conversations=calibration_conversations)
     image_id = transformers.AutoConfig.from_pretrained(ckpt).image_token_id
     ids = torch.cat([s["input_ids"][0] for s in calibration.samples])
     visual = int((ids == image_id).sum())

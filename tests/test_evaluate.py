@@ -11,11 +11,11 @@ from PIL import Image
 from atv_sparse.errors import AtvSparseError
 from atv_sparse.evaluate import main
 from atv_sparse.tinybench import model as tiny_vlm
-from atv_sparse.tinybench.items import limit_items, read_eval_file, synthetic_items
-from atv_sparse.tinybench.loading import load_model_and_processor
-from atv_sparse.tinybench.metrics import compare, exact_match, normalize_answer, paired_difference, retention, summarize
-from atv_sparse.tinybench.perplexity import text_perplexity
-from atv_sparse.tinybench.scoring import evaluate_model
+from atv_sparse.evaluation.items import limit_items, read_eval_file, synthetic_items
+from atv_sparse.evaluation.loading import load_model_and_processor
+from atv_sparse.evaluation.metrics import compare, exact_match, normalize_answer, paired_difference, retention, summarize
+from atv_sparse.evaluation.perplexity import text_perplexity
+from atv_sparse.evaluation.scoring import evaluate_model
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +239,7 @@ def test_prepared_and_cached_decoder_inputs_score_like_the_plain_path(vlm_dir):
     came from and for a copy with pruned (here: perturbed) decoder linears."""
     import copy
 
-    from atv_sparse.tinybench.scoring import cache_decoder_inputs, prepare_items
+    from atv_sparse.evaluation.scoring import cache_decoder_inputs, prepare_items
 
     model, processor = load_model_and_processor(vlm_dir)
     items = synthetic_items(3, seed=5)

@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from atv_sparse.analysis.modality_gap import channel_energy, linear_gap, modality_gap
-from atv_sparse.calib import CalibrationSet
-from atv_sparse.prune.selectors import SampleTokens
+from atv_sparse.calib import CalibrationSet, SampleTokens
 
 VISUAL_ID = 7
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from atv_sparse.prune.selectors import (AtvTokens, RandomTokens, SampleTokens, TextTokens, VisualTokens, atv_budget,
+from atv_sparse.calib import SampleTokens
+from atv_sparse.prune.selectors import (AtvTokens, RandomTokens, TextTokens, VisualTokens, atv_budget,
                                         top_drift, visual_drift)
 
 

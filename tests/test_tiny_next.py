@@ -126,7 +126,8 @@ def test_default_calibration_is_mostly_visual(processor, model, tmp_path):
     adapter = adapter_for(read_config(tmp_path), tmp_path)
     for seed in (0, 1, 2):
         mix = load_calibration(tmp_path, adapter, nsamples=32, seqlen=2048, seed=seed,
-                               processor=check_processor(tmp_path)).token_mix()
+                               processor=check_processor(tmp_path),
+                               default_conversations=synthetic.calibration_conversations).token_mix()
         assert mix["visual"] == 32 * tiny_next.NUM_IMAGE_TOKENS
         assert mix["visual_share"] >= 0.85, (seed, mix)
 
@@ -159,8 +160,8 @@ def test_bundled_next_model_reproduces_its_reported_accuracy():
     stored results; only float32 summation order differs between machines (allow 2 of 132)."""
     from stored_scores import rescore_first_items
 
-    from atv_sparse.tinybench.items import scene_size
-    from atv_sparse.tinybench.loading import model_dir_of
+    from atv_sparse.evaluation.items import scene_size
+    from atv_sparse.evaluation.loading import model_dir_of
 
     bundled = model_dir_of("tiny-next")
     scores, mismatches, model, proc = rescore_first_items(bundled, REPRO_PER_TASK)
@@ -176,9 +177,9 @@ def test_bundled_next_model_calibrates_mostly_visual():
     from atv_sparse.calib import load_calibration
     from atv_sparse.models import adapter_for, read_config
     from atv_sparse.preflight import check_processor
-    from atv_sparse.tinybench.loading import model_dir_of
+    from atv_sparse.evaluation.loading import model_dir_of
 
     bundled = model_dir_of("tiny-next")
     mix = load_calibration(bundled, adapter_for(read_config(bundled), bundled), nsamples=32, seqlen=2048, seed=0,
-                           processor=check_processor(bundled)).token_mix()
+                           processor=check_processor(bundled), default_conversations=synthetic.calibration_conversations).token_mix()
     assert mix["visual_share"] >= 0.85, mix

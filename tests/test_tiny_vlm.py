@@ -12,9 +12,9 @@ from atv_sparse.calib.multimodal import build_sample
 from atv_sparse.models.processors import load_processor
 from atv_sparse.tinybench import model as tiny_vlm
 from atv_sparse.tinybench import tasks as synthetic
-from atv_sparse.tinybench.items import synthetic_items
-from atv_sparse.tinybench.loading import load_model_and_processor
-from atv_sparse.tinybench.scoring import evaluate_model
+from atv_sparse.evaluation.items import synthetic_items
+from atv_sparse.evaluation.loading import load_model_and_processor
+from atv_sparse.evaluation.scoring import evaluate_model
 
 BUNDLED = tiny_vlm.bundled_model_dir()
 # Items per task in the reproduction check: the first 20 of the model card's 500 (same seed).

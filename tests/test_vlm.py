@@ -66,7 +66,8 @@ def prune(ckpt, method, pattern="2:4", *, calib=None, targets=None, **settings):
     if recipe.tokens is not None:
         processor = check_processor(ckpt) if adapter.multimodal and not is_text_file(calib) else None
         calibration = load_calibration(ckpt, adapter, path=calib, nsamples=NSAMPLES, seqlen=SEQLEN,
-                                       seed=recipe.seed, processor=processor)
+                                       seed=recipe.seed, processor=processor,
+                                       default_conversations=calibration_conversations)
     prefix = adapter.layers_prefix(model)
     plan = resolve_targets(model, prefix, recipe.pattern, targets)
     result = prune_model(model, adapter.decoder_layers(model), prefix,

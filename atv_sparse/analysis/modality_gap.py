@@ -25,8 +25,8 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..calib.calibration_set import SampleTokens
 from ..prune.masks import unstructured_mask
-from ..prune.selectors import SampleTokens
 
 
 @dataclasses.dataclass

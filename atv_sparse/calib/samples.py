@@ -1,19 +1,19 @@
 """Calibration samples: the model inputs a pruning run feeds its statistics, built in one place.
 
 A text model gets ``nsamples`` windows of ``seqlen`` tokens (``text.text_windows``). A vision-
-language model gets one sample per conversation (a multimodal file, or the embedded default: the
-synthetic tasks' calibration split), rendered with the checkpoint's own chat template and
+language model gets one sample per conversation (a multimodal file, or the default conversations
+its caller passes in: ``convert`` passes the synthetic tasks' calibration split), rendered with the checkpoint's own chat template and
 processor (``multimodal.build_sample``), together with which positions are visual or text; calibrated
 on a ``.txt`` file instead, its windows are all text.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
+from typing import Callable
 
 from ..errors import AtvSparseError
-from ..prune.selectors import SampleTokens
+from .calibration_set import CalibrationSet, SampleTokens
 from .multimodal import Conversation, build_sample, read_multimodal_file
 from .text import (DEFAULT_CALIBRATION, check_calibration_size, default_calibration_text, read_calibration_text,
                    text_windows)
@@ -21,52 +21,39 @@ from .text import (DEFAULT_CALIBRATION, check_calibration_size, default_calibrat
 DEFAULT_MULTIMODAL_CALIBRATION = "<synthetic tasks, calibration split>"
 
 
-@dataclasses.dataclass(frozen=True)
-class CalibrationSet:
-    """samples: model inputs per sample, each at least ``input_ids`` (1, T) int64, ready for
-    ``model(**sample)``; tokens: their visual / text positions, one per sample (None for a text-only
-    model); source: where they came from (a file name, or a description of the embedded default)."""
-
-    samples: list[dict]
-    tokens: list[SampleTokens] | None
-    source: str
-
-    def token_mix(self) -> dict | None:
-        """{"visual": positions, "text": positions, "visual_share": visual / all} over all samples
-        (padding is neither; the paper's models: ~90% visual); None for a text-only model's calibration."""
-        if self.tokens is None:
-            return None
-        visual = sum(int(t.visual.sum()) for t in self.tokens)
-        text = sum(int(t.text.sum()) for t in self.tokens)
-        return {"visual": visual, "text": text, "visual_share": visual / max(visual + text, 1)}
-
-
 def is_text_file(path: str | Path | None) -> bool:
     """A ``.txt`` calibration file: plain text, so a vision-language model calibrates without images."""
     return path is not None and str(path).endswith(".txt")
 
 
+# (nsamples, seed, image side or None) -> conversations: the default of a vision-language model.
+DefaultConversations = Callable[..., "list[Conversation]"]
+
+
 def load_calibration(ckpt: Path, adapter, *, path: str | Path | None = None, nsamples: int, seqlen: int,
-                     seed: int = 0, processor=None) -> CalibrationSet:
+                     seed: int = 0, processor=None,
+                     default_conversations: DefaultConversations | None = None) -> CalibrationSet:
     """The calibration set of checkpoint ``ckpt`` (its ``models.adapter_for`` adapter) from ``path``
     (None: the embedded default).
 
     Text (a text-only model, or any model with a ``.txt`` file): ``nsamples`` windows of
     ``seqlen`` tokens from seeded offsets, tokenized with the checkpoint's tokenizer. Vision-
     language models otherwise: the first ``nsamples`` conversations of ``path`` (fewer if it holds
-    fewer) or ``nsamples`` of the synthetic calibration split drawn with ``seed``, through the
-    checkpoint's ``processor`` (``preflight.check_processor``).
+    fewer) or ``default_conversations(nsamples, seed=seed, size=side)`` (``side``:
+    ``synthetic_image_size`` of the processor; convert passes ``tinybench.tasks.calibration_conversations``),
+    through the checkpoint's ``processor`` (``preflight.check_processor``).
     """
     check_calibration_size(nsamples, seqlen)
     if adapter.multimodal and not is_text_file(path):
         image_token_id = _image_token_id(ckpt, adapter, processor)
         if path is not None:
             conversations = read_multimodal_file(path, limit=nsamples)
+        elif default_conversations is None:
+            raise AtvSparseError(f"{ckpt} is a vision-language model: give a calibration file (`calib`) or "
+                                 "`default_conversations`")
         else:
-            from ..tinybench.tasks import calibration_conversations
-
             size = synthetic_image_size(getattr(processor, "image_processor", None))
-            conversations = calibration_conversations(nsamples, seed=seed, size=size)
+            conversations = default_conversations(nsamples, seed=seed, size=size)
         return conversation_calibration(processor, conversations, image_token_id,
                                         str(path) if path is not None else DEFAULT_MULTIMODAL_CALIBRATION)
     from transformers import AutoTokenizer

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
+from ..calib.calibration_set import CalibrationSet
 from .ablation_tokens import calibrate_scale, dense_saliencies
 from .driver import PruneResult, Sink, prune_blocks
 from .recipe import SELECTORS, PruneRecipe
 from .walk import RESIDENT, Residency
-
-if TYPE_CHECKING:
-    from ..calib.samples import CalibrationSet
 
 
 def prune_model(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, targets: dict[str, nn.Linear],

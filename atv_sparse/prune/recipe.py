@@ -19,13 +19,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from ..calib.calibration_set import SampleTokens
 from ..errors import AtvSparseError
 from ..patterns import Pattern
 from .ablation_tokens import ABLATION_SELECTORS
 from .magnitude import Magnitude
 from .rule import PruningRule
-from .selectors import (BUDGET_RULES, AtvTokens, MixedTokens, RandomTokens, SampleTokens, TextTokens,
-                        VisualTokens)
+from .selectors import BUDGET_RULES, AtvTokens, MixedTokens, RandomTokens, TextTokens, VisualTokens
 from .sparsegpt import SparseGpt
 from .tamp_tokens import Tamp, TampTokens
 from .walk import TokenSelector

@@ -19,7 +19,6 @@ Positions are returned sorted ascending, so a selection of every position reads 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import warnings
@@ -27,27 +26,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ..calib.calibration_set import SampleTokens
 from ..errors import AtvSparseError
 from .walk import TokenSelector
 
 BUDGET_RULES = ("code", "paper")
-
-
-@dataclasses.dataclass
-class SampleTokens:
-    """Which positions of one calibration sample are visual or text. visual, text: (T,) bool."""
-
-    visual: torch.Tensor
-    text: torch.Tensor
-
-    @classmethod
-    def from_inputs(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                    image_token_id: int | None) -> "SampleTokens":
-        """input_ids: (1, T); padding (attention_mask 0) is neither text nor visual."""
-        ids = input_ids[0]
-        real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask[0].bool()
-        visual = (ids == image_token_id) & real if image_token_id is not None else torch.zeros_like(real)
-        return cls(visual=visual.cpu(), text=(real & ~visual).cpu())
 
 
 class MixedTokens(TokenSelector):

@@ -14,9 +14,9 @@ import time
 import torch
 from torch import nn
 
+from ..calib.calibration_set import SampleTokens
 from ..errors import AtvSparseError
 from .attention import roped_qk
-from .selectors import SampleTokens
 from .walk import RESIDENT, Residency, TokenSelector, walk_blocks
 from .tamp import TampStats, amia_select, attention_contribution, das_allocation, das_score, modality_similarity
 from .wanda import Wanda

@@ -33,7 +33,7 @@ Splits (``SPLITS``): ``train``, ``calibration`` and ``test`` never share an item
 Everything is drawn from ``random.Random`` seeded with a string (stable across processes,
 independent of ``PYTHONHASHSEED``): the same task, split and seed give the same items and the
 same image bytes. Answers are short (a word, a number or a letter) and compared after
-:func:`atv_sparse.tinybench.metrics.normalize_answer`.
+:func:`atv_sparse.evaluation.metrics.normalize_answer`.
 """
 
 from __future__ import annotations

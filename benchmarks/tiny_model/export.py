@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from atv_sparse.tinybench.bundle import copy_checkpoint, record_test_scores
+from atv_sparse.evaluation.scorecard import record_test_scores
+from atv_sparse.tinybench.bundle import copy_checkpoint
 from atv_sparse.tinybench.model import bundled_model_dir
 
 

@@ -29,7 +29,7 @@ Recipe (fixed seeds; one process, ``--threads`` torch threads):
   over ``--steps`` or ``--max-minutes``, whichever ends first; the vision tower and projector
   at ``--vision-lr-scale`` times that; gradient clipping at 1.0;
 - every ``--eval-minutes``: teacher-forced exact match (answer + EOS, the scorer of
-  ``atv_sparse.tinybench.scoring``) on ``--eval-per-task`` held-out items per task from the calibration
+  ``atv_sparse.evaluation.scoring``) on ``--eval-per-task`` held-out items per task from the calibration
   split (never the test split), logged per task; the task weights become
   ``0.2 + (1 - accuracy)``, so the tasks the model gets wrong are drawn more often; the model,
   optimizer and RNG states are saved to OUT/checkpoint (``--resume`` continues from there),

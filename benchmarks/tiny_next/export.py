@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from atv_sparse.evaluation.scorecard import record_test_scores
 from atv_sparse.tinybench import next_model as tiny_next
-from atv_sparse.tinybench.bundle import copy_checkpoint, record_test_scores
-from atv_sparse.tinybench.loading import model_dir_of
+from atv_sparse.tinybench.bundle import copy_checkpoint
+from atv_sparse.evaluation.loading import model_dir_of
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "results"
@@ -45,10 +46,12 @@ def calibration_mix(model_dir: Path, nsamples: int = 32, seed: int = 0) -> dict:
     from atv_sparse.calib import load_calibration
     from atv_sparse.models import adapter_for, read_config
     from atv_sparse.preflight import check_processor
+    from atv_sparse.tinybench.tasks import calibration_conversations
 
     adapter = adapter_for(read_config(model_dir), model_dir)
     return load_calibration(model_dir, adapter, nsamples=nsamples, seqlen=2048, seed=seed,
-                            processor=check_processor(model_dir)).token_mix()
+                            processor=check_processor(model_dir),
+                            default_conversations=calibration_conversations).token_mix()
 
 
 def gap_summary(path: Path) -> dict | None:
@@ -181,7 +184,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     src, dst = Path(args.checkpoint), model_dir_of("tiny-next")
     if args.card_only:
-        from atv_sparse.tinybench.loading import load_model_and_processor
+        from atv_sparse.evaluation.loading import load_model_and_processor
 
         model, scores = load_model_and_processor(dst)[0], json.loads((dst / "test_scores.json").read_text())
     else:

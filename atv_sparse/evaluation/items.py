@@ -26,7 +26,7 @@ def synthetic_items(per_task: int = 500, seed: int = 0, tasks: tuple[str, ...] |
                     size: int | None = None) -> list[EvalItem]:
     """The synthetic test split as :class:`EvalItem`, images rendered ``size`` px square (None: the
     scenes' own 56 px; :func:`scene_size` gives a model's)."""
-    from . import tasks as synthetic
+    from ..tinybench import tasks as synthetic
 
     tasks = tuple(tasks) if tasks else synthetic.TASKS
     unknown = [t for t in tasks if t not in synthetic.TASKS]
