@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
 from transformers import AutoModelForCausalLM
 
+import atv_sparse
 from atv_sparse.calib import load_calibration
 from atv_sparse.convert import run
+from atv_sparse.errors import AtvSparseError
 from atv_sparse.formats.bitmask import unpack_bitmask
 from atv_sparse.models import adapter_for, read_config
+from atv_sparse.ops import backends
+from atv_sparse.ops.backends import Backend
 from atv_sparse.prune.recipe import METHODS, SELECTORS, Method, Selector
 from atv_sparse.prune.rule import PruningRule
 from atv_sparse.prune.walk import TokenSelector
@@ -173,3 +177,75 @@ def test_a_selector_added_through_selectors_runs_end_to_end(tiny_llama, monkeypa
     assert report["settings"]["calib_tokens"] == "even"
     assert report["blocks"][0]["even_positions"] == NSAMPLES * SEQLEN // 2
     assert report["blocks"][0]["tokens"] == NSAMPLES * SEQLEN // 2
+
+
+# --- (d) a kernel backend -----------------------------------------------------------------------
+
+def add_backend(monkeypatch, entry: Backend) -> None:
+    """``ops/backends.py`` as if ``entry`` were one more row of its ``TABLE``, for this test only.
+
+    The table's derived names (``BACKENDS``, ``KERNEL_BACKENDS``, ``LAYOUT_BACKENDS``) are tuples
+    that other modules bind when they are imported, so every module holding the table's tuple gets
+    the new one; ``FACTS`` and ``TOKEN_LIMITS`` are shared dicts.
+    """
+    table = backends.TABLE + (entry,)
+    derived = {"TABLE": table,
+               "BACKENDS": ("auto", *(b.name for b in table if b.choosable)),
+               "KERNEL_BACKENDS": tuple(b.name for b in table if b.kernel),
+               "LAYOUT_BACKENDS": tuple(b.name for b in table if b.layout is not None)}
+    old = {name: getattr(backends, name) for name in derived}
+    for module in [m for name, m in sys.modules.items() if name == "atv_sparse" or name.startswith("atv_sparse.")]:
+        for name, value in derived.items():
+            if getattr(module, name, None) is old[name]:
+                monkeypatch.setattr(module, name, value)
+    monkeypatch.setitem(backends.FACTS, entry.name, entry)
+    if entry.token_limit is not None:
+        monkeypatch.setitem(backends.TOKEN_LIMITS, entry.name, entry.token_limit)
+
+
+def toy_dense_weight(bitmask, values, in_features):
+    """The dense weight from the checkpoint pair, bit by bit (little-endian bits, kept values row-major)."""
+    out = bitmask.shape[0]
+    shifts = torch.arange(8, dtype=torch.uint8)
+    keep = ((bitmask[:, :, None] >> shifts) & 1).bool().reshape(out, -1)[:, :in_features]
+    dense = torch.zeros(out, in_features, dtype=values.dtype)
+    dense[keep] = values.reshape(-1)
+    return dense
+
+
+CALLS: list[int] = []
+
+
+def run_toy(x, bitmask, values, in_features, n, m, bias, gated, alg_id, layout):
+    CALLS.append(x.shape[-2] if x.dim() > 1 else 1)
+    y = x @ toy_dense_weight(bitmask, values, in_features).t()
+    if bias is not None:
+        y = y + bias
+    if gated:
+        half = y.shape[-1] // 2
+        y = torch.nn.functional.silu(y[..., :half]) * y[..., half:]
+    return y
+
+
+def test_a_backend_added_to_the_table_runs_a_loaded_model(tiny_llama, calib_txt, monkeypatch, tmp_path):
+    add_backend(monkeypatch, Backend("toy", machine=lambda device: None if device.type == "cpu" else "CPU only",
+                                     layer=lambda n, m, dtype, out_f, in_f: None if m is not None else "N:M only",
+                                     run=run_toy, kernel=False))
+    common = [str(tiny_llama), "--method", "wanda", "--calib", str(calib_txt), "--nsamples", str(NSAMPLES),
+              "--seqlen", str(SEQLEN), "--quiet"]
+    run(common + ["--out", str(tmp_path / "packed")])
+    run(common + ["--out", str(tmp_path / "dense"), "--format", "dense"])
+
+    sparse = atv_sparse.load(tmp_path / "packed", backend="toy", progress=False)
+    linears = [m for m in sparse.modules() if isinstance(m, atv_sparse.SparseLinear)]
+    assert len(linears) == 14 and all(m.plan.pick(1)[0] == "toy" for m in linears)
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    ids = torch.randint(0, dense.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(28))
+    CALLS.clear()
+    with torch.no_grad():
+        got, want = sparse(input_ids=ids).logits, dense(input_ids=ids).logits
+    assert CALLS == [9] * len(linears)  # every pruned linear ran on the toy backend, once
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(AtvSparseError, match="backend 'toy' cannot run here: N:M only"):
+        atv_sparse.SparseLinear(16, 8, atv_sparse.parse_pattern("unstructured", 0.5), num_values=64,
+                                backend="toy").prepare()
