@@ -26,8 +26,9 @@ retention is the unweighted mean of the per-task retentions (the "Average" colum
 paper's tables, where the dense model is 100%); tasks where the baseline scores 0 are left out
 of it. Paired difference and its standard error (same items) are reported too.
 
-The pieces live in :mod:`atv_sparse.tinybench`: ``items`` (what is scored), ``scoring`` (how),
-``metrics`` (the scores), ``perplexity`` and ``loading``; this module is the command line.
+The pieces live in :mod:`atv_sparse.evaluation`, which this command owns: ``items`` (what is
+scored), ``scoring`` (how), ``metrics`` (the scores), ``perplexity`` and ``loading``; this module
+is the command line.
 """
 
 from __future__ import annotations

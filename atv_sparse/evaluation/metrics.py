@@ -1,6 +1,6 @@
 """Scores of short-answer items: answer normalisation, exact match, per-task summaries, retention
 against a dense baseline and paired differences. Pure functions of the per-item records
-(``{task, key, correct, nll}`` dicts, see :mod:`atv_sparse.tinybench.scoring`)."""
+(``{task, key, correct, nll}`` dicts, see :mod:`atv_sparse.evaluation.scoring`)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def paired_difference(correct: list[bool], baseline_correct: list[bool]) -> tupl
 
 def compare(result: dict, baseline: dict) -> dict:
     """Retention and paired differences of ``result`` against ``baseline`` (both from
-    :func:`atv_sparse.tinybench.scoring.evaluate_model` on the same items). Adds per task ``baseline_accuracy``,
+    :func:`atv_sparse.evaluation.scoring.evaluate_model` on the same items). Adds per task ``baseline_accuracy``,
     ``retention`` (%), ``delta`` and ``delta_se`` (points), and ``average_retention``."""
     keys = [(r["task"], r["key"]) for r in result["records"]]
     if keys != [(r["task"], r["key"]) for r in baseline["records"]]:

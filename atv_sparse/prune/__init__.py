@@ -1,7 +1,8 @@
-"""Pruning: pure score -> mask functions per method, and the block-by-block driver.
+"""Pruning: pure score -> mask functions per method, the pruning rules, and the block-by-block driver.
 
-A run is a ``recipe.PruneRecipe`` (the method, from ``recipe.METHODS``, the pattern and the
-settings) given to ``pipeline.prune_model`` with the calibration samples.
+A run is a ``recipe.PruneRecipe`` (the method, from ``recipe.METHODS``: its ``rule.PruningRule``
+with the rule's settings and its token selector; the pattern) given to ``pipeline.prune_model``
+with the calibration samples. Every pass walks the blocks through ``walk.walk_blocks``.
 
 Public surface:
 - masks: ``nm_mask``, ``unstructured_mask``
