@@ -294,8 +294,11 @@ def translate_layer(layer: CtLayer, ct: CtConfig, read: Reader, dtype: torch.dty
                 row = int((offsets != want).nonzero()[0])
                 raise AtvSparseError(f"tensor {layer.tensors['row_offsets']}: row {row} starts at value "
                                      f"{int(offsets[row])}, the bitmask puts it at {int(want[row])}; {_HINT}")
-        dense = _scatter(keep, t["compressed"])
         where = layer.tensors["bitmask"]
+        if layer.kind == "sparse-24-bitmask" and "weight_scale" not in t:  # the same bytes: checked, then kept
+            _fill_2_4(keep, where, strict=True)
+            return {name + BITMASK_SUFFIX: t["bitmask"], name + VALUES_SUFFIX: t["compressed"].to(dtype)}
+        dense = _scatter(keep, t["compressed"])
     if "weight_scale" in t:
         dense = _dequantize(dense, t["weight_scale"], t.get("weight_zero_point"), layer)
     dense = dense.to(dtype)
@@ -323,16 +326,18 @@ def _fill_2_4(keep: torch.Tensor, where: str, strict: bool) -> torch.Tensor:
     if in_f % 4:
         raise AtvSparseError(f"tensor {where}: {in_f} input columns, not a multiple of 4, so it cannot be 2:4")
     groups = keep.reshape(out_f, in_f // 4, 4)
-    counts = groups.sum(-1)
+    counts = groups.sum(-1, dtype=torch.uint8)
     bad = (counts != 2).nonzero() if strict else (counts > 2).nonzero()
     if len(bad):
         row, group = bad[0].tolist()
         raise AtvSparseError(f"tensor {where}: row {row}, columns {group * 4}..{group * 4 + 3} keep "
                              f"{int(counts[row, group])} weights; sparsity_structure 2:4 allows 2 of every 4 "
                              f"({len(bad)} such group(s)); the weights are not 2:4")
+    if strict or bool((counts == 2).all()):
+        return keep
     # the k-th unkept column of a group (k = 1, 2) becomes kept while the group still lacks k
     missing = (2 - counts).unsqueeze(-1)
-    rank = torch.cumsum(~groups, dim=-1)
+    rank = torch.cumsum(~groups, dim=-1, dtype=torch.uint8)
     return (groups | (~groups & (rank <= missing))).reshape(out_f, in_f)
 
 
