@@ -145,7 +145,7 @@ class CtLayer:
     """One compressed linear: its module name and the checkpoint names of its tensors."""
 
     name: str
-    kind: str  # "sparse-24-bitmask" | "sparse-bitmask" | "dense"
+    kind: str  # "sparse-24-bitmask" | "sparse-bitmask" | "dense" (a weight declared 2:4) | "plain" (not sparse)
     out_features: int
     in_features: int
     tensors: dict[str, str]  # role ("shape", "compressed", "bitmask", "row_offsets", "weight", "weight_scale", ...) -> key
@@ -421,7 +421,7 @@ def iter_translated(headers: dict[str, dict], layers: dict[str, CtLayer], ct: Ct
             continue
         module = key.rpartition(".")[0]
         if key.endswith(".weight") and f"{module}.weight_scale" in headers:
-            dense = CtLayer(module, "plain", 0, 0, {"weight_scale": f"{module}.weight_scale"}, 0)
+            dense = CtLayer(module, "plain", 0, 0, {"weight_scale": f"{module}.weight_scale"}, 0)  # for messages
             zp = f"{module}.weight_zero_point"
             value = _dequantize(read(key), read(f"{module}.weight_scale"), read(zp) if zp in headers else None, dense)
             yield {key: value.to(dtype_of(module))}

@@ -20,7 +20,8 @@ from ..errors import AtvSparseError
 from ..formats import compressed_tensors as ctf
 from ..formats.bitmask import BITMASK_SUFFIX, VALUES_SUFFIX, bitmask_shape
 from ..formats.validate import read_config_json
-from ..models.lazy import LazyWeights, _data_start, _rename_keys, checkpoint_sources, materialize_buffers, read_tensor
+from ..models.lazy import (LazyWeights, _data_start, _rename_keys, checkpoint_sources, materialize_buffers, read_tensor,
+                           return_freed_memory_to_the_system)
 from ..patterns import Pattern
 from .hf_quantizer import replace_sparse_linears
 from .sparse_linear import SparseLinear
@@ -41,17 +42,14 @@ class CtSource:
     files: dict[str, tuple[Path, dict]]  # model key -> (file, entry) of the stored tensor
     order: list[str]  # model keys in file order (by shard, then by offset)
     layers: dict[str, ctf.CtLayer]
-    pattern: Pattern
+    pattern: Pattern | None
+    starts: dict[Path, int] = dataclasses.field(default_factory=dict)  # file -> offset of its tensor data
 
     def read(self, key: str) -> torch.Tensor:
         path, info = self.files[key]
-        return read_tensor(path, self._start(path), info)
-
-    def _start(self, path: Path) -> int:
-        starts = self.__dict__.setdefault("_starts", {})
-        if path not in starts:
-            starts[path] = _data_start(path)
-        return starts[path]
+        if path not in self.starts:
+            self.starts[path] = _data_start(path)
+        return read_tensor(path, self.starts[path], info)
 
     def dtype_of(self, module: str) -> torch.dtype:
         module = self.model.get_submodule(module)
@@ -65,6 +63,7 @@ class CtSource:
 def open_ct(path: str | Path, dtype: str | torch.dtype | None = None) -> CtSource:
     """Check ``path`` (a compressed-tensors checkpoint) without reading a weight; see the module docstring."""
     path = Path(path)
+    return_freed_memory_to_the_system()  # each layer's buffers go back to the system when freed
     config = read_config_json(path)
     where = str(path / "config.json")
     ct = ctf.parse_ct_config(config, where)
