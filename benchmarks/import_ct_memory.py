@@ -121,6 +121,7 @@ def main() -> int:
     p.add_argument("--work", type=Path, required=True, help="scratch directory (needs about twice the checkpoint)")
     p.add_argument("--shape", choices=tuple(SHAPES), default="llama-2-13b")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    p.add_argument("--results", type=Path, default=RESULTS, help="where import_ct_memory.{json,md} go")
     args = p.parse_args()
     src, out = args.work / "ct", args.work / "imported"
     shutil.rmtree(args.work, ignore_errors=True)
@@ -142,10 +143,10 @@ def main() -> int:
               "python": platform.python_version(), "torch": torch.__version__,
               "date": datetime.date.today().isoformat(),
               "command": f"python benchmarks/import_ct_memory.py --work {args.work} --shape {args.shape}"}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "import_ct_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.results.mkdir(exist_ok=True)
+    (args.results / "import_ct_memory.json").write_text(json.dumps(result, indent=2) + "\n")
     gb = 1e9
-    (RESULTS / "import_ct_memory.md").write_text(
+    (args.results / "import_ct_memory.md").write_text(
         "# Peak memory of import_ct on a checkpoint larger than half the RAM\n\n"
         f"Made by `{result['command']}` on {result['date']} ({result['machine']}, Python {result['python']}, "
         f"torch {result['torch']}).\n\n"

@@ -283,6 +283,18 @@ def test_shards_follow_max_shard_size(tmp_path):
         torch.testing.assert_close(model(**x).logits, dense_model("qwen2")(**x).logits)
 
 
+def test_memory_benchmark_script_on_a_tiny_shape(tmp_path):
+    """benchmarks/import_ct_memory.py end to end on its smoke shape: its synthetic checkpoint imports."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "benchmarks" / "import_ct_memory.py"
+    subprocess.run([sys.executable, str(script), "--work", str(tmp_path / "w"), "--shape", "smoke", "--results",
+                    str(tmp_path / "r")], check=True, capture_output=True)
+    result = json.loads((tmp_path / "r" / "import_ct_memory.json").read_text())
+    assert result["layers"] == 14 and result["output_validated"] and result["peak_rss_bytes"] > 0
+
+
 # --- the pure parts on fresh random data, against literal loops -----------------------------------
 
 def fill_reference(keep):
