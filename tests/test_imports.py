@@ -34,7 +34,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("analysis", "tinybench"),
     ("evaluation",),
     ("estimate", "reports", "preflight", "plot"),
-    ("convert", "evaluate"),
+    ("convert", "evaluate", "import_ct"),
 )
 
 # Circles in code this change does not own, each named exactly (module -> ... -> itself); the
