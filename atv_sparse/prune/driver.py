@@ -30,7 +30,7 @@ from .masks import pattern_mask
 from .selectors import MixedTokens
 from .sparsegpt import HessianStats, sparsegpt_prune
 from .tamp import TampStats
-from .walk import RESIDENT, Residency, TokenSelector, capture_block_inputs, check_finite, walk_blocks
+from .walk import RESIDENT, BlockJournal, Residency, TokenSelector, capture_block_inputs, check_finite, walk_blocks
 from .wanda import WandaStats, wanda_score
 
 # Score / update rules: Wanda's statistics over sequences, TAMP's over selected tokens (then the
@@ -61,7 +61,8 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
                  score: str, pattern: Pattern, samples: list[dict] | None, device: torch.device,
                  selector: TokenSelector | None = None, blocksize: int = 128, percdamp: float = 0.01,
                  sparsities: dict[str, float] | None = None, progress: bool = True,
-                 residency: Residency = RESIDENT, sink: Sink | None = None) -> PruneResult:
+                 residency: Residency = RESIDENT, sink: Sink | None = None,
+                 journal: BlockJournal | None = None) -> PruneResult:
     """Prune ``targets`` (full module names -> linears) in place, block by block.
 
     score: "magnitude" (no samples needed), "wanda", "sparsegpt" or "tamp" (``samples``: model
@@ -71,6 +72,8 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
     the model is in host memory; each block visits ``device`` in turn). ``sink(name, linear,
     bitmask)`` is called with every pruned linear while its weights are still materialised (the streaming
     checkpoint writer), before its block is freed; ``result.bitmasks`` then stays empty.
+    ``journal`` (a resumed conversion, ``walk.BlockJournal``): blocks it has finished are restored,
+    not pruned again, and their reports come from it; it is told when each block is done.
 
     Targets outside the decoder blocks (named explicitly by the user) are pruned where they run:
     linears that run before block 0 (vision tower, projector) from statistics over all their
@@ -81,7 +84,7 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
         raise AtvSparseError(f"unknown `score` {score!r}; choose one of {', '.join(SCORES)}")
     selector = selector or MixedTokens()
     timings = {"capture": 0.0, "calibrate": 0.0, "prune": 0.0, "propagate": 0.0}
-    result = PruneResult({}, [], timings)
+    result = PruneResult({}, list(journal.reports) if journal is not None else [], timings)
     calibrated = score in CALIBRATED_SCORES
     in_blocks = {n: m for n, m in targets.items() if n.startswith(layers_prefix + ".")}
     outside = {n: m for n, m in targets.items() if n not in in_blocks}
@@ -117,7 +120,7 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
         timings["capture"] = time.perf_counter() - t0
 
     for step in walk_blocks(model, layers, samples if calibrated else None, device, residency=residency,
-                            progress=progress, captured=captured):
+                            progress=progress, captured=captured, journal=journal):
         b, run = step.index, step.run
         prefix = f"{layers_prefix}.{b}."
         block_targets = {name: mod for name, mod in in_blocks.items() if name.startswith(prefix)}
@@ -146,6 +149,8 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
             report["time_propagate_s"] = time.perf_counter() - t0
             timings["propagate"] += report["time_propagate_s"]
         result.blocks.append(report)
+        if journal is not None:
+            journal.finished(b, report)
     if after_blocks:
         t0 = time.perf_counter()
         _prune_output_head(model, after_blocks, captured[0], score, device, prune_into_result, residency)
