@@ -15,13 +15,91 @@ SIGNAL: KILL (default: SIGKILL, nothing runs after it), INT, TERM, or INT2 (SIGI
 
 The conversion runs single-threaded (as the tests' in-process reference runs do), so its
 floating-point results are bit-identical to theirs. Exit status: the conversion's, or -9.
+
+Imported, it gives the resume tests (test_resume.py) and the full matrix (kill_matrix.py) what they
+share: ``convert_in_subprocess``, ``kill_then_resume`` and ``digests``.
 """
 
+import hashlib
+import json
 import os
 import signal
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
+
+HERE = Path(__file__).parent
+# Fields of prune_report.json that differ between any two runs of the same arguments.
+VOLATILE = {"timings_s", "peak_rss_bytes", "resumed"}
+
+
+def report_without_timings(report):
+    if isinstance(report, dict):
+        return {k: report_without_timings(v) for k, v in report.items()
+                if k not in VOLATILE and not k.startswith("time_")}
+    if isinstance(report, list):
+        return [report_without_timings(v) for v in report]
+    return report
+
+
+def digests(out: Path) -> dict[str, str]:
+    """File name -> SHA-256 of every output file, hidden ones included; for prune_report.json its
+    content without the timings instead."""
+    result = {}
+    for path in sorted(out.iterdir()):
+        if path.name == "prune_report.json":
+            result[path.name] = json.dumps(report_without_timings(json.loads(path.read_text())), sort_keys=True)
+        else:
+            result[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return result
+
+
+def convert_in_subprocess(spec: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """``atv_sparse.convert argv`` in a child process killed or signalled as ``spec`` says.
+
+    The child is a fork of this process (patched there, not here): no interpreter start or
+    imports per run, which on a loaded machine are most of a tiny conversion's time. Its output
+    goes to a file, returned as ``stderr``."""
+    import tempfile
+    import traceback
+
+    with tempfile.NamedTemporaryFile("w+", suffix=".log") as log:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 1
+            try:
+                sys.stdout = sys.stderr = open(log.name, "w", buffering=1)
+                code = main(spec, argv)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stderr.flush()
+                os._exit(code if isinstance(code, int) else 1)
+        _, status = os.waitpid(pid, 0)
+        log.seek(0)
+        return subprocess.CompletedProcess([spec, *argv], os.waitstatus_to_exitcode(status), "", log.read())
+
+
+def kill_then_resume(out: Path, argv: list[str], spec: str, expect_rc: int = -9) -> subprocess.CompletedProcess:
+    """Run ``argv`` to ``out`` killed at ``spec``, then ``--resume`` it in this process (unless the kill
+    came after the output was in place); the caller compares ``digests(out)`` with a reference."""
+    from atv_sparse.convert import run
+    from atv_sparse.formats.staging import staging_path
+
+    proc = convert_in_subprocess(spec, [*argv, "--out", str(out)])
+    if proc.returncode != expect_rc:
+        raise AssertionError(f"{spec}: exit {proc.returncode}, expected {expect_rc}\n{proc.stderr[-3000:]}")
+    if out.exists():  # killed after the rename: nothing is left to resume
+        assert not staging_path(out).exists()
+    else:
+        assert staging_path(out).is_dir(), f"{spec}: no staging directory left to resume"
+        run([*argv, "--out", str(out), "--resume"])
+    assert not staging_path(out).exists()
+    return proc
 
 
 def main(spec: str, argv: list[str]) -> int:

@@ -8,12 +8,9 @@ any two runs). This file runs a subset that crosses every kill point, every meth
 families once; ``benchmarks/kill_matrix.py`` runs the whole product.
 """
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,12 +19,10 @@ from atv_sparse.convert import main, run
 from atv_sparse.formats.staging import JOURNAL_NAME, staging_path
 from atv_sparse.tinybench.families import TEXT_DIMS, write_tiny_vlm
 from conftest import write_tiny_model
+from kill_convert import convert_in_subprocess, digests, kill_then_resume
 
-HERE = Path(__file__).parent
 TEXT = ["--nsamples", "3", "--seqlen", "24", "--quiet", "--max-shard-size", "40KB"]
 VLM = ["--nsamples", "2", "--quiet", "--max-shard-size", "60KB"]
-# Fields of prune_report.json that differ between any two runs of the same arguments.
-VOLATILE = {"timings_s", "peak_rss_bytes", "resumed"}
 
 
 @pytest.fixture(scope="module")
@@ -36,27 +31,6 @@ def ckpts(tmp_path_factory):
     return {"llama": write_tiny_model(base / "llama", "llama", num_hidden_layers=4),
             "llava_next": write_tiny_vlm(base / "llava_next", "llava_next",
                                          text_dims={**TEXT_DIMS, "num_hidden_layers": 3})}
-
-
-def report_without_timings(report):
-    if isinstance(report, dict):
-        return {k: report_without_timings(v) for k, v in report.items()
-                if k not in VOLATILE and not k.startswith("time_")}
-    if isinstance(report, list):
-        return [report_without_timings(v) for v in report]
-    return report
-
-
-def digests(out: Path) -> dict[str, str]:
-    """File name -> SHA-256 of every output file, hidden ones included; prune_report.json's
-    content without its timings instead."""
-    result = {}
-    for path in sorted(out.iterdir()):
-        if path.name == "prune_report.json":
-            result[path.name] = json.dumps(report_without_timings(json.loads(path.read_text())), sort_keys=True)
-        else:
-            result[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return result
 
 
 _references: dict[tuple, dict] = {}
@@ -72,22 +46,9 @@ def reference(tmp_path_factory, argv: list[str]) -> dict[str, str]:
     return _references[key]
 
 
-def convert_in_subprocess(spec: str, argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(HERE / "kill_convert.py"), spec, "--", *argv], capture_output=True,
-                          text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(HERE)))
-
-
-def kill_then_resume(tmp_path, tmp_path_factory, argv, spec, expect_rc=-9):
-    out = tmp_path / "out"
-    proc = convert_in_subprocess(spec, [*argv, "--out", str(out)])
-    assert proc.returncode == expect_rc, proc.stderr[-3000:]
-    if out.exists():  # killed after the rename: nothing is left to resume
-        assert not staging_path(out).exists()
-    else:
-        assert staging_path(out).is_dir()
-        run([*argv, "--out", str(out), "--resume"])
-    assert not staging_path(out).exists()
-    assert digests(out) == reference(tmp_path_factory, argv)
+def resumed_equals_reference(tmp_path, tmp_path_factory, argv, spec, expect_rc=-9):
+    proc = kill_then_resume(tmp_path / "out", argv, spec, expect_rc)
+    assert digests(tmp_path / "out") == reference(tmp_path_factory, argv)
     return proc
 
 
@@ -97,28 +58,28 @@ CASES = [
                                       "rename:1", "renamed:1"]),
     ("llama", ["--method", "sparsegpt", "--pattern", "unstructured", "--format", "dense"], ["prune:16"]),
     ("llama", ["--method", "magnitude", "--pattern", "4:8"], ["block:1"]),
-    ("llava_next", ["--method", "atv"], ["shard:4"]),
+    ("llava_next", ["--method", "atv"], ["prune:10", "shard:4"]),
     ("llava_next", ["--method", "atv-sparsegpt"], ["block:2"]),
     # capture:3 is the driver's capture, after DAS's dense pre-pass (which the resume runs again)
-    ("llava_next", ["--method", "tamp", "--das", "--pattern", "unstructured"], ["capture:3"]),
+    ("llava_next", ["--method", "tamp", "--das", "--pattern", "unstructured"], ["block:1", "capture:3"]),
     ("llava_next", ["--method", "tamp"], ["capture:2"]),
     ("llava_next", ["--method", "wanda", "--calib-tokens", "abs"], ["block:2"]),
     # linears outside the blocks: the projector is pruned again on resume, lm_head after the last block
     ("llava_next", ["--method", "wanda", "--targets", "re:model[.]language_model[.]layers[.].*",
-                    "multi_modal_projector.linear_1", "lm_head"], ["block:1"]),
+                    "multi_modal_projector.linear_1", "lm_head"], ["block:1", "finish:1"]),
 ]
 
 
 @pytest.mark.parametrize("family,method,spec", [(f, m, p) for f, m, points in CASES for p in points], ids=str)
 def test_killed_run_resumes_to_the_same_bytes(ckpts, family, method, spec, tmp_path, tmp_path_factory):
     quick = TEXT if family == "llama" else VLM
-    kill_then_resume(tmp_path, tmp_path_factory, [str(ckpts[family]), *method, *quick], spec)
+    resumed_equals_reference(tmp_path, tmp_path_factory, [str(ckpts[family]), *method, *quick], spec)
 
 
 @pytest.mark.parametrize("how,rc", [("INT", 130), ("TERM", 143)])
 def test_signal_stops_after_the_block_and_says_how_to_resume(ckpts, how, rc, tmp_path, tmp_path_factory):
     argv = [str(ckpts["llama"]), "--method", "wanda", *TEXT]
-    proc = kill_then_resume(tmp_path, tmp_path_factory, argv, f"prune:9:{how}", expect_rc=rc)
+    proc = resumed_equals_reference(tmp_path, tmp_path_factory, argv, f"prune:9:{how}", expect_rc=rc)
     # the 9th linear is in block 1 (7 per block): the run finishes block 1 and stops
     assert "stopping after the current block (send it again to stop at once)" in proc.stderr
     assert "stopped after block 2 of 4" in proc.stderr
