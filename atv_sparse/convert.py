@@ -294,7 +294,7 @@ def run(argv: list[str] | None = None) -> dict:
                               result.blocks, plot)
     except BaseException as e:
         if journal is not None and not isinstance(e, ConversionStopped) and journal.stream.stage.keep:
-            print(f"stopped by an error: {journal.hint()}", file=sys.stderr)
+            print(f"stopped ({type(e).__name__}): {journal.hint()}", file=sys.stderr)
         raise
     pruned_zero = sum(zeros for _, zeros in pruned.values())
     target_numel = sum(model.get_submodule(n).weight.numel() for n in pruned)
@@ -360,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConversionStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:  # before the run's own handler is installed: nothing is staged yet
-        print("interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt:  # outside the blocks (run's own handler): what is kept was said above
+        print("interrupted", file=sys.stderr)
         return 130
     except AtvSparseError as e:
         print(f"error: {cli_message(e)}", file=sys.stderr)

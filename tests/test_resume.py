@@ -186,7 +186,7 @@ def test_an_error_keeps_the_finished_blocks_for_resume(ckpts, tmp_path, tmp_path
     monkeypatch.setattr(driver, "_prune_linear", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         run([*argv, "--out", str(tmp_path / "out")])
-    assert "stopped by an error: 2 of 4 blocks are kept in" in capsys.readouterr().err
+    assert "stopped (RuntimeError): 2 of 4 blocks are kept in" in capsys.readouterr().err
     monkeypatch.setattr(driver, "_prune_linear", prune)
     run([*argv, "--out", str(tmp_path / "out"), "--resume"])
     assert digests(tmp_path / "out") == reference(tmp_path_factory, argv)
