@@ -283,9 +283,10 @@ def run(argv: list[str] | None = None) -> dict:
             targets_cfg = args.targets or [f"re:{adapter.layers_prefix(model).replace('.', '[.]')}[.][0-9]+[.].*"]
             qconfig = build_quantization_config(pattern, args.method, settings, targets_cfg,
                                                 list(args.ignore) + sorted(plan.skipped), __version__)
-            report = {"method": args.method, "pattern": str(pattern), "sparsity": pattern.sparsity, "settings": settings,
-                      "source": str(ckpt) if not embedded else "<bundled tiny VLM>", "architecture": adapter.architecture,
-                      "version": __version__, "calibration_tokens": mix, "blocks": result.blocks, "skipped": plan.skipped}
+            report = {"method": args.method, "pattern": str(pattern), "sparsity": pattern.sparsity,
+                      "settings": settings, "source": str(ckpt) if not embedded else "<bundled tiny VLM>",
+                      "architecture": adapter.architecture, "version": __version__, "calibration_tokens": mix,
+                      "blocks": result.blocks, "skipped": plan.skipped}
             if previous:
                 report["resumed"] = {"blocks_done_before": journal.resumed_from,
                                      "rebuild_s": journal.rebuild_s}

@@ -108,7 +108,8 @@ def input_identity(ckpt: Path) -> dict:
         with open(path, "rb") as f:
             header = 8 + int.from_bytes(f.read(8), "little")
         st = path.stat()
-        identity[path.name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": _file_digest(path, header)}
+        identity[path.name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+                               "header_sha256": _file_digest(path, header)}
     return identity
 
 

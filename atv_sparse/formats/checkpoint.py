@@ -285,7 +285,8 @@ class ShardWriter:
         for i, (fname, keys, digest) in enumerate(state["closed"]):
             path = self.tmp / fname
             if not path.exists():
-                renamed = [*self.tmp.glob(f"model-{i + 1:05d}-of-*.safetensors"), *([self.tmp / SINGLE_NAME] * (i == 0))]
+                renamed = list(self.tmp.glob(f"model-{i + 1:05d}-of-*.safetensors"))
+                renamed += [self.tmp / SINGLE_NAME] if i == 0 else []
                 found = [p for p in renamed if p.exists() and _sha256_of(p) == digest]
                 if not found:
                     raise AtvSparseError(f"resume: shard {path} recorded in the journal is missing; {hint}")

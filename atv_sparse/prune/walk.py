@@ -306,5 +306,5 @@ def walk_blocks(model: nn.Module, layers: nn.ModuleList, samples: list[dict] | N
             residency.free(block)
 
 
-__all__ = ["RESIDENT", "BlockJournal", "BlockRunner", "BlockStep", "Resident", "Residency", "TokenSelector", "block_output",
-           "capture_block_inputs", "check_finite", "storage_device", "to_device", "walk_blocks"]
+__all__ = ["RESIDENT", "BlockJournal", "BlockRunner", "BlockStep", "Resident", "Residency", "TokenSelector",
+           "block_output", "capture_block_inputs", "check_finite", "storage_device", "to_device", "walk_blocks"]
