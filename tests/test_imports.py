@@ -33,7 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("atv_sparse", "vllm_plugin"),
     ("analysis", "tinybench"),
     ("evaluation",),
-    ("estimate", "reports", "preflight", "plot"),
+    ("estimate", "reports", "preflight", "plot", "resume"),
     ("convert", "evaluate", "import_ct"),
 )
 
