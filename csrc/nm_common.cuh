@@ -376,16 +376,42 @@ ATV_HD void write_output(const NmArgs<T>& a, const float (*red)[Streams<GATED>::
 // Warps per row group: split K when there are too few row groups to keep every SM busy (about
 // eight warps of 2 x 4 16-byte loads in flight per SM cover HBM latency), while each warp
 // still gets a step of its own.
-inline int choose_ksplit(int N, int K, int rows, int sm_count) {
-    const int64_t row_groups = (static_cast<int64_t>(N) + rows - 1) / rows;
-    const int steps = (K / kChunkCols + kWarpSize - 1) / kWarpSize;
+inline int choose_ksplit_for(int64_t row_groups, int steps, int sm_count) {
     int ksplit = 1;
     while (ksplit < kWarps && row_groups * ksplit < 8LL * sm_count && 2 * ksplit <= steps) ksplit *= 2;
     return ksplit;
 }
 
+inline int choose_ksplit(int N, int K, int rows, int sm_count) {
+    const int64_t row_groups = (static_cast<int64_t>(N) + rows - 1) / rows;
+    return choose_ksplit_for(row_groups, (K / kChunkCols + kWarpSize - 1) / kWarpSize, sm_count);
+}
+
 // Token tile: the smallest instantiated MT >= M.
 inline int token_tile(int M) { return M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : 16; }
+
+// The kernel's view of one call's arguments (no checks: check_args comes first).
+template <typename T>
+NmArgs<T> make_args(const void* x, int64_t ldx, const void* values, const void* mask, const void* up_values,
+                    const void* up_mask, int64_t ldv, int64_t ldb, const void* bias, void* out, int64_t ldo,
+                    int64_t M, int64_t N, int64_t K) {
+    NmArgs<T> a;
+    a.x = static_cast<const T*>(x);
+    a.values = static_cast<const T*>(values);
+    a.mask = static_cast<const uint8_t*>(mask);
+    a.up_values = static_cast<const T*>(up_values);
+    a.up_mask = static_cast<const uint8_t*>(up_mask);
+    a.bias = static_cast<const T*>(bias);
+    a.out = static_cast<T*>(out);
+    a.ldx = ldx;
+    a.ldv = ldv;
+    a.ldb = ldb;
+    a.ldo = ldo;
+    a.M = static_cast<int>(M);
+    a.N = static_cast<int>(N);
+    a.K = static_cast<int>(K);
+    return a;
+}
 
 inline bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 

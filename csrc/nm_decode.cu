@@ -79,8 +79,7 @@
  * Registers: __launch_bounds__(128, 4) caps them at 128 per thread (at least 16 warps per SM);
  * the CI compile check fails on any spill (-warn-spills, -warn-lmem-usage as errors).
  */
-#include <atomic>
-
+#include "launch.cuh"
 #include "nm_common.cuh"
 
 namespace atv {
@@ -128,18 +127,6 @@ __global__ void __launch_bounds__(kThreads, 4) nm_decode_kernel(NmArgs<T> a, int
         write_output<T, MT, GATED>(a, red, warp, ksplit, row0, lane);
 }
 
-int sm_count(int device, cudaError_t* err) {
-    static std::atomic<int> cache[64];  // per device; 0 = not asked yet
-    if (device >= 0 && device < 64) {
-        const int known = cache[device].load(std::memory_order_relaxed);
-        if (known > 0) return known;
-    }
-    int count = 0;
-    *err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-    if (*err == cudaSuccess && count > 0 && device >= 0 && device < 64) cache[device].store(count);
-    return count > 0 ? count : 1;
-}
-
 template <typename T, bool GATED>
 cudaError_t launch(const NmArgs<T>& a, int sms, cudaStream_t stream) {
     const int ksplit = choose_ksplit(a.N, a.K, Streams<GATED>::kRows, sms);
@@ -155,59 +142,12 @@ cudaError_t launch(const NmArgs<T>& a, int sms, cudaStream_t stream) {
     return cudaGetLastError();
 }
 
-// Make `device` current for this library's runtime for one call, then restore the previous one
-// (the caller's framework keeps its own notion of the current device).
-class DeviceScope {
-  public:
-    explicit DeviceScope(int device) {
-        err_ = cudaGetDevice(&previous_);
-        if (err_ == cudaSuccess && previous_ != device) {
-            err_ = cudaSetDevice(device);
-            switched_ = err_ == cudaSuccess;
-        }
-    }
-    ~DeviceScope() {
-        if (switched_) cudaSetDevice(previous_);
-    }
-    cudaError_t error() const { return err_; }
-
-  private:
-    int previous_ = 0;
-    bool switched_ = false;
-    cudaError_t err_ = cudaSuccess;
-};
-
 template <typename T>
 int run(int device, const NmArgs<T>& a, bool gated, cudaStream_t stream) {
     if (a.M == 0 || a.N == 0) return ATV_OK;
-    DeviceScope scope(device);
-    if (scope.error() != cudaSuccess) return scope.error();
-    cudaError_t err = cudaSuccess;
-    const int sms = sm_count(device, &err);
-    if (err != cudaSuccess) return err;
-    return gated ? launch<T, true>(a, sms, stream) : launch<T, false>(a, sms, stream);
-}
-
-template <typename T>
-NmArgs<T> make_args(const void* x, int64_t ldx, const void* values, const void* mask, const void* up_values,
-                    const void* up_mask, int64_t ldv, int64_t ldb, const void* bias, void* out, int64_t ldo,
-                    int64_t M, int64_t N, int64_t K) {
-    NmArgs<T> a;
-    a.x = static_cast<const T*>(x);
-    a.values = static_cast<const T*>(values);
-    a.mask = static_cast<const uint8_t*>(mask);
-    a.up_values = static_cast<const T*>(up_values);
-    a.up_mask = static_cast<const uint8_t*>(up_mask);
-    a.bias = static_cast<const T*>(bias);
-    a.out = static_cast<T*>(out);
-    a.ldx = ldx;
-    a.ldv = ldv;
-    a.ldb = ldb;
-    a.ldo = ldo;
-    a.M = static_cast<int>(M);
-    a.N = static_cast<int>(N);
-    a.K = static_cast<int>(K);
-    return a;
+    return run_on_device(device, [&](int sms) {
+        return gated ? launch<T, true>(a, sms, stream) : launch<T, false>(a, sms, stream);
+    });
 }
 
 int dispatch(int device, const void* x, int64_t ldx, const void* values, const void* mask,
