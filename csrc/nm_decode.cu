@@ -11,14 +11,15 @@
  *
  * Algorithm, per lane:
  *
- *     for each step j of this warp's slice of K (U = 4 steps at a time, 2 when MT >= 8):
+ *     for each step j of this warp's contiguous slice of K (U = 4 steps at a time, 2 when MT >= 8;
+ *     then a tail loop of single steps, the row's last partial step checked per lane):
  *         c    = 32 j + lane                            this lane's chunk: 16 columns, 8 values
  *         v[s] = values[row_s, 8c : 8c + 8]             one 16-byte load per weight stream s
  *         k[s] = bitmask[row_s, 2c : 2c + 2]            its two mask bytes (coalesced 64 B/warp)
  *     (all U x 2 x 2 loads issued before any is used)
  *     for each loaded chunk:
  *         w    = float(v)                                once per row, reused for every token
- *         sel  = lut[k & 0xff], lut[k >> 8]              byte-permute selectors (shared memory)
+ *         sel  = lut[k & 0xff], lut[k >> 8]              pick / mix selectors, one 16-byte shared load each
  *         for each token t:
  *             xa, xb = x[t, 16c : 16c + 8], x[t, 16c + 8 : 16c + 16]   two 16-byte loads (L1)
  *             xs     = the 8 activations of kept columns, picked from xa, xb by 3 prmt per pair
@@ -49,10 +50,10 @@
  *              K: chunks of 16 columns, steps of 32 chunks (one per lane)
  *              step 0          step 1          step 2          step 3   ...
  *            +---------------+---------------+---------------+---------------+
- *   block b  | warp 0        | warp 1        | warp 0        | warp 1        |  row group 0:
+ *   block b  | warp 0        | warp 0        | warp 1        | warp 1        |  row group 0:
  *   ksplit=2 |  rows r, r+1  |  rows r, r+1  |               |               |  rows r, r+1
  *            +---------------+---------------+---------------+---------------+
- *            | warp 2        | warp 3        | warp 2        | warp 3        |  row group 1:
+ *            | warp 2        | warp 2        | warp 3        | warp 3        |  row group 1:
  *            |  rows r+2,r+3 |               |               |               |  rows r+2, r+3
  *            +---------------+---------------+---------------+---------------+
  *   block b+1: rows r+4 .. r+7 ...          grid = ceil(N / rows per block), one dimension
@@ -74,8 +75,12 @@
  *   T             __half or __nv_bfloat16
  *   MT            token tile 1, 2, 4, 8 or 16: acc has 2 x MT fp32 registers; tokens >= a.M skipped
  *   GATED         silu(gate) * up instead of a plain (+ bias) layer
- * Shared memory: lut (256 x 8 B selector table, filled by the block at start) and red (per-warp
- * sums, kWarps x 2 MT floats): at most 2.5 KB, static.
+ * Shared memory: lut (256 x 16 B selector table, filled by the block at start) and red (per-warp
+ * sums, kWarps x 2 MT floats): at most 4.5 KB, static.
+ * Instruction budget at M = 1 (benchmarks/kernel_report.py counts the SASS): per 8 kept values
+ * 4 loads (values, mask, two activation loads shared by the two streams), 2 shared loads, 8
+ * widenings of values and 8 of activations, 12 prmt and 8 FFMA, about 6 instructions per kept
+ * weight in all (the prmt run as written: __byte_perm would mask each selector first).
  * Registers: __launch_bounds__(128, 4) caps them at 128 per thread (at least 16 warps per SM);
  * the CI compile check fails on any spill (-warn-spills, -warn-lmem-usage as errors).
  */
@@ -88,7 +93,7 @@ namespace {
 template <typename T, int MT, bool GATED>
 __global__ void __launch_bounds__(kThreads, 4) nm_decode_kernel(NmArgs<T> a, int ksplit) {
     constexpr int S = Streams<GATED>::kCount;
-    __shared__ uint2 lut[kLutSize];
+    __shared__ uint4 lut[kLutSize];
     __shared__ float red[kWarps][S * MT];
 
     for (int i = threadIdx.x; i < kLutSize; i += kThreads) lut[i] = byte_selectors(static_cast<uint32_t>(i));

@@ -27,7 +27,7 @@ namespace {
 template <typename T, int MT, bool GATED>
 void run_host_tile(const NmArgs<T>& a, int ksplit) {
     constexpr int S = Streams<GATED>::kCount;
-    uint2 lut[kLutSize];
+    uint4 lut[kLutSize];
     for (int i = 0; i < kLutSize; ++i) lut[i] = byte_selectors(static_cast<uint32_t>(i));
     const Partition part(a.K, ksplit, Streams<GATED>::kRows);
     const int blocks = (a.N + part.rows_per_block() - 1) / part.rows_per_block();
