@@ -4,6 +4,7 @@
   (CUDA, or the CPU under ``TRITON_INTERPRET=1``);
 - ``cusparselt``: ``atv_sparse::cslt_linear`` over torch's cuSPARSELt ops (2:4, CUDA);
 - ``cuda_lib``: the csrc decode kernels behind a C ABI (``atv_sparse::nm_linear_cuda``);
+- ``backends``: the table of backend facts (what each backend needs and where it runs);
 - ``dispatch``: which backend serves which token count (``Plan``), the measured per-shape table;
 - ``autotune``: measuring that table (``PlanTable``: a layer's plan, measured once per shape);
 - ``runner``: running a layer on the backend its plan picks, from tensors the caller keeps
@@ -39,8 +40,6 @@ def available_backends(device: torch.device | str) -> list[str]:
 def _stateless_plan(device: torch.device, n: int | None, m: int | None, dtype: torch.dtype, out_features: int,
                     in_features: int) -> Plan:
     """``runner.default_plan`` over the backends that read bitmask + values as they are."""
-    if device.type != "cuda":
-        return default_plan(device, [])
     usable = [b for b in usable_backends(device, n, m, dtype, out_features, in_features) if b not in LAYOUT_BACKENDS]
     return default_plan(device, usable)
 

@@ -171,9 +171,9 @@ class PlanTable:
         Off a GPU: ``runner.default_plan``'s reference backend. On one: the table's entry (measured
         now if missing and ``autotune``), else ``heuristic_plan``.
         """
-        if device.type != "cuda":
-            return default_plan(device, [])
         usable = shape.usable(device)
+        if device.type != "cuda":
+            return default_plan(device, usable)
         if self.entries is None:
             self.path = self.path or default_table_path(device)
             self.entries = read_table(self.path)

@@ -1,9 +1,10 @@
 """Which backend runs a sparse linear, per token count (docs/design.md 7.1).
 
-Backends: ``cuda`` (csrc decode kernels, few tokens), ``triton`` (skinny kernel up to 64 tokens,
-tile GEMM above), ``cusparselt`` (2:4 sparse tensor cores, large M), ``reference`` (decompress +
-``F.linear``: any device, dtype and pattern), and, inside a plan only, ``dense`` (a dense copy of
-the weight through cuBLAS, kept only where it measured faster than every sparse kernel).
+The backends and what each needs are one table, ``atv_sparse.ops.backends.TABLE``: ``cuda`` (csrc
+decode kernels, few tokens), ``triton`` (skinny kernel up to 64 tokens, tile GEMM above),
+``cusparselt`` (2:4 sparse tensor cores, large M), ``reference`` (decompress + ``F.linear``: any
+device, dtype and pattern), and, inside a plan only, ``dense`` (a dense copy of the weight through
+cuBLAS, kept only where it measured faster than every sparse kernel). This module only reads it.
 
 A ``Plan`` holds one backend (and cuSPARSELt algorithm id) per token bucket: a call with M
 tokens uses the entry of the smallest bucket >= M. Plans come from a per-shape table measured
@@ -22,15 +23,9 @@ from pathlib import Path
 import torch
 
 from ..errors import AtvSparseError
+from .backends import BACKENDS, FACTS, KERNEL_BACKENDS, KERNEL_DTYPES, TOKEN_LIMITS, facts  # noqa: F401  (re-exported)
 
-KERNEL_BACKENDS = ("cuda", "triton", "cusparselt")
-BACKENDS = ("auto", *KERNEL_BACKENDS, "reference")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192)
-TOKEN_LIMITS = {"cuda": 16}
-# Unmeasured, the CUDA decode kernels are trusted only where they are surely bandwidth-bound (by
-# instruction count they turn compute-bound above ~4 tokens); a measured table overrides this.
-HEURISTIC_CUDA_TOKENS = 4
-KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def bucket_index(tokens: int) -> int:
@@ -79,55 +74,15 @@ class Plan:
         return ",".join(parts)
 
 
-def triton_machine_status(device: torch.device) -> str | None:
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    return f"Triton runs on CUDA (or on the CPU only under TRITON_INTERPRET=1), not {device}"
-
-
 def machine_status(backend: str, device: torch.device) -> str | None:
     """None when ``backend`` can run on ``device`` on this machine, else why not."""
-    if backend == "reference":
-        return None
-    if backend == "triton":
-        return triton_machine_status(device)
-    if backend == "cusparselt":
-        from .cusparselt import cusparselt_status
-
-        return cusparselt_status(device)
-    if backend == "cuda":
-        if device.type != "cuda":
-            return f"the CUDA kernels need a CUDA device, not {device}"
-        from .cuda_lib import cuda_library_status
-
-        return cuda_library_status()
-    raise AtvSparseError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS[1:])}")
+    return facts(backend).machine(device)
 
 
 def layer_status(backend: str, n: int | None, m: int | None, dtype: torch.dtype, out_features: int,
                  in_features: int) -> str | None:
     """None when a layer of this pattern, dtype and shape suits ``backend``, else why not."""
-    if backend == "reference":
-        return None
-    if m is None:
-        return f"backend '{backend}' runs N:M patterns, not unstructured sparsity"
-    if dtype not in KERNEL_DTYPES:
-        return f"backend '{backend}' takes float16 / bfloat16 weights, not {dtype}"
-    if backend == "triton":
-        from ..kernels.nm_layout import SUPPORTED_GROUPS
-
-        return None if m in SUPPORTED_GROUPS else f"the Triton kernels handle n:4 and n:8 patterns, not {n}:{m}"
-    if backend == "cusparselt":
-        from .cusparselt import cusparselt_applies
-
-        return cusparselt_applies(n, m, dtype, out_features, in_features)
-    if backend == "cuda":
-        from .cuda_lib import cuda_layer_status
-
-        return cuda_layer_status(n, m, dtype, out_features, in_features)
-    raise AtvSparseError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS[1:])}")
+    return facts(backend).layer(n, m, dtype, out_features, in_features)
 
 
 def usable_backends(device: torch.device, n: int | None, m: int | None, dtype: torch.dtype,
@@ -138,22 +93,21 @@ def usable_backends(device: torch.device, n: int | None, m: int | None, dtype: t
 
 
 def heuristic_plan(usable: list[str], dense_fallback: bool) -> Plan:
-    """What to run when nothing was measured: decode kernels for few tokens, cuSPARSELt (2:4) for
-    many, else dense cuBLAS (if allowed) or the Triton GEMM."""
+    """What to run when nothing was measured, per bucket: the first usable kernel (in the table's
+    order) preferred up to that many tokens (``Backend.heuristic_tokens``); else dense (if allowed
+    and any kernel is usable); else the first usable kernel without a token limit; else reference.
+    On a GPU with every kernel: ``cuda`` up to 4 tokens, ``triton`` up to 64, ``cusparselt`` above."""
+    kernels = [FACTS[b] for b in KERNEL_BACKENDS if b in usable]
     backends = []
     for tokens in BUCKETS:
-        if "cuda" in usable and tokens <= HEURISTIC_CUDA_TOKENS:
-            backends.append("cuda")
-        elif "triton" in usable and tokens <= 64:
-            backends.append("triton")
-        elif "cusparselt" in usable:
-            backends.append("cusparselt")
-        elif usable and dense_fallback:
+        preferred = [b.name for b in kernels if b.heuristic_tokens is None or tokens <= b.heuristic_tokens]
+        unlimited = [b.name for b in kernels if b.token_limit is None]
+        if preferred:
+            backends.append(preferred[0])
+        elif kernels and dense_fallback:
             backends.append("dense")
-        elif "triton" in usable:
-            backends.append("triton")
         else:
-            backends.append("reference")
+            backends.append(unlimited[0] if unlimited else "reference")
     return Plan(tuple(backends), tuple(0 if b == "cusparselt" else -1 for b in backends))
 
 
@@ -210,6 +164,6 @@ def plan_from_entry(entry: dict, usable: list[str]) -> Plan | None:
     backends = tuple(entry["choice"])
     # a hand-edited (or older) table may hold -1 for cuSPARSELt: its default id 0 then
     alg_ids = tuple(max(a, 0) if b == "cusparselt" else a for b, a in zip(backends, entry["alg_ids"]))
-    if any(b not in usable and b not in ("dense", "reference") for b in backends):
+    if any(b not in usable and (b not in FACTS or FACTS[b].kernel) for b in backends):
         return None
     return Plan(backends, alg_ids)

@@ -9,28 +9,27 @@ the vLLM plugin on vLLM's layer. A layer's state is its checkpoint pair (bitmask
     every call:    backend, alg_id = pick_backend(plan, tokens)
                    y = run_backend(backend, x, bitmask, values, ..., cslt_weight, dense_copy)
 
-Only ``cusparselt`` (its compressed buffer) and ``dense`` (a dense copy of the weight) need a
-layout; the other backends read the checkpoint pair as it is.
+Which backends need a layout is the table's ``Backend.layout`` (``ops/backends.py``): today
+``cusparselt`` (its compressed buffer) and ``dense`` (a dense copy of the weight); the other
+backends read the checkpoint pair as it is.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import AtvSparseError
 from ..formats.bitmask import decompress
-from . import triton_ops
-from .dispatch import TOKEN_LIMITS, Plan, heuristic_plan
-
-# Backends that need a layout built once per layer (build_layouts): never used by a stateless call.
-LAYOUT_BACKENDS = ("cusparselt", "dense")
+from .backends import FACTS, LAYOUT_BACKENDS, TOKEN_LIMITS  # noqa: F401  (LAYOUT_BACKENDS re-exported)
+from .dispatch import Plan, heuristic_plan
 
 
 def default_plan(device: torch.device, kernels: list[str], dense_fallback: bool = False) -> Plan:
-    """The plan of a layer nothing was measured for: the reference backend off a GPU (Triton's
-    interpreter is for tests, not for serving), ``heuristic_plan`` over ``kernels`` on one."""
-    return Plan.uniform("reference") if device.type != "cuda" else heuristic_plan(kernels, dense_fallback)
+    """The plan of a layer nothing was measured for: ``heuristic_plan`` over the ``kernels`` that
+    an ``auto`` plan may pick on this device type (``Backend.plan_devices``: never Triton's CPU
+    interpreter, which is for tests), so the reference backend where none is left."""
+    kernels = [b for b in kernels if device.type in FACTS[b].plan_devices]
+    return heuristic_plan(kernels, dense_fallback) if kernels else Plan.uniform("reference")
 
 
 def build_layouts(plan: Plan, bitmask: torch.Tensor, values: torch.Tensor, in_features: int,
@@ -41,7 +40,8 @@ def build_layouts(plan: Plan, bitmask: torch.Tensor, values: torch.Tensor, in_fe
     Layouts already built (``cslt_weight``, ``dense_copy``) are kept where the plan still uses them
     and dropped where it does not; a missing one is built from one decompression of the pair.
     """
-    needs_cslt, needs_dense = "cusparselt" in plan.backends, "dense" in plan.backends
+    layouts = {FACTS[b].layout for b in plan.backends}
+    needs_cslt, needs_dense = "cslt" in layouts, "dense" in layouts
     cslt_weight = cslt_weight if needs_cslt else None
     dense_copy = dense_copy if needs_dense else None
     if (needs_cslt and cslt_weight is None) or (needs_dense and dense_copy is None):
@@ -63,16 +63,17 @@ def pick_backend(plan: Plan, tokens: int, fixed: str | None = None, name: str = 
 
 
 def token_limited(backend: str, tokens: int, fixed: str | None = None, name: str = "sparse linear") -> str:
-    """``backend``, or Triton where ``backend`` has a token limit (the CUDA decode kernels) below ``tokens``.
+    """``backend``, or its ``over_limit`` backend (the CUDA decode kernels: Triton) where ``backend``
+    has a token limit below ``tokens``.
 
     A caller that fixed that backend (``fixed``) is refused instead, naming ``name``.
     """
-    limit = TOKEN_LIMITS.get(backend)
-    if limit is not None and tokens > limit:
+    entry = FACTS[backend]
+    if entry.token_limit is not None and tokens > entry.token_limit:
         if fixed == backend:
-            raise AtvSparseError(f"{name}: backend '{backend}' runs up to {limit} tokens, got {tokens}; "
+            raise AtvSparseError(f"{name}: backend '{backend}' runs up to {entry.token_limit} tokens, got {tokens}; "
                                  f"use backend='auto'")
-        return "triton"
+        return entry.over_limit
     return backend
 
 
@@ -84,29 +85,9 @@ def run_backend(backend: str, x: torch.Tensor, bitmask: torch.Tensor, values: to
 
     x: (..., in_features); bitmask: (out, ceil(in_features / 8)) uint8; values: (out, in * n / m)
     for N:M, 1-D otherwise. Returns (..., out), or (..., out / 2) when gated (the weight stacks the
-    gate rows over the up rows). Only ``cusparselt`` and ``dense`` read a prepared layout
+    gate rows over the up rows). Only backends with a ``layout`` read a prepared one
     (``cslt_weight``, ``dense_copy``: see ``build_layouts``).
     """
-    if backend == "triton":
-        if gated:
-            return triton_ops.nm_gated(x, values, bitmask, n, m)
-        return triton_ops.nm_linear(x, values, bitmask, n, m, bias)
-    if backend == "cuda":
-        from . import cuda_lib
-
-        if gated:
-            half = values.shape[0] // 2
-            return cuda_lib.nm_gated_cuda(x, values[:half], bitmask[:half], values[half:], bitmask[half:], n, m)
-        return cuda_lib.nm_linear_cuda(x, values, bitmask, n, m, bias)
-    if backend == "cusparselt":
-        from .cusparselt import cslt_linear
-
-        y = cslt_linear(x, cslt_weight, bitmask.shape[0], alg_id, bias)
-    elif backend == "dense":
-        y = F.linear(x, dense_copy, bias)
-    else:
-        y = F.linear(x, decompress(bitmask, values, in_features), bias)
-    if gated:
-        half = bitmask.shape[0] // 2
-        return F.silu(y[..., :half]) * y[..., half:]
-    return y
+    entry = FACTS[backend]
+    layout = {"cslt": cslt_weight, "dense": dense_copy}.get(entry.layout)
+    return entry.run(x, bitmask, values, in_features, n, m, bias, gated, alg_id, layout)
