@@ -25,7 +25,9 @@ import torch.nn.functional as F
 
 from atv_sparse.errors import AtvSparseError
 from atv_sparse.formats.bitmask import compress
-from atv_sparse.kernels.cuda_layouts import sp24_layout
+from atv_sparse.kernels.cuda_layouts import pack_sp24, split_sp24, sp24_layout
+from atv_sparse.ops import runner
+from atv_sparse.ops.dispatch import Plan
 from atv_sparse.ops import build_cuda, cuda_lib
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
@@ -619,6 +621,36 @@ def test_sp24_host_twin_refusals(host_lib):
     assert call(fm=None) == ATV_ERR["null"]
 
 
+def test_sp24_packed_layout_and_gated_halves():
+    """pack_sp24 / split_sp24 round trip exactly, and a stacked gate / up weight (rows a multiple of
+    32) splits into the two halves' own layouts at tile rows / 32."""
+    gen = torch.Generator().manual_seed(10)
+    _, gb, gv = random_nm(48, 96, 2, 4, torch.bfloat16, gen)
+    _, ub, uv = random_nm(48, 96, 2, 4, torch.bfloat16, gen)
+    fv, fm = split_sp24(pack_sp24(torch.cat([gv, uv]), torch.cat([gb, ub])), torch.bfloat16, 96, 96)
+    (gfv, gfm), (ufv, ufm) = sp24_layout(gv, gb), sp24_layout(uv, ub)
+    assert torch.equal(fv[:3], gfv) and torch.equal(fm[:3], gfm) and torch.equal(fv[3:], ufv) and torch.equal(fm[3:], ufm)
+
+
+def test_sp24_layout_built_once_by_the_runner():
+    """A plan that uses cuda_sp24 gets the packed layout from build_layouts (kept when already
+    built, dropped when the plan no longer uses it); the table routes 2:4 only, out % 32 == 0."""
+    gen = torch.Generator().manual_seed(11)
+    _, bitmask, values = random_nm(32, 64, 2, 4, torch.float16, gen)
+    plan = Plan(("cuda_sp24",) * 4 + ("triton",) * 7, (-1,) * 11)
+    cslt, dense, sp24 = runner.build_layouts(plan, bitmask, values, 64)
+    assert cslt is None and dense is None and torch.equal(sp24, pack_sp24(values, bitmask))
+    assert runner.build_layouts(plan, bitmask, values, 64, sp24=sp24)[2] is sp24
+    assert runner.build_layouts(Plan.uniform("triton"), bitmask, values, 64, sp24=sp24)[2] is None
+    from atv_sparse.ops.backends import FACTS
+
+    layer = FACTS["cuda_sp24"].layer
+    assert layer(2, 4, torch.float16, 64, 64) is None
+    assert "2:4 only" in layer(4, 8, torch.float16, 64, 64)
+    assert "multiple of 32" in layer(2, 4, torch.float16, 48, 64) and "multiple of 32" in layer(2, 4, torch.float16,
+                                                                                                64, 48)
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU (skipped without CUDA or without the built library)
 
@@ -746,3 +778,45 @@ def test_gpu_refusals(gpu):
     code = lib.atv_nm_linear(0, x.data_ptr(), 256, values.data_ptr() + 2, 128, bitmask.data_ptr(), 32, None,
                              out.data_ptr(), 64, 2, 64, 256, 2, 4, 0, ctypes.c_void_p(None))
     assert code == ATV_ERR["align"] and out.isnan().all()
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the sparse tensor-core kernels (first checked on hardware by the first GPU run)
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 9, 16], ids=lambda v: f"M{v}")
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_gpu_sp24_linear(gpu, monkeypatch, dtype, M, with_bias):
+    x, w, bitmask, values, bias = _gpu_problem(seed_of("sp24", M, dtype), M, 301, 4096 + 96, 2, 4, dtype)
+    bias = bias if with_bias else None
+    fv, fm = sp24_layout(values, bitmask)
+    y = _poisoned_call(monkeypatch, torch.ops.atv_sparse.sp24_linear_cuda, x, fv, fm, 301, bias)
+    ref = x.double() @ w.double().T + (bias.double() if bias is not None else 0)
+    assert max_err(y, ref) <= 2 * max_err(F.linear(x, w, bias), ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 4, 16], ids=lambda v: f"M{v}")
+def test_gpu_sp24_gated(gpu, monkeypatch, dtype, M):
+    x, wg, gb, gv, _ = _gpu_problem(seed_of("sp24 gated", M, dtype), M, 160, 2048, 2, 4, dtype)
+    _, wu, ub, uv, _ = _gpu_problem(seed_of("sp24 up", M, dtype), M, 160, 2048, 2, 4, dtype)
+    (gfv, gfm), (ufv, ufm) = sp24_layout(gv, gb), sp24_layout(uv, ub)
+    y = _poisoned_call(monkeypatch, torch.ops.atv_sparse.sp24_gated_cuda, x, gfv, gfm, ufv, ufm, 160)
+    ref = F.silu(x.double() @ wg.double().T) * (x.double() @ wu.double().T)
+    assert max_err(y, ref) <= 2 * max_err(F.silu(F.linear(x, wg)) * F.linear(x, wu), ref)
+
+
+def test_gpu_sp24_graph_and_opcheck(gpu):
+    x, w, bitmask, values, bias = _gpu_problem(12, 1, 4096, 4096, 2, 4, torch.float16)
+    fv, fm = sp24_layout(values, bitmask)
+    torch.library.opcheck(torch.ops.atv_sparse.sp24_linear_cuda.default, (x, fv, fm, 4096, bias))
+    static_x = x.clone()
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.ops.atv_sparse.sp24_linear_cuda(static_x, fv, fm, 4096, bias)
+        with torch.cuda.graph(graph, stream=stream):
+            captured = torch.ops.atv_sparse.sp24_linear_cuda(static_x, fv, fm, 4096, bias)
+    static_x.copy_(x * 2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, torch.ops.atv_sparse.sp24_linear_cuda(x * 2, fv, fm, 4096, bias))

@@ -88,3 +88,20 @@ def sp24_layout(values: torch.Tensor, bitmask: torch.Tensor, name: str = "weight
     words = torch.where(words >= 2**31, words - 2**32, words)                  # as int32 bits
     frag_meta = words.permute(0, 2, 1, 3).reshape(tiles, kblocks, 16).to(torch.int32).contiguous()
     return frag_values, frag_meta
+
+
+def pack_sp24(values: torch.Tensor, bitmask: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """``sp24_layout`` as one flat uint8 tensor (frag_values' bytes, then frag_meta's), so a layer
+    keeps its tensor-core layout in one buffer; ``split_sp24`` takes it apart without copying."""
+    frag_values, frag_meta = sp24_layout(values, bitmask, name)
+    return torch.cat([frag_values.reshape(-1).view(torch.uint8), frag_meta.reshape(-1).view(torch.uint8)])
+
+
+def split_sp24(packed: torch.Tensor, dtype: torch.dtype, out_features: int,
+               in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(frag_values, frag_meta) views of a ``pack_sp24`` buffer of an (out_features, in_features) weight."""
+    tiles, kblocks = -(-out_features // TILE_ROWS), in_features // BLOCK_COLS
+    nbytes = tiles * kblocks * 32 * 8 * 2
+    frag_values = packed[:nbytes].view(dtype).view(tiles, kblocks, 32, 8)
+    frag_meta = packed[nbytes:].view(torch.int32).view(tiles, kblocks, 16)
+    return frag_values, frag_meta

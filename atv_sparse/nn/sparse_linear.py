@@ -58,6 +58,7 @@ class SparseLinear(nn.Module):
         # Kernel layouts built by prepare(); not part of the checkpoint.
         self.register_buffer("cslt_weight", None, persistent=False)
         self.register_buffer("dense_weight_copy", None, persistent=False)
+        self.register_buffer("sp24_layout", None, persistent=False)
         self.plan: Plan | None = None
         self._plan_for: tuple | None = None
 
@@ -151,9 +152,9 @@ class SparseLinear(nn.Module):
         elif plan is None:
             kernels = [b for b in self.usable_backends() if b != "reference"]
             plan = default_plan(self.weight_values.device, kernels)
-        self.cslt_weight, self.dense_weight_copy = build_layouts(plan, self.weight_bitmask, self.weight_values,
-                                                                 self.in_features, self.cslt_weight,
-                                                                 self.dense_weight_copy)
+        self.cslt_weight, self.dense_weight_copy, self.sp24_layout = build_layouts(
+            plan, self.weight_bitmask, self.weight_values, self.in_features, self.cslt_weight,
+            self.dense_weight_copy, self.sp24_layout)
         self.plan = plan
         self._plan_for = (self.weight_values.device, self.weight_values.dtype)
         return self
@@ -175,12 +176,14 @@ class SparseLinear(nn.Module):
     def run(self, backend: str, x: torch.Tensor, alg_id: int = 0) -> torch.Tensor:
         """One call on a given backend (no checks: ``forward`` dispatches; benchmarks call this)."""
         return run_backend(backend, x, self.weight_bitmask, self.weight_values, self.in_features, self.pattern.n,
-                           self.pattern.m, self.bias, self.gated, alg_id, self.cslt_weight, self.dense_weight_copy)
+                           self.pattern.m, self.bias, self.gated, alg_id, self.cslt_weight, self.dense_weight_copy,
+                           self.sp24_layout)
 
     def resident_bytes(self) -> dict[str, int]:
-        """Bytes held per layout (the checkpoint pair, cuSPARSELt's buffer, a dense copy, bias)."""
+        """Bytes held per layout (the checkpoint pair, cuSPARSELt's buffer, a dense copy, the sparse
+        tensor-core fragments, bias)."""
         sizes = {"values": self.weight_values, "bitmask": self.weight_bitmask, "cusparselt": self.cslt_weight,
-                 "dense": self.dense_weight_copy, "bias": self.bias}
+                 "dense": self.dense_weight_copy, "sp24": self.sp24_layout, "bias": self.bias}
         return {k: t.numel() * t.element_size() for k, t in sizes.items() if t is not None}
 
     def extra_repr(self) -> str:

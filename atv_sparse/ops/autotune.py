@@ -84,6 +84,7 @@ class _Copy:
     bias: torch.Tensor | None
     cslt_weight: torch.Tensor | None = None
     dense_copy: torch.Tensor | None = None
+    sp24: torch.Tensor | None = None
 
 
 def random_copy(shape: LayerShape, device: torch.device, seed: int) -> _Copy:
@@ -107,7 +108,7 @@ def _rotating_call(copies: list[_Copy], shape: LayerShape, backend: str, x: torc
     def call():
         c = next(turn)
         return run_backend(backend, x, c.bitmask, c.values, shape.in_features, shape.n, shape.m, c.bias,
-                           shape.gated, alg_id, c.cslt_weight, c.dense_copy)
+                           shape.gated, alg_id, c.cslt_weight, c.dense_copy, c.sp24)
 
     return call
 
@@ -126,7 +127,7 @@ def measure_entry(shape: LayerShape, device: torch.device | str, usable: list[st
     copies = []
     for seed in range(count):
         c = random_copy(shape, device, seed)
-        c.cslt_weight, c.dense_copy = build_layouts(layouts, c.bitmask, c.values, shape.in_features)
+        c.cslt_weight, c.dense_copy, c.sp24 = build_layouts(layouts, c.bitmask, c.values, shape.in_features)
         copies.append(c)
     choice, alg_ids, times_ms = [], [], {}
     for tokens in BUCKETS:

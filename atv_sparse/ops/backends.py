@@ -9,7 +9,8 @@ Each ``Backend`` entry says, for one backend:
 - ``plan_devices``: device types where an ``auto`` plan may pick it (Triton's CPU interpreter runs
   tests, it does not serve: ``("cuda",)``);
 - ``layout``: the per-layer layout it reads besides the checkpoint pair (``"cslt"``: cuSPARSELt's
-  compressed buffer; ``"dense"``: a dense copy), built once by ``runner.build_layouts``; None when
+  compressed buffer; ``"dense"``: a dense copy; ``"sp24"``: the sparse tensor-core fragments of
+  ``kernels/cuda_layouts.py``), built once by ``runner.build_layouts``; None when
   it reads bitmask + values as stored (only such backends serve stateless ``sparse_linear`` calls);
 - ``token_limit`` / ``over_limit``: the most tokens it runs per call, and the backend a plan's call
   above that goes to (the CUDA decode kernels hand larger M to Triton);
@@ -138,6 +139,30 @@ def _run_cuda(x, bitmask, values, in_features, n, m, bias, gated, alg_id, layout
     return cuda_lib.nm_linear_cuda(x, values, bitmask, n, m, bias)
 
 
+# --- cuda_sp24 (2:4 on the sparse tensor cores, csrc/sp24_decode.cu) ---------------------------------
+
+def _sp24_layer(n, m, dtype, out_features, in_features) -> str | None:
+    from .cuda_lib import sp24_layer_status
+
+    why = _nm_kernel_layer("cuda_sp24", n, m, dtype) or sp24_layer_status(n, m, dtype, out_features, in_features)
+    if why is None and out_features % 32:
+        # gate and up rows stacked: each half must start a 16-row tile of the layout
+        why = f"backend 'cuda_sp24' needs out_features to be a multiple of 32 (16-row tiles), not {out_features}"
+    return why
+
+
+def _run_sp24(x, bitmask, values, in_features, n, m, bias, gated, alg_id, layout):
+    from ..kernels.cuda_layouts import split_sp24
+    from . import cuda_lib
+
+    fv, fm = split_sp24(layout, values.dtype, values.shape[0], in_features)
+    if gated:
+        half = values.shape[0] // 2
+        tiles = half // 16
+        return cuda_lib.sp24_gated_cuda(x, fv[:tiles], fm[:tiles], fv[tiles:], fm[tiles:], half)
+    return cuda_lib.sp24_linear_cuda(x, fv, fm, values.shape[0], bias)
+
+
 # --- cusparselt --------------------------------------------------------------------------------------
 
 def _cslt_machine(device: torch.device) -> str | None:
@@ -164,6 +189,12 @@ def _anywhere(*_args) -> str | None:
 
 # Kernel backends in order of preference; then the plan-only dense copy and the reference.
 TABLE: tuple[Backend, ...] = (
+    # 2:4 on the sparse tensor cores from a load-time layout: about 1 instruction per kept weight at
+    # M = 1 (benchmarks/results/kernel-report.md). Correct on the CPU emulation of mma.sp only until
+    # a GPU run has checked it, so the heuristic never picks it (0); a measured table or a fixed
+    # backend does.
+    Backend("cuda_sp24", _cuda_machine, _sp24_layer, _run_sp24, layout="sp24", token_limit=16, over_limit="triton",
+            heuristic_tokens=0),
     # Unmeasured, the CUDA decode kernels are trusted only where they are surely bandwidth-bound (by
     # instruction count they turn compute-bound above ~4 tokens); a measured table overrides this.
     Backend("cuda", _cuda_machine, _cuda_layer, _run_cuda, token_limit=16, over_limit="triton", heuristic_tokens=4),
