@@ -444,8 +444,9 @@ def find_nvcc() -> str | None:
     return _find()
 
 
-def compile_csrc(archs: list[str]) -> list[dict]:
-    """Every csrc/*.cu to a cubin per architecture (nvcc, as the library is built), analysed the same way."""
+def compile_csrc(archs: list[str], names: tuple[str, ...] | None = None) -> list[dict]:
+    """Every csrc/*.cu (or those named) to a cubin per architecture (nvcc, as the library is built),
+    analysed the same way."""
     nvcc = find_nvcc()
     if nvcc is None:
         return [{"error": "nvcc not found: csrc not compiled"}]
@@ -453,6 +454,8 @@ def compile_csrc(archs: list[str]) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for arch in archs:
             for src in sorted((REPO / "csrc").glob("*.cu")):
+                if names is not None and src.name not in names:
+                    continue
                 cubin = Path(tmp) / f"{src.stem}.sm_{arch}.cubin"
                 proc = subprocess.run([nvcc, "-std=c++17", "-O3", f"-arch=sm_{arch}", "-cubin", str(src), "-o", str(cubin)],
                                       capture_output=True, text=True)
