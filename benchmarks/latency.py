@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--m", default=DEFAULT_M, help=f"token counts, comma-separated (default {DEFAULT_M})")
     p.add_argument("--dtype", default="fp16", choices=list(DTYPES))
     p.add_argument("--backends", default="cuda,triton,cusparselt,torch24,auto",
-                   help="subset of cuda,triton,cusparselt,reference,torch24,auto (torch24: PyTorch's "
+                   help="subset of cuda,cuda_sp24,triton,cusparselt,reference,torch24,auto (torch24: PyTorch's "
                         "to_sparse_semi_structured, 2:4 on CUDA); ones this machine lacks are reported and skipped")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a dry run of every code path (tiny shapes, TRITON_INTERPRET=1, CPU timers)")
@@ -149,6 +149,7 @@ def bench_shape(out_f, in_f, gated, pattern, dtype, ms_list, backends, graphs, c
     from atv_sparse.nn.autotune import prepare_model
     from atv_sparse.nn.sparse_linear import SparseLinear
     from atv_sparse.ops.cusparselt import search_alg_id
+    from atv_sparse.ops.dispatch import TOKEN_LIMITS
     from atv_sparse.ops.traffic import bytes_moved, ideal_ms
 
     n, m_group = (int(v) for v in pattern.split(":"))
@@ -204,8 +205,8 @@ def bench_shape(out_f, in_f, gated, pattern, dtype, ms_list, backends, graphs, c
                     mods = layers[backend]
                     mod0 = mods[0]
                     why = None if backend == "auto" else mod0.backend_status(backend)
-                    if why is None and backend == "cuda" and m > 16:
-                        why = "the CUDA kernels run up to 16 tokens"
+                    if why is None and m > TOKEN_LIMITS.get(backend, m):
+                        why = f"backend '{backend}' runs up to {TOKEN_LIMITS[backend]} tokens"
                     if why:
                         row[f"{backend}_{mode}_ms"] = None
                         row[f"{backend}_why"] = why
