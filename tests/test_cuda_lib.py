@@ -204,6 +204,32 @@ def test_fake_under_fake_tensor_mode():
         assert out.shape == (4, 1, 5) and out.dtype == torch.float16 and out.device.type == "cuda"
 
 
+@pytest.mark.parametrize("lead", [(), (1,), (2, 3)], ids=str)
+def test_sp24_fake_shapes(lead):
+    x = torch.empty(*lead, 64, dtype=torch.float16, device="meta")
+    fv = torch.empty(2, 2, 32, 8, dtype=torch.float16, device="meta")     # 17..32 rows, K = 64
+    fm = torch.empty(2, 2, 16, dtype=torch.int32, device="meta")
+    bias = torch.empty(20, dtype=torch.float16, device="meta")
+    assert torch.ops.atv_sparse.sp24_linear_cuda(x, fv, fm, 20, bias).shape == (*lead, 20)
+    assert torch.ops.atv_sparse.sp24_gated_cuda(x, fv, fm, fv, fm, 20).shape == (*lead, 20)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("K=48", "K=48 input features, need a positive multiple of 32"),
+    ("17 tokens", "17 tokens, the CUDA kernels take at most 16"),
+    ("tiles", r"weight frag_values \(3, 2, 32, 8\) are not \(2, 2, 32, 8\)"),
+    ("meta dtype", "weight frag_meta is torch.int64, expected torch.int32"),
+    ("values dtype", "weight frag_values are torch.bfloat16, activations torch.float16"),
+], ids=lambda v: v if " " not in v or len(v) < 12 else None)
+def test_sp24_rejects(case, message):
+    x = torch.zeros(17 if case == "17 tokens" else 2, 48 if case == "K=48" else 64, dtype=torch.float16)
+    fv = torch.zeros(3 if case == "tiles" else 2, 2, 32, 8, dtype=torch.bfloat16 if case == "values dtype"
+                     else torch.float16)
+    fm = torch.zeros(2, 2, 16, dtype=torch.int64 if case == "meta dtype" else torch.int32)
+    with pytest.raises(AtvSparseError, match="sp24_linear_cuda: " + message):
+        torch.ops.atv_sparse.sp24_linear_cuda(x, fv, fm, 20)
+
+
 def _bad_call(case: str, device: str):
     k, rows = 64, 6
     x = torch.empty(2, k, dtype=torch.float16, device=device)
