@@ -782,6 +782,7 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default=str(DEFAULT_OUT), help="Markdown path (JSON beside it); '-' for stdout only")
     p.add_argument("--render", help="rewrite the Markdown from a JSON this script wrote (no compiling)")
+    p.add_argument("--note", help="a sentence printed under the report's header (e.g. why a run was partial)")
     return p.parse_args(argv)
 
 
@@ -791,6 +792,8 @@ def main(argv=None) -> int:
 
     if args.render:
         data = json.loads(Path(args.render).read_text())
+        if args.note:
+            data["meta"]["note"] = args.note
         text = markdown(data["triton"], data["baseline"], data["csrc"], data["meta"])
         if args.out == "-":
             print(text)
@@ -826,7 +829,7 @@ def main(argv=None) -> int:
     decode_check = None if args.no_csrc else decode_default_check(rows, csrc_rows)
     meta = {"date": datetime.date.today().isoformat(), "triton": triton.__version__, "archs": archs,
             "mode": "ci" if args.ci else "full", "wall_s": time.perf_counter() - start, "baseline": args.baseline_rev,
-            "gpus": GPUS, "decode_check": decode_check}
+            "gpus": GPUS, "decode_check": decode_check, "note": args.note}
     text = markdown(rows, base_rows, csrc_rows, meta)
     if args.out == "-":
         print(text)

@@ -88,9 +88,9 @@ template <>
 struct Dtype<__half> {
     // bits: two fp16 in one 32-bit word, the lower column in the low half.
     ATV_HD static float2 pair_to_float2(uint32_t bits) {
-        __half2 h;  // the word's bits as they are: two HADD2.F32, no repacking
-        memcpy(&h, &bits, 4);
-        return __half22float2(h);
+        __half2_raw raw;  // the word's bits as they are: two HADD2.F32, no repacking
+        memcpy(&raw, &bits, 4);
+        return __half22float2(__half2(raw));
     }
     ATV_HD static float to_float(__half v) { return __half2float(v); }
     ATV_HD static __half from_float(float v) { return __float2half_rn(v); }
