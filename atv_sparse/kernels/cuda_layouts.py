@@ -34,21 +34,27 @@ BLOCK_COLS = 32
 PAD_NIBBLE = 0b0100  # positions 0, 1: the metadata of a padding group (its values are zero)
 
 
-def _group_nibbles(name: str, bitmask: torch.Tensor, in_features: int) -> torch.Tensor:
-    """(N, K / 4) int32 metadata nibbles i0 | i1 << 2 of a 2:4 bitmask (N, K / 8) uint8."""
+def _nibble_table() -> list[int]:
+    """Metadata nibble i0 | i1 << 2 of each 4-bit group mask with two bits set; 255 for the others."""
+    table = []
+    for mask in range(16):
+        kept = [p for p in range(4) if mask >> p & 1]
+        table.append(kept[0] | kept[1] << 2 if len(kept) == 2 else 255)
+    return table
+
+
+def _group_nibbles(name: str, bitmask: torch.Tensor) -> torch.Tensor:
+    """(N, K / 4) uint8 metadata nibbles of a 2:4 bitmask (N, K / 8) uint8 (one byte per group)."""
     rows = bitmask.shape[0]
-    shifts = torch.arange(8, device=bitmask.device, dtype=torch.int32)
-    bits = (bitmask.to(torch.int32).unsqueeze(-1) >> shifts) & 1               # (N, K/8, 8), column order
-    groups = bits.reshape(rows, in_features // 4, 4)
-    counts = groups.sum(-1)
-    if not bool((counts == 2).all()):
-        bad = (counts != 2).nonzero()[0].tolist()
-        raise AtvSparseError(f"{name}: bitmask group {bad[1]} of row {bad[0]} keeps {int(counts[bad[0], bad[1]])} "
-                             f"of 4 columns; the sparse tensor-core layout needs exactly 2 (2:4)")
-    position = torch.arange(4, device=bitmask.device, dtype=torch.int32)
-    first = torch.where(groups.bool(), position, 4).amin(-1)                   # lower kept column
-    second = torch.where(groups.bool(), position, -1).amax(-1)                 # upper kept column
-    return first | second << 2
+    groups = torch.stack([bitmask & 0xF, bitmask >> 4], dim=-1).reshape(rows, -1)   # low nibble first
+    table = torch.tensor(_nibble_table(), dtype=torch.uint8, device=bitmask.device)
+    nibbles = table.index_select(0, groups.reshape(-1).int()).reshape(groups.shape)
+    if bool((nibbles == 255).any()):
+        row, group = (nibbles == 255).nonzero()[0].tolist()
+        kept = bin(int(groups[row, group])).count("1")
+        raise AtvSparseError(f"{name}: bitmask group {group} of row {row} keeps {kept} of 4 columns; the sparse "
+                             f"tensor-core layout needs exactly 2 (2:4)")
+    return nibbles
 
 
 def sp24_layout(values: torch.Tensor, bitmask: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +76,7 @@ def sp24_layout(values: torch.Tensor, bitmask: torch.Tensor, name: str = "weight
     if in_features % BLOCK_COLS:
         raise AtvSparseError(f"{name}: in_features {in_features} is not a multiple of {BLOCK_COLS} (one mma.sp "
                              f"k-block)")
-    nibbles = _group_nibbles(name, bitmask.to(values.device), in_features)
+    nibbles = _group_nibbles(name, bitmask.to(values.device))
     tiles, kblocks = -(-rows // TILE_ROWS), in_features // BLOCK_COLS
     pad = tiles * TILE_ROWS - rows
     vals = torch.cat([values, values.new_zeros(pad, values.shape[1])]) if pad else values
@@ -81,12 +87,12 @@ def sp24_layout(values: torch.Tensor, bitmask: torch.Tensor, name: str = "weight
     frag_values = v.permute(0, 3, 2, 5, 4, 1, 6).reshape(tiles, kblocks, 32, 8).contiguous()
 
     # metadata: group 8 b + 4 h + j of row 16 t + 8 h8 + g -> bits 16 h8 + 4 j of word [t, b, 2 g + h]
-    nib = nibbles.reshape(tiles, 2, 8, kblocks, 2, 4).to(torch.int64)        # t h8 g b h j
-    shift = (16 * torch.arange(2, device=nib.device).view(1, 2, 1, 1, 1, 1)
-             + 4 * torch.arange(4, device=nib.device).view(1, 1, 1, 1, 1, 4))
-    words = (nib << shift).sum(dim=(1, 5))                                     # t g b h
-    words = torch.where(words >= 2**31, words - 2**32, words)                  # as int32 bits
-    frag_meta = words.permute(0, 2, 1, 3).reshape(tiles, kblocks, 16).to(torch.int32).contiguous()
+    nib = nibbles.reshape(tiles, 2, 8, kblocks, 2, 4)                          # t h8 g b h j
+    words = torch.zeros(tiles, 8, kblocks, 2, dtype=torch.int32, device=nib.device)
+    for h8 in range(2):
+        for j in range(4):  # int32 shifts wrap: bit 31 lands as the sign bit, as the kernel reads it
+            words |= nib[:, h8, :, :, :, j].to(torch.int32) << (16 * h8 + 4 * j)
+    frag_meta = words.permute(0, 2, 1, 3).reshape(tiles, kblocks, 16).contiguous()
     return frag_values, frag_meta
 
 
