@@ -9,7 +9,7 @@ from ..errors import AtvSparseError
 from ..formats.bitmask import bitmask_shape, compress, decompress, validate_compressed, values_shape
 from ..ops.autotune import LayerShape
 from ..ops.dispatch import BACKENDS, Plan, layer_status, machine_status
-from ..ops.runner import build_layouts, default_plan, pick_backend, run_backend
+from ..ops.runner import build_layouts, default_plan, pick_backend, place_weights, run_backend
 from ..patterns import Pattern, parse_pattern
 
 
@@ -26,9 +26,10 @@ class SparseLinear(nn.Module):
     (..., I).
 
     ``backend``: ``auto`` (a ``Plan`` per token count, see ``atv_sparse.ops.dispatch``), or one of
-    ``cuda``, ``triton``, ``cusparselt``, ``reference`` for every call. ``prepare()`` builds what
-    the plan needs on the module's device (cuSPARSELt's buffer, a dense copy where dense cuBLAS
-    measured fastest) and is called by ``atv_sparse.load``, or by the first forward otherwise.
+    ``cuda``, ``triton``, ``cusparselt``, ``cpu``, ``reference`` for every call. ``prepare()`` builds
+    what the plan needs on the module's device (cuSPARSELt's buffer, a dense copy where dense cuBLAS
+    measured fastest; for ``cpu`` the pair moved to huge pages, no second copy) and is called by
+    ``atv_sparse.load``, or by the first forward otherwise.
 
     CUDA graphs: ``prepare()`` builds every layout, and the Triton kernels need no table, so a call
     makes no host-to-device copy; but the Triton autotuner compiles and times its configs on the
@@ -140,8 +141,8 @@ class SparseLinear(nn.Module):
         """Fix the plan for this device and dtype and build the layouts it uses.
 
         plan: None = a uniform plan for a fixed backend, or for ``auto`` ``ops.runner.default_plan``
-        (the reference backend on a CPU, ``heuristic_plan`` on a GPU); ``prepare_model`` passes
-        measured plans.
+        (``heuristic_plan`` over the kernels usable here: ``cpu`` on a CPU where it built, else
+        the reference backend); ``prepare_model`` passes measured plans.
         """
         if self.backend != "auto":
             why = self.backend_status(self.backend)
@@ -152,6 +153,7 @@ class SparseLinear(nn.Module):
         elif plan is None:
             kernels = [b for b in self.usable_backends() if b != "reference"]
             plan = default_plan(self.weight_values.device, kernels)
+        self.weight_bitmask, self.weight_values = place_weights(plan, self.weight_bitmask, self.weight_values)
         self.cslt_weight, self.dense_weight_copy, self.sp24_layout = build_layouts(
             plan, self.weight_bitmask, self.weight_values, self.in_features, self.cslt_weight,
             self.dense_weight_copy, self.sp24_layout)

@@ -169,7 +169,8 @@ class PlanTable:
     def plan(self, shape: LayerShape, device: torch.device, name: str = "layer") -> Plan:
         """The plan for a layer of ``shape`` on ``device`` with backend ``auto``.
 
-        Off a GPU: ``runner.default_plan``'s reference backend. On one: the table's entry (measured
+        Off a GPU: ``runner.default_plan`` (the ``cpu`` kernels for every token count where they
+        built, else the reference backend). On one: the table's entry (measured
         now if missing and ``autotune``), else ``heuristic_plan``.
         """
         usable = shape.usable(device)

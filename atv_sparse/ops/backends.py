@@ -18,6 +18,8 @@ Each ``Backend`` entry says, for one backend:
   preferred up to (None: any count; 0: never preferred, only a last resort);
 - ``machine(device)`` / ``layer(n, m, dtype, out_features, in_features)``: None when it can run on
   this device on this machine / a layer of this pattern, weight dtype and shape, else why not;
+- ``place(tensor)``: where it wants the checkpoint pair in memory (``cpu``: huge pages), applied
+  once by ``runner.place_weights``; None: as it is;
 - ``run(x, bitmask, values, in_features, n, m, bias, gated, alg_id, layout)``: one call, no checks
   (``layout``: the tensor its ``layout`` names, else None). Returns (..., out), or (..., out / 2)
   when gated (``silu(x Wg^T) * (x Wu^T)``, gate rows stacked over up rows).
@@ -56,6 +58,7 @@ class Backend:
     token_limit: int | None = None
     over_limit: str | None = None
     heuristic_tokens: int | None = None
+    place: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def _gate(y: torch.Tensor, gated: bool) -> torch.Tensor:
@@ -183,6 +186,34 @@ def _run_cslt(x, bitmask, values, in_features, n, m, bias, gated, alg_id, layout
     return _gate(cslt_linear(x, layout, bitmask.shape[0], alg_id, bias), gated)
 
 
+# --- cpu (C++ kernels on the packed layout) ----------------------------------------------------------
+
+def _cpu_machine(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return f"the cpu kernels run on the CPU, not {device}"
+    from .cpu_lib import cpu_library_status
+
+    return cpu_library_status()
+
+
+def _cpu_layer(n, m, dtype, out_features, in_features) -> str | None:
+    from .cpu_lib import cpu_layer_status
+
+    return cpu_layer_status(n, m, dtype, out_features, in_features)
+
+
+def _run_cpu(x, bitmask, values, in_features, n, m, bias, gated, alg_id, layout):
+    from .cpu_lib import nm_linear_cpu
+
+    return nm_linear_cpu(x, values, bitmask, n, m, bias, gated)
+
+
+def _cpu_place(t: torch.Tensor) -> torch.Tensor:
+    from .cpu_lib import hugepage_copy
+
+    return hugepage_copy(t)
+
+
 def _anywhere(*_args) -> str | None:
     return None
 
@@ -200,6 +231,8 @@ TABLE: tuple[Backend, ...] = (
     Backend("cuda", _cuda_machine, _cuda_layer, _run_cuda, token_limit=16, over_limit="triton", heuristic_tokens=4),
     Backend("triton", _triton_machine, _triton_layer, _run_triton, heuristic_tokens=64),
     Backend("cusparselt", _cslt_machine, _cslt_layer, _run_cslt, layout="cslt"),
+    # decode kernel up to 16 tokens, expanded panels + torch's GEMM above: every token count
+    Backend("cpu", _cpu_machine, _cpu_layer, _run_cpu, plan_devices=("cpu",), place=_cpu_place),
     Backend("dense", _anywhere, _anywhere, _run_dense, choosable=False, kernel=False, layout="dense"),
     Backend("reference", _anywhere, _anywhere, _run_reference, kernel=False, plan_devices=()),
 )

@@ -33,6 +33,17 @@ def default_plan(device: torch.device, kernels: list[str], dense_fallback: bool 
     return heuristic_plan(kernels, dense_fallback) if kernels else Plan.uniform("reference")
 
 
+def place_weights(plan: Plan, bitmask: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bitmask, values) where the plan's backends want them (``Backend.place``: the cpu kernels
+    read them from huge pages); the same tensors when no backend asks. Equal values, no second copy
+    kept: the caller replaces its tensors with these."""
+    for name in dict.fromkeys(plan.backends):
+        place = FACTS[name].place
+        if place is not None:
+            bitmask, values = place(bitmask), place(values)
+    return bitmask, values
+
+
 def build_layouts(plan: Plan, bitmask: torch.Tensor, values: torch.Tensor, in_features: int,
                   cslt_weight: torch.Tensor | None = None, dense_copy: torch.Tensor | None = None,
                   sp24: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:

@@ -2,8 +2,8 @@
 
 ``prepare_layer`` runs once per layer from ``AtvSparseLinearMethod.process_weights_after_loading``:
 it validates the loaded pair, takes the layer's plan from the same measured per-shape table as
-``atv_sparse.load`` (``ops.autotune.PlanTable``: the reference backend on a CPU, the table's
-entry on a GPU, measured there if missing) and builds the layouts the plan needs (cuSPARSELt's
+``atv_sparse.load`` (``ops.autotune.PlanTable``: the ``cpu`` kernels on a CPU where they built,
+else the reference backend; the table's entry on a GPU, measured there if missing) and builds the layouts the plan needs (cuSPARSELt's
 buffer; a dense copy where dense cuBLAS measured fastest, as ``load``'s default
 ``dense_fallback=True``). It keeps them on the layer:
 
@@ -27,7 +27,7 @@ from torch import nn
 from ..formats.bitmask import validate_compressed
 from ..ops.autotune import LayerShape, PlanTable
 from ..ops.dispatch import KERNEL_BACKENDS, bucket_index
-from ..ops.runner import build_layouts, run_backend, token_limited
+from ..ops.runner import build_layouts, place_weights, run_backend, token_limited
 from ..patterns import Pattern
 
 # A custom op takes no list of strings: the plan crosses it as indices into this tuple.
@@ -73,6 +73,7 @@ def prepare_layer(layer: nn.Module, in_features: int, pattern: Pattern, name: st
     table = plan_table(values.device)
     plan = table.plan(shape, values.device, name)
     table.save()
+    layer.weight_bitmask.data, layer.weight_values.data = place_weights(plan, bitmask, values)  # cpu: huge pages
     cslt_weight, dense_copy, sp24 = build_layouts(plan, bitmask, values, in_features)
     layer.atv_plan = ServingPlan(in_features, pattern.n, pattern.m,
                                  tuple(PLAN_BACKENDS.index(b) for b in plan.backends), plan.alg_ids)
