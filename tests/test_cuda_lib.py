@@ -13,6 +13,7 @@ Nothing queries the GPU at import time.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -675,6 +676,27 @@ def test_sp24_layout_built_once_by_the_runner():
     assert "2:4 only" in layer(4, 8, torch.float16, 64, 64)
     assert "multiple of 32" in layer(2, 4, torch.float16, 48, 64) and "multiple of 32" in layer(2, 4, torch.float16,
                                                                                                 64, 48)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_autotune_checks_an_unverified_backend_before_timing_it(monkeypatch, capsys, gated):
+    """cuda_sp24 is checked against the dense layer once per shape before it is timed; a backend that
+    disagrees is left out of the measured plan (here: the reference backend, made wrong on purpose)."""
+    from atv_sparse.ops import autotune
+    from atv_sparse.ops.backends import FACTS
+
+    shape = autotune.LayerShape(2, 4, torch.float32, 64, 128, gated=gated, bias=not gated)
+    c = autotune.random_copy(shape, torch.device("cpu"), 0)
+    c.cslt_weight, c.dense_copy, c.sp24 = runner.build_layouts(Plan.uniform("dense"), c.bitmask, c.values, 128)
+    assert FACTS["cuda_sp24"].check_before_timing and not FACTS["cuda"].check_before_timing
+    assert autotune.agrees_with_dense("reference", c, shape, "layers.0.mlp")
+    real = autotune.run_backend
+    monkeypatch.setattr(autotune, "run_backend", lambda *a: real(*a) * 1.01)
+    assert not autotune.agrees_with_dense("reference", c, shape, "layers.0.mlp")
+    assert "layers.0.mlp: backend 'reference' disagrees with the dense layer" in capsys.readouterr().out
+    monkeypatch.setitem(FACTS, "reference", dataclasses.replace(FACTS["reference"], check_before_timing=True))
+    entry = autotune.measure_entry(shape, "cpu", ["reference"], timer=lambda b, t, fn: 1.0 if b == "dense" else 0.5)
+    assert set(entry["choice"]) == {"dense"}  # the wrong backend was never timed
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,6 +16,9 @@ Each ``Backend`` entry says, for one backend:
   above that goes to (the CUDA decode kernels hand larger M to Triton);
 - ``heuristic_tokens``: in a plan nothing was measured for, the largest token count it is
   preferred up to (None: any count; 0: never preferred, only a last resort);
+- ``check_before_timing``: its results on real hardware have not been checked yet (``cuda_sp24``:
+  tested against a CPU emulation of ``mma.sp``), so ``autotune`` compares it with the dense layer
+  once per shape before timing it, and leaves it out of the table where it disagrees;
 - ``machine(device)`` / ``layer(n, m, dtype, out_features, in_features)``: None when it can run on
   this device on this machine / a layer of this pattern, weight dtype and shape, else why not;
 - ``place(tensor)``: where it wants the checkpoint pair in memory (``cpu``: huge pages), applied
@@ -58,6 +61,7 @@ class Backend:
     token_limit: int | None = None
     over_limit: str | None = None
     heuristic_tokens: int | None = None
+    check_before_timing: bool = False
     place: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
@@ -225,7 +229,7 @@ TABLE: tuple[Backend, ...] = (
     # a GPU run has checked it, so the heuristic never picks it (0); a measured table or a fixed
     # backend does.
     Backend("cuda_sp24", _cuda_machine, _sp24_layer, _run_sp24, layout="sp24", token_limit=16, over_limit="triton",
-            heuristic_tokens=0),
+            heuristic_tokens=0, check_before_timing=True),
     # Unmeasured, the CUDA decode kernels are trusted only where they are surely bandwidth-bound (by
     # instruction count they turn compute-bound above ~4 tokens); a measured table overrides this.
     Backend("cuda", _cuda_machine, _cuda_layer, _run_cuda, token_limit=16, over_limit="triton", heuristic_tokens=4),
