@@ -14,8 +14,9 @@ input checkpoint, output settings). ``convert --resume`` with the same arguments
                                          rest pruned as the interrupted run would have
 
 Costs of a resume: the calibration capture, one forward of every finished block over the
-calibration set (about a third of a Wanda run's block work, far less than SparseGPT's), reading
-the finished blocks' weights (source and staged) and one SHA-256 pass over the staged shards.
+calibration set, reading the finished blocks' weights (source, then staged and decompressed) and
+one SHA-256 pass over the staged shards. On the Llama-3.2-3B shape, Wanda 2:4 on a CPU, a block
+took 24.8 s to rebuild against 28.4 s to prune (benchmarks/results/resume_overhead.md).
 
 Without ``--resume`` a staged run is reported in one line with the command that resumes it and
 the one that removes it; it is never reused or deleted silently. SIGINT / SIGTERM stop at the end
