@@ -233,6 +233,24 @@ class ConversionJournal:
 
 
 @contextlib.contextmanager
+def kept_for_resume(journal: ConversionJournal):
+    """Around a conversion's work: bad input (an ``AtvSparseError``, which the same arguments would
+    meet again) removes the staging directory; any other failure after a journal was written
+    (CUDA out of memory, a bug, Ctrl-C outside the blocks) keeps it and says how to resume."""
+    try:
+        yield
+    except ConversionStopped:
+        raise
+    except AtvSparseError:
+        journal.stream.stage.keep = False
+        raise
+    except BaseException as e:
+        if journal.stream.stage.keep:
+            print(f"stopped ({type(e).__name__}): {journal.hint()}", file=sys.stderr)
+        raise
+
+
+@contextlib.contextmanager
 def stop_on_signals(journal: ConversionJournal):
     """SIGINT / SIGTERM ask ``journal`` to stop after the current block; a second one stops at once."""
     if threading.current_thread() is not threading.main_thread():
@@ -260,5 +278,5 @@ def stop_on_signals(journal: ConversionJournal):
 
 
 __all__ = ["ConversionJournal", "ConversionStopped", "JOURNAL_FORMAT", "calibration_digest", "check_same_run",
-           "find_interrupted", "input_identity", "resumable_stage", "resume_command", "run_identity",
-           "stop_on_signals"]
+           "find_interrupted", "input_identity", "kept_for_resume", "resumable_stage", "resume_command",
+           "run_identity", "stop_on_signals"]
