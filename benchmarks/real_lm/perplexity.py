@@ -6,7 +6,7 @@
     python benchmarks/real_lm/perplexity.py table               # -> results/real-lm-ppl.md / .json
 
 The model is :mod:`smollm2`'s checkpoint (the Q4_1 release dequantized to bf16); the text is
-:mod:`make_text`'s (Python 3.11 documentation from Debian: tutorial + FAQ to calibrate, five
+:mod:`make_text`'s (Python 3.11 documentation from Debian: tutorial + FAQ to calibrate, two
 HOWTOs held out). Each cell runs ``python -m atv_sparse.convert CKPT --method M --pattern P
 --nsamples N --seqlen S --seed s --calib calibration.txt`` (packed output, as a user would) and
 then ``python -m atv_sparse.evaluate OUT --ppl evaluation.txt --seqlen W``, which loads the
@@ -178,7 +178,7 @@ def table(runs: Path = RUNS) -> str:
         "every weight dequantized from 4 bits: figures compare methods on this model, not with published "
         "SmolLM2 numbers.",
         f"Text: Python 3.11 docs (Debian python3.11-doc, `sources.json`): calibration = tutorial + FAQ "
-        f"(sha256 {text['calibration.txt']['sha256'][:16]}...), evaluation = 5 HOWTOs "
+        f"(sha256 {text['calibration.txt']['sha256'][:16]}...), evaluation = 2 HOWTOs "
         f"(sha256 {text['evaluation.txt']['sha256'][:16]}..., {first['eval_tokens']} tokens, "
         f"{first['eval_windows']} full windows of {first['window']}; the trailing {first.get('eval_dropped')} "
         "dropped as in Wanda).",
