@@ -119,6 +119,7 @@ def run(args) -> None:
 
     ckpt = ensure_checkpoint(args.cache)
     sources = json.loads((args.text / "sources.json").read_text())
+    (args.runs.parent / "real-lm-text-sources.json").write_text(json.dumps(sources, indent=1) + "\n")
     done = {(r["method"], r["pattern"], r["seed"]) for r in read_runs(args.runs)
             if (r["nsamples"], r["seqlen"], r["window"]) == (args.nsamples, args.seqlen, args.window)}
     context = {"machine": machine(), "text": {k: {"sha256": v["sha256"], "bytes": v["bytes"]}
@@ -177,13 +178,12 @@ def table(runs: Path = RUNS) -> str:
         f"Model: `{model['gguf']}` from `{model['package']}` (wheel sha256 {model['wheel_sha256'][:16]}...), "
         "every weight dequantized from 4 bits: figures compare methods on this model, not with published "
         "SmolLM2 numbers.",
-        f"Text: Python 3.11 docs (Debian python3.11-doc, `sources.json`): calibration = tutorial + FAQ "
+        f"Text: Python 3.11 docs (Debian python3.11-doc; pages, sizes and sha256 in `real-lm-text-sources.json`): calibration = tutorial + FAQ "
         f"(sha256 {text['calibration.txt']['sha256'][:16]}...), evaluation = 2 HOWTOs "
         f"(sha256 {text['evaluation.txt']['sha256'][:16]}..., {first['eval_tokens']} tokens, "
         f"{first['eval_windows']} full windows of {first['window']}; the trailing {first.get('eval_dropped')} "
         "dropped as in Wanda).",
-        f"Calibration: {first['nsamples'] if rows[-1]['method'] != 'dense' else rows[-1]['nsamples']} windows "
-        f"x {first['seqlen']} tokens at seeded offsets; every linear of the 30 blocks pruned (210 layers; "
+        f"Calibration: {first['nsamples']} windows x {first['seqlen']} tokens at seeded offsets; every linear of the 30 blocks pruned (210 layers; "
         "embeddings / tied lm_head dense), bf16 on the CPU; output packed and read back by the loader.",
         "",
         "Perplexity (lower is better), mean ± sd over calibration seeds (per-seed values in the JSON); "
@@ -208,6 +208,14 @@ def table(runs: Path = RUNS) -> str:
             s = by.get((method, p))
             cells_.append("-" if s is None else f"{s['prune_s_median']:.0f} s / {s['prune_peak_rss_mb']:.0f} MB")
         lines.append(f"| {method} | " + " | ".join(cells_) + " |")
+    lines += ["", "Paired by seed (the same seed draws the same calibration windows): SparseGPT minus Wanda, "
+              "mean ± sd of the per-seed differences.", "", "| pattern | SparseGPT - Wanda | seeds |", "|---|---|---|"]
+    for p in PATTERNS:
+        w, g = by.get(("wanda", p)), by.get(("sparsegpt", p))
+        if w and g:
+            common = sorted(set(w["seeds"]) & set(g["seeds"]))
+            diffs = [g["ppl"][g["seeds"].index(s)] - w["ppl"][w["seeds"].index(s)] for s in common]
+            lines.append(f"| {p} | {_mean_sd(diffs)} | {len(diffs)} |")
     lines += ["", "Reproduce: `pip install -e \".[real-lm]\"`, `python benchmarks/real_lm/make_text.py --out DIR`, "
               "`nice -n 15 python benchmarks/real_lm/perplexity.py run --text DIR`, then `... table`.", ""]
     (RESULTS / "real-lm-ppl.json").write_text(json.dumps({"summary": summary, "machine": m, "model": model,
