@@ -14,8 +14,8 @@ compressed checkpoint back with its exact patterns (every bitmask's N:M counts c
 are child processes with one torch thread; the convert child's wall time, its own phase timings
 (prune_report.json) and its peak resident set size (``wait4``'s ru_maxrss) are recorded.
 
-Order: every (method, pattern) at seed 0 first, then seeds 1 and 2, so a run cut short still
-has a complete first table; ``run`` skips cells already in the runs file. Magnitude pruning
+Order: every (method, pattern) at seed 0 first, pattern by pattern (2:4, 50%, 4:8, 60%), then
+seeds 1 and 2, so a run cut short still has whole columns; ``run`` skips cells already in the runs file. Magnitude pruning
 uses no calibration, so it runs once (its seed changes nothing).
 """
 
@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "results"
 RUNS = RESULTS / "real-lm-ppl.runs.jsonl"
 METHODS = ("magnitude", "wanda", "sparsegpt")
-PATTERNS = ("50%", "60%", "2:4", "4:8")
+PATTERNS = ("2:4", "50%", "4:8", "60%")  # run in this order; tables print them so too
 SEEDS = (0, 1, 2)
 NSAMPLES, SEQLEN, WINDOW = 16, 256, 512
 
@@ -102,10 +102,11 @@ def machine() -> dict:
 
 
 def cells(methods, patterns, seeds) -> list[tuple[str, str, int]]:
-    """dense first, then each seed's (method, pattern) grid; magnitude at the first seed only."""
+    """dense first, then each seed's grid, pattern by pattern (every method of a pattern together, so
+    a run cut short leaves whole columns); magnitude at the first seed only."""
     out = [("dense", "-", seeds[0])]
     for seed in seeds:
-        out += [(m, p, seed) for m in methods for p in patterns if m != "magnitude" or seed == seeds[0]]
+        out += [(m, p, seed) for p in patterns for m in methods if m != "magnitude" or seed == seeds[0]]
     return out
 
 
