@@ -18,7 +18,7 @@ START=$SECONDS
 "$PYTHON" -m venv "$WORK/venv"
 "$WORK/venv/bin/python" -m pip install -q --upgrade pip
 "$WORK/venv/bin/python" -m pip install -q torch==2.13.0 -e ".[test,real-lm]"
-"$WORK/venv/bin/python" -c "import gguf, accelerate; print('real-lm extra: gguf', gguf.__version__ if hasattr(gguf, '__version__') else '?', 'accelerate', accelerate.__version__)"
+"$WORK/venv/bin/python" -c "from importlib.metadata import version as v; print('real-lm extra: gguf', v('gguf'), 'accelerate', v('accelerate'))"
 OUT="$WORK/pytest.txt"
 status=0
 "$WORK/venv/bin/python" -m pytest -q -rs tests/test_real_lm.py "$@" 2>&1 | tee "$OUT" || status=$?

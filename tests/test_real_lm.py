@@ -104,8 +104,10 @@ def test_smollm2_pruned_by_the_clis(tmp_path):
     assert torch.equal(reference["lm_head.weight"], reference["model.embed_tokens.weight"])
     del reference
 
-    dense = _ppl(ckpt, held_out, 128, tmp_path, "dense")
-    # A mis-read weight gives perplexities in the thousands (49152-token vocabulary); here about 33.
+    dense = _ppl(ckpt, held_out, 256, tmp_path, "dense")
+    # A mis-read weight gives perplexities in the thousands (49152-token vocabulary); here about 30.
+    # Windows of 256: 8 of them, as the packed models run on the CPU reference backend, which
+    # decompresses every layer on every call.
     assert dense < 100, f"dense perplexity {dense:.1f} on English prose: the conversion is broken"
     ppl = {}
     for method in ("wanda", "magnitude"):
@@ -119,5 +121,5 @@ def test_smollm2_pruned_by_the_clis(tmp_path):
             kept = (m.dense_weight() != 0).reshape(m.out_features, -1, 4).sum(-1)
             assert int(kept.max()) <= 2
         del model
-        ppl[method] = _ppl(out, held_out, 128, tmp_path, method)
+        ppl[method] = _ppl(out, held_out, 256, tmp_path, method)
     assert math.isfinite(ppl["wanda"]) and dense < ppl["wanda"] < ppl["magnitude"], (dense, ppl)
