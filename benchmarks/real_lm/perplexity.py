@@ -106,10 +106,11 @@ def machine() -> dict:
 
 def cells(methods, patterns, seeds) -> list[tuple[str, str, int]]:
     """dense first, then each seed's grid, pattern by pattern (every method of a pattern together, so
-    a run cut short leaves whole columns); magnitude at the first seed only."""
-    out = [("dense", "-", seeds[0])]
+    a run cut short leaves whole columns); dense and magnitude (no calibration) once, as seed 0."""
+    out = [("dense", "-", 0)]
     for seed in seeds:
-        out += [(m, p, seed) for p in patterns for m in methods if m != "magnitude" or seed == seeds[0]]
+        out += [(m, p, seed if m != "magnitude" else 0) for p in patterns for m in methods
+                if m != "magnitude" or seed == seeds[0]]
     return out
 
 
@@ -124,13 +125,14 @@ def run(args) -> None:
     ckpt = ensure_checkpoint(args.cache)
     sources = json.loads((args.text / "sources.json").read_text())
     (args.runs.parent / "real-lm-text-sources.json").write_text(json.dumps(sources, indent=1) + "\n")
-    done = {(r["method"], r["pattern"], r["seed"]) for r in read_runs(args.runs)
-            if (r["nsamples"], r["seqlen"], r["window"]) == (args.nsamples, args.seqlen, args.window)}
     context = {"machine": machine(), "text": {k: {"sha256": v["sha256"], "bytes": v["bytes"]}
                                               for k, v in sources["files"].items()},
                "model": json.loads((ckpt / "conversion.json").read_text())}
     with open(args.log, "a") as log:
         for method, pattern, seed in cells(args.methods, args.patterns, args.seeds):
+            # Read before each cell: another `run` (say, --seeds 2) may share the runs file.
+            done = {(r["method"], r["pattern"], r["seed"]) for r in read_runs(args.runs)
+                    if (r["nsamples"], r["seqlen"], r["window"]) == (args.nsamples, args.seqlen, args.window)}
             if (method, pattern, seed) in done:
                 continue
             row = {**run_cell(ckpt, args.text, method, pattern, seed, args, log), **context}
