@@ -177,8 +177,10 @@ def table(runs: Path = RUNS) -> str:
         "# Real-LM perplexity: SmolLM2-135M-Instruct (Q4_1 release, dequantized to bf16)",
         "",
         f"Made by `benchmarks/real_lm/perplexity.py table` from `real-lm-ppl.runs.jsonl` ({len(rows)} runs, "
-        f"{rows[0]['date'][:10]} to {rows[-1]['date'][:10]}); log: `real-lm-ppl.log`; prediction written before "
-        "the runs: `real-lm-ppl-prediction.md`.",
+        f"{rows[0]['date'][:10]} to {rows[-1]['date'][:10]}); logs: `real-lm-ppl.log` and `real-lm-ppl.seed2.log` "
+        "(a second `run` beside the first, sharing the runs file: seed 2, then seed 1's 60% and 4:8); the runs "
+        "of the two attempts stopped for their sizes are in `real-lm-ppl.aborted.runs.jsonl`; prediction written "
+        "before the runs: `real-lm-ppl-prediction.md`.",
         f"Machine: {m['cpu']}, {m['cores']} cores shared with other jobs, one torch thread, python {m['python']}, "
         f"torch {m['torch']}, transformers {m['transformers']}.",
         f"Model: `{model['gguf']}` from `{model['package']}` (wheel sha256 {model['wheel_sha256'][:16]}...), "
@@ -193,7 +195,10 @@ def table(runs: Path = RUNS) -> str:
         "embeddings / tied lm_head dense), bf16 on the CPU; output dense-with-zeros (`--format dense`).",
         "",
         "Perplexity (lower is better), mean ± sd over calibration seeds (per-seed values in the JSON); "
-        "prune time = wall time of the convert process (median over seeds), peak = its max RSS.",
+        "prune time = wall time of the convert process (median over seeds), peak = its max RSS. The times were "
+        "taken at nice 15 on 2 cores shared with about a dozen busier processes: they measure the machine's load "
+        "as much as the method (magnitude pruning, which reads no calibration data, took 34-150 s), so read them as an upper bound; the "
+        "peaks are not affected.",
         "",
         "| method | " + " | ".join(PATTERNS) + " |",
         "|---|" + "---|" * len(PATTERNS),
