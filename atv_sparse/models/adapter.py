@@ -74,9 +74,10 @@ class ModelAdapter:
         config, dtype = self._config(model_dir, dtype)
         return open_lazy(self.model_class, config, Path(model_dir), dtype)
 
-    @staticmethod
-    def _config(model_dir: Path, dtype: str | torch.dtype):
+    def _config(self, model_dir: Path, dtype: str | torch.dtype):
         config = transformers.AutoConfig.from_pretrained(model_dir)
+        if not config.architectures:  # inferred from model_type (adapter_for): written into the output's config
+            config.architectures = [self.architecture]
         if dtype == "auto":
             dtype = getattr(config, "dtype", None) or torch.float32
         return config, dtype
@@ -89,6 +90,17 @@ SUPPORTED_ARCHITECTURES = {
         "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration",
         "Qwen2_5_VLForConditionalGeneration")},
 }
+
+
+# The class each supported ``model_type`` loads with, for a config.json whose ``architectures`` is
+# null or absent (transformers' GGUF reader leaves it null).
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "llava": "LlavaForConditionalGeneration",
+               "llava_next": "LlavaNextForConditionalGeneration",
+               "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+               "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+GGUF_HINT = ("atv-sparse reads Hugging Face safetensors checkpoints: dequantize it into one first (with the `gguf` "
+             "package, transformers' from_pretrained(folder, gguf_file=NAME) reads it; build a plain model from that "
+             "config, load the state dict and save_pretrained it, as benchmarks/real_lm/smollm2.py does)")
 
 
 def config_image_token_id(config) -> int | None:
@@ -105,9 +117,15 @@ def read_config(model_dir: Path) -> dict:
     if not model_dir.exists():
         raise AtvSparseError(f"{model_dir}: no such checkpoint directory")
     if not model_dir.is_dir():
+        if model_dir.suffix.lower() == ".gguf":
+            raise AtvSparseError(f"{model_dir}: a GGUF file (llama.cpp's format); {GGUF_HINT}")
         raise AtvSparseError(f"{model_dir}: not a directory; give a Hugging Face model directory")
     path = model_dir / "config.json"
     if not path.is_file():
+        gguf = sorted(p.name for p in model_dir.glob("*.gguf"))
+        if gguf:
+            raise AtvSparseError(f"{model_dir}: not a model directory (no config.json), but it holds the GGUF file "
+                                 f"{gguf[0]}; {GGUF_HINT}")
         raise AtvSparseError(f"{model_dir}: not a model directory (no config.json)")
     try:
         config = json.loads(path.read_text())
@@ -119,11 +137,18 @@ def read_config(model_dir: Path) -> dict:
 
 
 def adapter_for(config: dict, model_dir: Path) -> ModelAdapter:
-    """The adapter for the architecture named in ``config``; an error lists the supported ones."""
+    """The adapter for the architecture named in ``config``, or, when ``architectures`` is null or
+    absent, the one its ``model_type`` loads with (``MODEL_TYPES``); an error lists the supported ones."""
     architectures = config.get("architectures") or []
     for name in architectures:
         if name in SUPPORTED_ARCHITECTURES:
             return SUPPORTED_ARCHITECTURES[name]
-    found = ", ".join(architectures) or f"model_type {config.get('model_type')!r}"
-    raise AtvSparseError(f"{model_dir}: unsupported architecture {found}; supported: "
-                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    if architectures:
+        raise AtvSparseError(f"{model_dir}: unsupported architecture {', '.join(architectures)}; supported: "
+                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    model_type = config.get("model_type")
+    if model_type in MODEL_TYPES:
+        return SUPPORTED_ARCHITECTURES[MODEL_TYPES[model_type]]
+    raise AtvSparseError(f"{model_dir}: config.json has no `architectures` and its model_type {model_type!r} is not "
+                         f"one of {', '.join(MODEL_TYPES)}; add \"architectures\": [one of "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)}]")

