@@ -178,8 +178,9 @@ def bench_layer(name: str, out_f: int, in_f: int, gated: bool, pattern: str, ms_
         # else medians of run time (wall minus run-queue wait)
         compared = ("cpu", "torch_bf16", "torch_fp32")
         row["basis"] = "unpreempted" if all(row[f"{k}_median_ms"] for k in compared) else "run time"
-        for k in res:
-            row[f"{k}_ms"] = row[f"{k}_median_ms"] if row["basis"] == "unpreempted" else row[f"{k}_run_median_ms"]
+        for k in res:  # (the few slow reference calls fall back to run time on their own)
+            unpreempted = row["basis"] == "unpreempted" and row[f"{k}_median_ms"] is not None
+            row[f"{k}_ms"] = row[f"{k}_median_ms"] if unpreempted else row[f"{k}_run_median_ms"]
         for k in ("torch_bf16", "torch_fp32", "reference"):
             if k in res:
                 row[f"speedup_vs_{k}"] = row[f"{k}_ms"] / row["cpu_ms"]
@@ -372,7 +373,8 @@ def run(args, shapes: dict, command: str) -> int:
     ms_list = [int(v) for v in args.m.split(",")]
     rows, e2e = [], []
     for pattern in patterns:
-        for layer, (out_f, in_f, gated) in ([] if args.skip_layers else shapes.items()):
+        chosen = {k: v for k, v in shapes.items() if not args.layers or k in args.layers.split(",")}
+        for layer, (out_f, in_f, gated) in ([] if args.skip_layers else chosen.items()):
             print(f"{pattern} {layer} {out_f}x{in_f}", flush=True)
             rows += bench_layer(layer, out_f, in_f, gated, pattern, ms_list, args.rounds, args.reps,
                                 not args.no_reference)

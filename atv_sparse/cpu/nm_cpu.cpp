@@ -553,7 +553,9 @@ at::Tensor nm_linear(const at::Tensor& x2d, const at::Tensor& bitmask, const at:
     auto dispatch = [&](auto tag) -> at::Tensor {
         using W = decltype(tag);
         if (p.M > decode_max) {
-            const int64_t rows = std::max<int64_t>(16, panel_bytes / std::max<int64_t>(1, K * values.element_size()));
+            // at least 128 rows: narrower panels starved the GEMM (down_proj, K = 14336: 36 rows a panel ran
+            // at 0.55x torch dense at M = 128); 128 rows of K = 14336 are 3.5 MiB, still L3-resident
+            const int64_t rows = std::max<int64_t>(128, panel_bytes / std::max<int64_t>(1, K * values.element_size()));
             return prefill<W>(path, p, x2d, bias, gated, out_cols, rows);
         }
         at::Tensor xp = padded_activations(x2d, path, K);
