@@ -75,6 +75,7 @@ def parse_args(argv=None):
     cpu.add_argument("--no-reference", action="store_true", help="skip the (slow) reference backend")
     cpu.add_argument("--e2e-repeats", type=int, default=3, help="decode runs per model for --cpu-e2e")
     cpu.add_argument("--tag", default="", help="suffix of the result file names")
+    cpu.add_argument("--layers", default="", help="with --cpu: a comma-separated subset of qkv,o,gate_up,down")
     return p.parse_args(argv)
 
 

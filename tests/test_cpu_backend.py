@@ -275,3 +275,24 @@ def test_vllm_serving_path_plans_cpu_without_a_dense_copy(kernels):
         x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
         ref = x.double() @ weight.double().T
         check_close(serving.forward(layer, x), F.linear(x, weight), ref, torch.bfloat16)
+
+
+def test_latency_cpu_dry_run_writes_its_results(kernels, tmp_path):
+    """``benchmarks/latency.py --cpu`` on tiny shapes: every row, the end-to-end table and the plot."""
+    import json
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    env = dict(os.environ, ATV_SPARSE_CPU_BACKEND="1")
+    done = subprocess.run([sys.executable, str(bench / "latency.py"), "--cpu", "--shapes", "tiny", "--pattern", "2:4",
+                           "--m", "1,9", "--rounds", "1", "--reps", "2", "--cpu-e2e", "--e2e-shape", "tiny",
+                           "--e2e-tokens", "3", "--e2e-repeats", "1", "--tag", "dry", "--out-dir", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    written = {p.suffix for p in tmp_path.glob("cpu-*-dry.*")}
+    assert written == {".md", ".json", ".png"}
+    result = json.loads(next(tmp_path.glob("cpu-*-dry.json")).read_text())
+    assert len(result["layers"]) == 4 * 2 and all(r["cpu_ms"] > 0 and r["speedup_vs_torch_bf16"] > 0
+                                                  for r in result["layers"])
+    e2e = result["e2e"][0]
+    assert e2e["sparse_plans"] == ["cpu"] and e2e["linear_bytes_ratio"] < 0.6

@@ -28,8 +28,8 @@
 // Pitfalls measured on Zen 5 (../shared/notes/cpu-kernels.md): a zero-masked expand whose
 // destination register was last written by another expand waits for it, so each expand merges
 // into a freshly zeroed register (vpxord, hidden from the optimiser); the memory-source expand is
-// slow on a cache miss, so the values are loaded first (the load is hidden from folding the same
-// way); software prefetch ~16 KiB ahead on each row stream.
+// slow on a cache miss, so the values are loaded first (a register operand of the asm); software
+// prefetch (into L2) 4 KiB ahead on each row stream.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -49,10 +49,12 @@ namespace {
 enum Path : int64_t { PORTABLE = 0, AVX2 = 1, AVX512 = 2 };
 
 // How far ahead of each row stream to prefetch (bytes); ATV_SPARSE_CPU_PREFETCH overrides (tuning).
+// Into L2 (T1), not L1: at K = 14336 the activations (28 KiB in bf16) share L1 with the stream, and
+// prefetching into L1 evicted them (down_proj M = 1: 5.6 ms -> 3.7 ms in a development timing).
 int64_t prefetch_bytes() {
     static const int64_t bytes = [] {
         const char* env = std::getenv("ATV_SPARSE_CPU_PREFETCH");
-        return env ? std::atoll(env) : int64_t(8192);
+        return env ? std::atoll(env) : int64_t(4096);
     }();
     return bytes;
 }
@@ -210,7 +212,7 @@ ATV_AVX512 __attribute__((always_inline)) inline void load_x_avx512(const void* 
 // products of consecutive chunks do not wait for each other (U T independent chains).
 template <typename W, int T>
 ATV_AVX512 void dot_avx512(const Problem& p, int64_t row, int64_t t0, float* out) {
-    constexpr int U = T >= 4 ? 1 : 4 / T;
+    constexpr int U = T == 1 ? 8 : T == 2 ? 4 : 2;  // 8 or more chains: vdpbf16ps latency is ~6 cycles
     __m512 acc[U][T];
     for (int u = 0; u < U; ++u)
         for (int t = 0; t < T; ++t) acc[u][t] = _mm512_setzero_ps();
@@ -228,9 +230,11 @@ ATV_AVX512 void dot_avx512(const Problem& p, int64_t row, int64_t t0, float* out
     __m512 xlo[T], xhi[T];
     int64_t c = 0;
     for (; c + U <= full; c += U) {
-        if ((c & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(mk + 4 * c) + ahead / 8, _MM_HINT_T0);
+        if ((c & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(mk + 4 * c) + ahead / 8, _MM_HINT_T1);
+#pragma GCC unroll 8
         for (int64_t off = 0; off < step_bytes; off += 64)
-            _mm_prefetch(reinterpret_cast<const char*>(vp) + ahead + off, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(vp) + ahead + off, _MM_HINT_T1);
+#pragma GCC unroll 8
         for (int u = 0; u < U; ++u) {
             load_x_avx512<W, T>(xr, c + u, xb, xlo, xhi);
             chunk_avx512<W, T>(vp + u * kept, *reinterpret_cast<const uint32_t*>(mk + 4 * (c + u)), kept, xb, xlo, xhi,
@@ -317,7 +321,7 @@ ATV_AVX2 void dot_avx2(const Problem& p, int64_t row0, int64_t t0, float* out) {
             uint32_t b = mk[r][s];
             if (p.K - 8 * s < 8) b &= (1u << (p.K - 8 * s)) - 1;
             const int count = __builtin_popcount(b);
-            if ((s & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(vp[r]) + prefetch_bytes(), _MM_HINT_T0);
+            if ((s & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(vp[r]) + prefetch_bytes(), _MM_HINT_T1);
             const W* src = safe8(vp[r], p.values_end, scratch, count);
             __m256 e;
             if constexpr (std::is_same_v<W, float>) {
@@ -549,7 +553,9 @@ at::Tensor nm_linear(const at::Tensor& x2d, const at::Tensor& bitmask, const at:
     auto dispatch = [&](auto tag) -> at::Tensor {
         using W = decltype(tag);
         if (p.M > decode_max) {
-            const int64_t rows = std::max<int64_t>(16, panel_bytes / std::max<int64_t>(1, K * values.element_size()));
+            // at least 128 rows: narrower panels starved the GEMM (down_proj, K = 14336: 36 rows a panel ran
+            // at 0.55x torch dense at M = 128); 128 rows of K = 14336 are 3.5 MiB, still L3-resident
+            const int64_t rows = std::max<int64_t>(128, panel_bytes / std::max<int64_t>(1, K * values.element_size()));
             return prefill<W>(path, p, x2d, bias, gated, out_cols, rows);
         }
         at::Tensor xp = padded_activations(x2d, path, K);

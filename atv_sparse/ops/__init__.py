@@ -4,6 +4,7 @@
   (CUDA, or the CPU under ``TRITON_INTERPRET=1``);
 - ``cusparselt``: ``atv_sparse::cslt_linear`` over torch's cuSPARSELt ops (2:4, CUDA);
 - ``cuda_lib``: the csrc decode kernels behind a C ABI (``atv_sparse::nm_linear_cuda``);
+- ``cpu_lib``: the C++ CPU kernels on the packed pair, built on first use (``atv_sparse::nm_linear_cpu``);
 - ``backends``: the table of backend facts (what each backend needs and where it runs);
 - ``dispatch``: which backend serves which token count (``Plan``), the measured per-shape table;
 - ``autotune``: measuring that table (``PlanTable``: a layer's plan, measured once per shape);

@@ -2,7 +2,8 @@
 
 The backends and what each needs are one table, ``atv_sparse.ops.backends.TABLE``: ``cuda`` (csrc
 decode kernels, few tokens), ``triton`` (skinny kernel up to 64 tokens, tile GEMM above),
-``cusparselt`` (2:4 sparse tensor cores, large M), ``reference`` (decompress + ``F.linear``: any
+``cusparselt`` (2:4 sparse tensor cores, large M), ``cpu`` (C++ kernels on the packed pair, every M
+on a CPU), ``reference`` (decompress + ``F.linear``: any
 device, dtype and pattern), and, inside a plan only, ``dense`` (a dense copy of the weight through
 cuBLAS, kept only where it measured faster than every sparse kernel). This module only reads it.
 
