@@ -206,9 +206,9 @@ def run(argv: list[str] | None = None) -> dict:
                           source_dir=ckpt, max_shard_size=max_shard, overwrite=args.overwrite) as stream:
         pruned: dict[str, tuple[dict, int]] = {}  # name -> (sparsity.json entry, zeros); bitmasks go to the writer
 
-        def sink(name, linear, bitmask):
-            pruned[name] = module_entry(linear, bitmask, pattern)
-            stream.put(name, linear, bitmask)
+        def sink(name, linear, keep):
+            pruned[name] = module_entry(linear, keep, pattern)
+            stream.put(name, linear, keep)
 
         targets = {name: model.get_submodule(name) for name in plan.targets}
         result = prune_model(model, adapter.decoder_layers(model), adapter.layers_prefix(model), targets, recipe,

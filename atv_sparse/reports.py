@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .formats.bitmask import unpack_bitmask
 from .patterns import Pattern
 from .prune.recipe import PruneRecipe
 from .prune.targets import TargetPlan
@@ -26,10 +25,9 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def module_entry(linear, bitmask, pattern: Pattern) -> tuple[dict, int]:
-    """sparsity.json's entry for one pruned linear, and its number of zeros (from its packed keep-mask
-    ``bitmask``, (out, ceil(in / 8)) uint8)."""
-    keep = unpack_bitmask(bitmask, linear.in_features)
+def module_entry(linear, keep, pattern: Pattern) -> tuple[dict, int]:
+    """sparsity.json's entry for one pruned linear, and its number of zeros, from its keep-mask
+    ``keep``: (out, in) bool."""
     entry = {"shape": [linear.out_features, linear.in_features], "pattern": str(pattern),
              "sparsity": 1 - keep.sum().item() / keep.numel()}
     if pattern.is_nm:

@@ -22,8 +22,9 @@ from torch import nn
 
 from ..errors import AtvSparseError
 from .bitmask import BITMASK_SUFFIX, VALUES_SUFFIX, compress, unpack_bitmask
+from .dtypes import DTYPE_NAMES
 from .safetensors_io import INDEX_NAME, SINGLE_NAME
-from .shard_io import DTYPE_NAMES, safetensors_header, write_checksums
+from .shard_io import safetensors_header, write_checksums
 from .staging import StagedOutputDir, copy_aux_files
 
 _CHUNK = 1 << 26  # bytes read back from the spill file at a time
@@ -46,8 +47,7 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
-def _packed(module_name: str, weight: torch.Tensor, bitmask: torch.Tensor, pattern) -> dict:
-    keep = unpack_bitmask(bitmask, weight.shape[1])
+def _packed(module_name: str, weight: torch.Tensor, keep: torch.Tensor, pattern) -> dict:
     mask_t, values = compress(weight, keep, pattern.n, pattern.m)
     return {module_name + BITMASK_SUFFIX: mask_t, module_name + VALUES_SUFFIX: values}
 
@@ -57,7 +57,7 @@ def write_checkpoint(model: nn.Module, out_dir: Path, *, source_dir: Path | None
                      max_shard_size: int, overwrite: bool, extra_files: dict[str, Path] | None = None) -> dict:
     """Write ``model`` (in memory, pruned in place) to ``out_dir``; return {"files", "bytes", "shards"}.
 
-    bitmasks: module name -> packed keep-mask; patterns: module name -> Pattern. ``packed``
+    bitmasks: module name -> packed keep-mask (``PruneResult.bitmasks``); patterns: module name -> Pattern. ``packed``
     writes bitmask + values for those modules and ``quantization_config`` into config.json;
     otherwise dense weights with zeros. ``extra_json``: file name -> content, or a function returning it called just before the
     directory is moved into place (so a report can include the write time). ``extra_files``:
@@ -70,7 +70,8 @@ def write_checkpoint(model: nn.Module, out_dir: Path, *, source_dir: Path | None
     with CheckpointStream(model, out_dir, read=state.__getitem__, pruned=pruned, patterns=patterns, packed=packed,
                           source_dir=source_dir, max_shard_size=max_shard_size, overwrite=overwrite) as stream:
         for name in pruned:
-            stream.put(name, model.get_submodule(name), bitmasks[name])
+            linear = model.get_submodule(name)
+            stream.put(name, linear, unpack_bitmask(bitmasks[name], linear.in_features))
         return stream.finish(quantization_config, extra_json, extra_files)
 
 
@@ -79,7 +80,7 @@ class CheckpointStream:
     order as soon as they are final, so memory holds one block, not the model.
 
         with CheckpointStream(skeleton, out, read=weights.read, pruned=targets, ...) as stream:
-            ... stream.put(name, linear, bitmask) for every pruned linear, in any order ...
+            ... stream.put(name, linear, keep) for every pruned linear, in any order ...
             stream.finish(quantization_config, extra_json)
 
     ``read(key)``: a tensor of the source as the model holds it (every key except the weights of
@@ -114,11 +115,12 @@ class CheckpointStream:
         self.shards.close()
         self.stage.__exit__(kind, error, tb)
 
-    def put(self, name: str, linear: nn.Module, bitmask: torch.Tensor) -> None:
-        """Module ``name`` is pruned: its weight (and keep-mask) is final; write what is now in order."""
+    def put(self, name: str, linear: nn.Module, keep: torch.Tensor) -> None:
+        """Module ``name`` is pruned: its weight and its keep-mask ``keep`` ((out, in) bool) are final;
+        write what is now in order."""
         weight = linear.weight.detach()
         if self.packed:
-            tensors = _packed(name, weight, bitmask, self.patterns[name])
+            tensors = _packed(name, weight, keep, self.patterns[name])
         else:
             tensors = {f"{name}.weight": weight.contiguous()}
         self.ready[f"{name}.weight"] = {k: v.cpu() for k, v in tensors.items()}

@@ -29,14 +29,13 @@ import struct
 from pathlib import Path
 
 from ..errors import AtvSparseError
+from .dtypes import DTYPE_BYTES
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100_000_000  # safetensors refuses larger headers itself
 MAX_INDEX_BYTES = 100_000_000
 
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
-                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "C64": 8, "I64": 8, "U64": 8, "F64": 8}
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 _HINT = "the file is corrupt or truncated; copy or convert it again"
 
@@ -124,14 +123,14 @@ def _check_entry(path: Path, name: str, info) -> tuple[int, int]:
     if not isinstance(info, dict) or set(info) != _ENTRY_KEYS:
         raise bad('malformed header entry (expected exactly "dtype", "shape" and "data_offsets")')
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
-        raise bad(f"unknown dtype {str(dtype)[:40]!r} (known: {', '.join(_DTYPE_BYTES)})")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise bad(f"unknown dtype {str(dtype)[:40]!r} (known: {', '.join(DTYPE_BYTES)})")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise bad(f"shape {str(shape)[:80]} is not a list of non-negative integers")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets)
             or offsets[0] > offsets[1]):
         raise bad(f"data_offsets {str(offsets)[:80]} is not [begin, end] with 0 <= begin <= end")
-    nbytes = _DTYPE_BYTES[dtype]
+    nbytes = DTYPE_BYTES[dtype]
     for dim in shape:
         nbytes *= dim
     begin, end = offsets

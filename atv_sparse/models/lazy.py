@@ -29,12 +29,8 @@ import torch
 from torch import nn
 
 from ..errors import AtvSparseError
+from ..formats.dtypes import SAFETENSORS_DTYPES
 from ..formats.safetensors_io import INDEX_NAME, checkpoint_files, read_header
-
-ST_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
-             "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32,
-             "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64,
-             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def read_tensor(path: Path, data_start: int, info: dict) -> torch.Tensor:
@@ -51,7 +47,7 @@ def read_tensor(path: Path, data_start: int, info: dict) -> torch.Tensor:
                 raise AtvSparseError(f"{path}: ends inside tensor data (read {done} of {end - begin} bytes); "
                                      "the file is truncated; copy or convert it again")
             done += n
-    return buf.view(ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return buf.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 def _data_start(path: Path) -> int:
@@ -80,8 +76,6 @@ def checkpoint_sources(model_dir: Path) -> dict[str, tuple[Path, dict]]:
             if name in sources:
                 raise AtvSparseError(f"tensor {name} is in two shards, {sources[name][0].name} and {path.name}; "
                                      "keep one copy")
-            if info["dtype"] not in ST_DTYPES:
-                raise AtvSparseError(f"{path}: tensor {name} has dtype {info['dtype']}, which atv_sparse cannot read")
             sources[name] = (path, info)
     if weight_map is not None:
         for name, shard in weight_map.items():
@@ -247,4 +241,4 @@ def open_lazy(model_class: type, config, model_dir: Path, dtype: torch.dtype) ->
     return model, LazyWeights(model, {renamed[k]: v for k, v in sources.items()})
 
 
-__all__ = ["LazyWeights", "ST_DTYPES", "checkpoint_sources", "materialize_buffers", "open_lazy", "read_tensor"]
+__all__ = ["LazyWeights", "checkpoint_sources", "materialize_buffers", "open_lazy", "read_tensor"]

@@ -44,7 +44,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     path = Path(path)
     checked = validate_checkpoint(path)
     if verify:
-        from ..verify import verify_checkpoint
+        from ..formats.verify import verify_checkpoint
 
         verify_checkpoint(path)
     architectures = checked.config.get("architectures") or []

@@ -73,15 +73,10 @@ class PruningRule:
         """Refuse a pattern this rule's settings cannot serve (an ``AtvSparseError`` naming them)."""
 
 
-def mask_args(pattern: Pattern) -> dict:
-    """``pattern`` as the keyword arguments of the mask functions: n and m, or sparsity."""
-    return {"n": pattern.n, "m": pattern.m} if pattern.is_nm else {"sparsity": pattern.sparsity}
-
-
 def prune_by_score(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Zero ``weight`` where ``keep`` is False, in place; return ``keep``."""
     weight.masked_fill_(~keep, 0)
     return keep
 
 
-__all__ = ["PruningRule", "mask_args", "prune_by_score"]
+__all__ = ["PruningRule", "prune_by_score"]
