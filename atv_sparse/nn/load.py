@@ -10,7 +10,7 @@ import transformers
 from ..errors import AtvSparseError
 from ..formats.validate import validate_checkpoint
 from ..ops.dispatch import BACKENDS
-from .autotune import prepare_model
+from .prepare import prepare_model
 from .fused import fuse_decoder_blocks
 from .hf_quantizer import register
 
