@@ -165,7 +165,7 @@ def run(argv: list[str] | None = None) -> dict:
     tensors = checkpoint_tensors(checkpoint_files(ckpt))
     if out is not None:
         check_output_dir(out, args.overwrite, ckpt)
-    model, weights = adapter.open_lazy(ckpt, DTYPES[args.dtype])
+    model, weights = adapter.open_lazy(ckpt, DTYPES[args.dtype], tensors)  # headers read once
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plan = resolve_targets(model, adapter.layers_prefix(model), pattern, args.targets, args.ignore,

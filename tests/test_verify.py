@@ -13,12 +13,11 @@ from safetensors.torch import save_file
 import atv_sparse
 from atv_sparse.convert import main
 from atv_sparse.errors import AtvSparseError
-from atv_sparse.formats.safetensors_io import read_header
+from atv_sparse.formats.safetensors_io import data_start, read_header, read_tensor
 from atv_sparse.formats.checkpoint import ShardWriter
 from atv_sparse.formats.dtypes import DTYPE_BYTES, DTYPE_NAMES, SAFETENSORS_DTYPES
 from atv_sparse.formats.shard_io import CHECKSUMS_NAME
 from atv_sparse.formats.verify import verify_checkpoint
-from atv_sparse.models.lazy import read_tensor
 from atv_sparse.verify import main as verify_main
 
 DTYPES = [torch.bool, torch.uint8, torch.int8, torch.float8_e5m2, torch.float8_e4m3fn, torch.int16, torch.uint16,
@@ -64,8 +63,7 @@ def test_one_dtype_table_names_what_safetensors_writes(tmp_path):
         info = read_header(path)["t"]
         assert info["dtype"] == DTYPE_NAMES[dtype] and SAFETENSORS_DTYPES[info["dtype"]] == dtype
         assert DTYPE_BYTES[info["dtype"]] == tensor.element_size()
-        data_start = 8 + int.from_bytes(path.read_bytes()[:8], "little")
-        back = read_tensor(path, data_start, info)
+        back = read_tensor(path, data_start(path), info)
         assert back.dtype == dtype and torch.equal(back.view(torch.uint8), tensor.view(torch.uint8))
 
 

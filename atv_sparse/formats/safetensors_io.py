@@ -1,8 +1,11 @@
-"""Reading safetensors headers and checking files before anything loads them.
+"""Reading safetensors checkpoints: every header checked before anything loads a tensor, then
+single tensors read on demand.
 
 A checkpoint directory holds ``model.safetensors`` or shards listed by
-``model.safetensors.index.json``. ``checkpoint_tensors`` reads only the headers (no tensor data)
-and refuses a truncated or corrupt file with a message naming it.
+``model.safetensors.index.json``. ``checkpoint_tensors`` reads only the headers (no tensor data),
+once per shard, and refuses a truncated or corrupt file with a message naming it; the map it
+returns is what every reader of the checkpoint uses (``models.lazy`` reads a module's tensors
+with ``read_tensor`` from it, ``estimate`` sizes the output from it).
 
 Every header is held to what the safetensors reader itself requires, so that a file accepted here
 never fails later inside safetensors or transformers with an error that names nothing:
@@ -28,8 +31,10 @@ import os
 import struct
 from pathlib import Path
 
+import torch
+
 from ..errors import AtvSparseError
-from .dtypes import DTYPE_BYTES
+from .dtypes import DTYPE_BYTES, SAFETENSORS_DTYPES
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -224,3 +229,27 @@ def checkpoint_tensors(files: list[Path]) -> dict[str, tuple[Path, dict]]:
             raise AtvSparseError(f"{model_dir / INDEX_NAME}: tensor {missing[0]} is listed in "
                                  f"{weight_map[missing[0]]} but that shard does not hold it; {_HINT}")
     return tensors
+
+
+def data_start(path: Path) -> int:
+    """Byte offset of ``path``'s data area (8 + the header length), for ``read_tensor``."""
+    with open(path, "rb") as f:
+        return 8 + struct.unpack("<Q", f.read(8))[0]
+
+
+def read_tensor(path: Path, start: int, info: dict) -> torch.Tensor:
+    """One tensor of a checked safetensors file (header entry ``info``, data area at ``start``) read
+    into its own CPU memory, with plain reads rather than a memory map: pages of a mapped shard
+    count in the process's resident memory for as long as the mapping lives."""
+    begin, end = info["data_offsets"]
+    buf = torch.empty(end - begin, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start + begin)
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise AtvSparseError(f"{path}: ends inside tensor data (read {done} of {end - begin} bytes); {_HINT}")
+            done += n
+    return buf.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
