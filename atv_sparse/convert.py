@@ -11,11 +11,16 @@ else.
 The CLI parses, builds a ``PruneRecipe`` and calls the library: ``resolve_targets`` on a
 meta-device skeleton, ``load_calibration``, ``prune_model`` streaming into a ``CheckpointStream``.
 Library errors name parameters; ``main`` prints them with this CLI's flags (``FLAGS``).
+
+A run stages its output in ``.OUT.partial`` beside ``--out`` with a journal per finished block;
+``--resume`` continues an interrupted run of the same arguments (``atv_sparse.resume``), and
+SIGINT / SIGTERM stop it at the end of a block.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -39,11 +44,13 @@ from .models import adapter_for, read_config
 from .patterns import parse_pattern
 from .preflight import check_device, check_output_location, check_processor, read_budget_report, require_module
 from .prune.pipeline import prune_model
-from .prune.recipe import METHODS, PruneRecipe, selector_names
+from .prune.recipe import METHODS, SELECTORS, PruneRecipe, selector_names
 from .prune.selectors import BUDGET_RULES
 from .prune.targets import resolve_targets
 from .reports import (accuracy_report, method_settings, module_entry, peak_rss_bytes, print_dry_run, print_summary,
                       sparsity_json)
+from .resume import (ConversionJournal, ConversionStopped, calibration_digest, check_same_run, find_interrupted,
+                     input_identity, resumable_stage, resume_command, run_identity, stop_on_signals)
 
 NSAMPLES, SEQLEN = 128, 2048
 # The embedded model is a demo that must finish in about a minute on a laptop CPU.
@@ -108,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="resolve targets, check shapes, print the module table and estimates; write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of these same arguments from its last finished block (its "
+                        "staging directory .OUT.partial beside --out); without one, start as usual")
     p.add_argument("--eval-per-task", type=int, default=None, metavar="N",
                    help="vision-language models: after writing, score the dense and the pruned model on N items per "
                         "task of the synthetic test split and print both (default "
@@ -116,8 +126,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Flags that only some methods read: dest -> whether ``recipe`` uses it.
+def _uses_budget(recipe: PruneRecipe) -> bool:
+    spec = SELECTORS[recipe.selection.tokens] if recipe.selection is not None else None
+    return spec is not None and ("alpha" in spec.records or spec.fitted_budget)
+
+
+METHOD_FLAGS = {
+    "calib": lambda r: r.selection is not None, "nsamples": lambda r: r.selection is not None,
+    "seqlen": lambda r: r.selection is not None, "seed": lambda r: r.selection is not None,
+    # the selector's own settings: alpha and the budget rule set a drift budget (ATV, random) or its
+    # fitted scale's dense pass (ABS / DBS / drift-fixed)
+    "alpha": lambda r: _uses_budget(r), "budget_rule": lambda r: _uses_budget(r),
+    # a rule's own settings (SparseGPT's blocksize and percdamp, TAMP's das) are its dataclass fields
+    "blocksize": lambda r: "blocksize" in {f.name for f in dataclasses.fields(r.rule)},
+    "percdamp": lambda r: "percdamp" in {f.name for f in dataclasses.fields(r.rule)},
+}
+
+
+def given_flags(argv: list[str] | None) -> set[str]:
+    """The dest names of the options ``argv`` sets explicitly (a default spelled out counts)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def ignored_flags_warning(recipe: PruneRecipe, given: set[str]) -> str | None:
+    """One line naming the flags given that ``recipe``'s method does not read (None: there are none)."""
+    flags = {a.dest: a.option_strings[-1] for a in build_parser()._actions if a.option_strings}
+    unused = [flags[dest] for dest, used in METHOD_FLAGS.items() if dest in given and not used(recipe)]
+    if not unused:
+        return None
+    return f"warning: --method {recipe.method} does not use {', '.join(unused)}; they change nothing in this run"
+
+
 def run(argv: list[str] | None = None) -> dict:
     """Parse ``argv`` and convert; returns the summary printed at the end (for tests and scripts)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     embedded = args.ckpt is None
     pattern = parse_pattern(args.pattern, args.sparsity)
@@ -133,6 +179,11 @@ def run(argv: list[str] | None = None) -> dict:
                          budget_target=read_budget_report(args.budget_from) if args.budget_from else None,
                          budget_source=str(Path(args.budget_from)) if args.budget_from else None,
                          blocksize=args.blocksize, percdamp=args.percdamp)
+    warning = ignored_flags_warning(recipe, given_flags(argv))
+    if warning:
+        print(warning, file=sys.stderr)
+    if args.resume and args.out is None:
+        raise AtvSparseError("`resume` needs the `out_dir` of the interrupted run")
     if args.plot:
         require_module("matplotlib", "plot", "plot")
     if args.ckpt is not None and args.out is None and not args.dry_run:
@@ -163,8 +214,11 @@ def run(argv: list[str] | None = None) -> dict:
         raise AtvSparseError(f"--eval-per-task: {ckpt} is a text-only model ({adapter.architecture}); the synthetic "
                              "tasks ask about images (use python -m atv_sparse.evaluate --ppl FILE for text)")
     tensors = checkpoint_tensors(checkpoint_files(ckpt))
+    previous = None
     if out is not None:
         check_output_dir(out, args.overwrite, ckpt)
+        if not args.dry_run:
+            previous = find_interrupted(out, args.resume, argv)
     model, weights = adapter.open_lazy(ckpt, DTYPES[args.dtype], tensors)  # headers read once
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -173,12 +227,12 @@ def run(argv: list[str] | None = None) -> dict:
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     estimate = estimate_conversion(model, adapter, plan, tensors, pattern, device, packed=args.format == "packed",
-                                   rule=recipe.rule, calibrated=recipe.tokens is not None, nsamples=nsamples,
+                                   rule=recipe.rule, calibrated=recipe.selection is not None, nsamples=nsamples,
                                    seqlen=seqlen)
     if out is not None:
         check_output_location(out, estimate["output_bytes"])
     processor = None
-    if adapter.multimodal and (eval_per_task or (recipe.tokens is not None and not is_text_file(args.calib))):
+    if adapter.multimodal and (eval_per_task or (recipe.selection is not None and not is_text_file(args.calib))):
         processor = check_processor(ckpt)
     if args.dry_run:
         print_dry_run(args.method, ckpt, adapter, plan, pattern, estimate, args.format)
@@ -186,7 +240,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     times: dict[str, float] = {}
     calibration = None
-    if recipe.tokens is not None:
+    if recipe.selection is not None:
         from .tinybench.tasks import calibration_conversations  # the embedded default of a vision-language model
 
         t0 = time.perf_counter()
@@ -201,29 +255,60 @@ def run(argv: list[str] | None = None) -> dict:
     default_calib = DEFAULT_MULTIMODAL_CALIBRATION if adapter.multimodal else DEFAULT_CALIBRATION
     record = {"nsamples": nsamples, "seqlen": seqlen, "calibration": args.calib or default_calib,
               "dtype": str(next(model.parameters()).dtype), "device": str(device)}
-    with CheckpointStream(model, out, read=weights.read, pruned=set(plan.targets),
-                          patterns={name: pattern for name in plan.targets}, packed=args.format == "packed",
-                          source_dir=ckpt, max_shard_size=max_shard, overwrite=args.overwrite) as stream:
-        pruned: dict[str, tuple[dict, int]] = {}  # name -> (sparsity.json entry, zeros); bitmasks go to the writer
+    identity = run_identity(
+        recipe, calibration={"file": record["calibration"], "nsamples": nsamples if calibration else None,
+                             "seqlen": seqlen if calibration else None, "sha256": calibration_digest(calibration)},
+        input_=input_identity(ckpt),
+        output={"format": args.format, "max_shard_size": max_shard, "targets": list(plan.targets),
+                "skipped": sorted(plan.skipped), "dtype": record["dtype"], "device": record["device"],
+                "atv_sparse": __version__})
+    if previous is not None:
+        check_same_run(previous, identity, out)
+    layers, prefix = adapter.decoder_layers(model), adapter.layers_prefix(model)
+    pruned: dict[str, tuple[dict, int]] = {}  # name -> (sparsity.json entry, zeros); bitmasks go to the writer
+    targets = {name: model.get_submodule(name) for name in plan.targets}
+    journal = None
+    try:
+        with CheckpointStream(model, out, read=weights.read, pruned=set(plan.targets),
+                              patterns={name: pattern for name in plan.targets}, packed=args.format == "packed",
+                              source_dir=ckpt, max_shard_size=max_shard, overwrite=args.overwrite,
+                              stage=resumable_stage(out, args.overwrite, ckpt, previous),
+                              resume=previous["writer"] if previous else None) as stream:
+            journal = ConversionJournal(stream, identity=identity, command=resume_command(argv), layers_prefix=prefix,
+                                        targets=targets, num_blocks=len(layers), pruned=pruned, previous=previous)
+            if previous:
+                print(f"resume: {journal.done} of {len(layers)} blocks were finished in {journal.tmp}; rebuilding "
+                      "the next block's inputs from them", file=sys.stderr)
 
-        def sink(name, linear, keep):
-            pruned[name] = module_entry(linear, keep, pattern)
-            stream.put(name, linear, keep)
+            def sink(name, linear, keep):
+                pruned[name] = module_entry(linear, keep, pattern)
+                stream.put(name, linear, keep)
 
-        targets = {name: model.get_submodule(name) for name in plan.targets}
-        result = prune_model(model, adapter.decoder_layers(model), adapter.layers_prefix(model), targets, recipe,
-                             calibration, device, progress=not args.quiet, residency=weights, sink=sink)
-        times.update({k: v for k, v in result.timings.items() if v})
-        settings = method_settings(recipe, budget=result.budget, **record)
-        targets_cfg = args.targets or [f"re:{adapter.layers_prefix(model).replace('.', '[.]')}[.][0-9]+[.].*"]
-        qconfig = build_quantization_config(pattern, args.method, settings, targets_cfg,
-                                            list(args.ignore) + sorted(plan.skipped), __version__)
-        report = {"method": args.method, "pattern": str(pattern), "sparsity": pattern.sparsity, "settings": settings,
-                  "source": str(ckpt) if not embedded else "<bundled tiny VLM>", "architecture": adapter.architecture,
-                  "version": __version__, "calibration_tokens": mix, "blocks": result.blocks, "skipped": plan.skipped}
-        plot = f"{args.method} {pattern}: {adapter.architecture}" if args.plot else None
-        written = _finish(stream, qconfig, report, sparsity_json(targets, pruned, pattern, plan.skipped), times,
-                          result.blocks, plot)
+            with stop_on_signals(journal):
+                result = prune_model(model, layers, prefix, targets, recipe, calibration, device,
+                                     progress=not args.quiet, residency=weights, sink=sink, journal=journal,
+                                     prepass=journal.prepass)
+            times.update({k: v for k, v in result.timings.items() if v})
+            if previous:
+                times["resume: rebuild block inputs"] = journal.rebuild_s
+            settings = method_settings(recipe, budget=result.budget, **record)
+            targets_cfg = args.targets or [f"re:{adapter.layers_prefix(model).replace('.', '[.]')}[.][0-9]+[.].*"]
+            qconfig = build_quantization_config(pattern, args.method, settings, targets_cfg,
+                                                list(args.ignore) + sorted(plan.skipped), __version__)
+            report = {"method": args.method, "pattern": str(pattern), "sparsity": pattern.sparsity,
+                      "settings": settings, "source": str(ckpt) if not embedded else "<bundled tiny VLM>",
+                      "architecture": adapter.architecture, "version": __version__, "calibration_tokens": mix,
+                      "blocks": result.blocks, "skipped": plan.skipped}
+            if previous:
+                report["resumed"] = {"blocks_done_before": journal.resumed_from,
+                                     "rebuild_s": journal.rebuild_s}
+            plot = f"{args.method} {pattern}: {adapter.architecture}" if args.plot else None
+            written = _finish(stream, qconfig, report, sparsity_json(targets, pruned, pattern, plan.skipped), times,
+                              result.blocks, plot)
+    except BaseException as e:
+        if journal is not None and not isinstance(e, ConversionStopped) and journal.stream.stage.keep:
+            print(f"stopped ({type(e).__name__}): {journal.hint()}", file=sys.stderr)
+        raise
     pruned_zero = sum(zeros for _, zeros in pruned.values())
     target_numel = sum(model.get_submodule(n).weight.numel() for n in pruned)
     summary = {"source": "bundled tiny VLM" if embedded else str(ckpt), "out": str(out), "method": args.method,
@@ -285,6 +370,12 @@ def cli_message(error: AtvSparseError) -> str:
 def main(argv: list[str] | None = None) -> int:
     try:
         run(argv)
+    except ConversionStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # outside the blocks (run's own handler): what is kept was said above
+        print("interrupted", file=sys.stderr)
+        return 130
     except AtvSparseError as e:
         print(f"error: {cli_message(e)}", file=sys.stderr)
         return 2

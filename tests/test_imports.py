@@ -32,8 +32,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("atv_sparse", "vllm_plugin"),
     ("analysis", "tinybench"),
     ("evaluation",),
-    ("estimate", "reports", "preflight", "plot"),
-    ("convert", "evaluate", "verify"),
+    ("estimate", "reports", "preflight", "plot", "resume"),
+    ("convert", "evaluate", "import_ct", "verify"),
 )
 
 # Circles in code this change does not own, each named exactly (module -> ... -> itself); the

@@ -99,6 +99,17 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     out["bad-rowsplit"] = convert(wide, root / "bad-rowsplit", "--pattern", "2:4")
     out["bad-version"] = edit_config(out["llama-2:4"], root / "bad-version", format_version=99)
     out["bad-pattern"] = edit_config(out["llama-2:4"], root / "bad-pattern", pattern="2:4:8")
+    # bad: a shard cut short (a copy that stopped halfway), a block without its pattern, config.json cut short
+    out["bad-truncated"] = Path(shutil.copytree(out["llama-2:4"], root / "bad-truncated"))
+    shard = out["bad-truncated"] / "model.safetensors"
+    os.truncate(shard, shard.stat().st_size // 2)
+    out["bad-block"] = Path(shutil.copytree(out["llama-2:4"], root / "bad-block"))
+    config = json.loads((out["bad-block"] / "config.json").read_text())
+    del config["quantization_config"]["pattern"]
+    (out["bad-block"] / "config.json").write_text(json.dumps(config, indent=2))
+    out["bad-json"] = Path(shutil.copytree(out["llama-2:4"], root / "bad-json"))
+    text = (out["bad-json"] / "config.json").read_text()
+    (out["bad-json"] / "config.json").write_text(text[: len(text) // 2])
     return out
 
 
@@ -149,7 +160,8 @@ def tp1(checkpoints, prompts, tmp_path_factory):
             "qwen2-unstructured", "qwen2-unstructured-dense"]
     jobs = _jobs(checkpoints, prompts, 1, good)
     jobs += _jobs(checkpoints, prompts, 1, ["llama-2:4"], eager=False, suffix="-compiled")
-    jobs += _jobs(checkpoints, prompts, 1, ["bad-fused", "bad-version", "bad-pattern"])
+    jobs += _jobs(checkpoints, prompts, 1, ["bad-fused", "bad-version", "bad-pattern", "bad-truncated", "bad-block",
+                                            "bad-json"])
     return run_vllm(tmp_path_factory.mktemp("tp1"), jobs, tp=1)
 
 

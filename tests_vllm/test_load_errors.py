@@ -39,6 +39,27 @@ def test_unknown_pattern(tp1):
     assert "pattern '2:4:8' is not N:M" in text
 
 
+def test_truncated_shard(tp1, checkpoints):
+    """A shard cut short (a copy that stopped halfway) is refused by the plugin's header check while
+    the engine starts, naming the file and the tensor, not later inside vLLM's weight loader."""
+    text = refused(tp1, "bad-truncated@tp1")
+    shard = checkpoints["bad-truncated"] / "model.safetensors"
+    assert f"{shard}: tensor " in text and "the file is corrupt or truncated; copy or convert it again" in text
+
+
+def test_block_without_pattern(tp1):
+    text = refused(tp1, "bad-block@tp1")
+    assert "config.json (atv_sparse vLLM plugin): quantization_config.pattern: expected 'N:M'" in text
+    assert "it is missing; fix config.json or re-run atv_sparse.convert" in text
+
+
+def test_config_that_is_not_json(tp1, checkpoints):
+    """config.json cut short: transformers parses it before vLLM asks any plugin, so the error is
+    transformers' own; it still stops the engine at start and names the file."""
+    text = refused(tp1, "bad-json@tp1")
+    assert f"{checkpoints['bad-json'] / 'config.json'}" in text and "not a valid JSON file" in text
+
+
 # --- issue 18: the strict quantization_config schema and the header pre-flight, on vLLM's own path ----------
 # vLLM builds the plugin's config from the block (from_config), then hands it the model directory
 # (maybe_update_config): both must refuse, naming the file and the key, before the engine reads a weight.

@@ -238,9 +238,10 @@ def data_start(path: Path) -> int:
 
 
 def read_tensor(path: Path, start: int, info: dict) -> torch.Tensor:
-    """One tensor of a checked safetensors file (header entry ``info``, data area at ``start``) read
-    into its own CPU memory, with plain reads rather than a memory map: pages of a mapped shard
-    count in the process's resident memory for as long as the mapping lives."""
+    """One tensor of a checked safetensors file (header entry ``info``, data area at ``start``; or of
+    any file holding tensor bytes from ``start``, like the writer's spill file) read into its own
+    CPU memory, with plain reads rather than a memory map: pages of a mapped shard count in the
+    process's resident memory for as long as the mapping lives."""
     begin, end = info["data_offsets"]
     buf = torch.empty(end - begin, dtype=torch.uint8)
     view = memoryview(buf.numpy())

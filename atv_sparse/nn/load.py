@@ -13,6 +13,7 @@ from ..ops.dispatch import BACKENDS
 from .prepare import prepare_model
 from .fused import fuse_decoder_blocks
 from .hf_quantizer import register
+from .load_ct import is_compressed_tensors_dir, load_compressed_tensors
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
@@ -39,9 +40,28 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     shard header are validated (``atv_sparse.formats.validate``); after loading, a tensor the
     model expects but the checkpoint lacks, or one the model has no place for, is refused
     (transformers would leave the first as random values and only warn).
+
+    A compressed-tensors checkpoint (llm-compressor's sparse-24-bitmask, sparse-bitmask, or dense
+    weights declared 2:4) loads as published: translated and checked while loading, as
+    ``python -m atv_sparse.import_ct`` would write it (docs/design.md 6.1).
     """
     register()
     path = Path(path)
+    if is_compressed_tensors_dir(path):  # llm-compressor's sparse formats, translated while loading
+        model = load_compressed_tensors(path, dtype)
+    else:
+        model = _load_checkpoint(path, dtype, verify)
+    if backend not in BACKENDS:
+        raise AtvSparseError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    model = model.to(device).eval()
+    if fuse if fuse is not None else torch.device(device).type == "cuda":
+        fuse_decoder_blocks(model)
+    prepare_model(model, backend, autotune=autotune, dense_fallback=dense_fallback, progress=progress)
+    return model
+
+
+def _load_checkpoint(path: Path, dtype, verify: bool):
+    """An atv_sparse (or dense) checkpoint through ``from_pretrained``, validated before and after."""
     checked = validate_checkpoint(path)
     if verify:
         from ..formats.verify import verify_checkpoint
@@ -59,10 +79,4 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
         if names:
             raise AtvSparseError(f"{path}: tensor {names[0]}: {what} ({len(names)} such tensor(s)); the "
                                  "checkpoint does not match its config.json; convert it again")
-    if backend not in BACKENDS:
-        raise AtvSparseError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    model = model.to(device).eval()
-    if fuse if fuse is not None else torch.device(device).type == "cuda":
-        fuse_decoder_blocks(model)
-    prepare_model(model, backend, autotune=autotune, dense_fallback=dense_fallback, progress=progress)
     return model

@@ -27,7 +27,7 @@ from ..formats.bitmask import pack_bitmask
 from ..patterns import Pattern
 from .rule import PruningRule
 from .selectors import MixedTokens
-from .walk import RESIDENT, Residency, TokenSelector, capture_block_inputs, check_finite, walk_blocks
+from .walk import RESIDENT, BlockJournal, Residency, TokenSelector, capture_block_inputs, check_finite, walk_blocks
 
 # The driver knows no rule by name: it asks the ``PruningRule`` for statistics and masks.
 # (The methods users name, their rules and selectors, are ``recipe.METHODS``.)
@@ -54,7 +54,8 @@ class PruneResult:
 def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, targets: dict[str, nn.Linear],
                  rule: PruningRule, pattern: Pattern, samples: list[dict] | None, device: torch.device,
                  selector: TokenSelector | None = None, sparsities: dict[str, float] | None = None, progress: bool = True,
-                 residency: Residency = RESIDENT, sink: Sink | None = None) -> PruneResult:
+                 residency: Residency = RESIDENT, sink: Sink | None = None,
+                 journal: BlockJournal | None = None) -> PruneResult:
     """Prune ``targets`` (full module names -> linears) in place, block by block.
 
     rule: the pruning rule (``rule.PruningRule``); a calibrated one needs ``samples``: model
@@ -64,7 +65,9 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
     the model is in host memory; each block visits ``device`` in turn). ``sink(name, linear,
     keep)`` is called with every pruned linear and its keep-mask ((out, in) bool on the CPU) while its
     weights are still materialised (the streaming checkpoint writer), before its block is freed;
-    ``result.bitmasks`` then stays empty.
+    ``result.bitmasks`` then stays empty. ``journal`` (a resumed conversion, ``walk.BlockJournal``):
+    blocks it has finished are restored, not pruned again, and their reports come from it; it is told
+    when each block is done.
 
     Targets outside the decoder blocks (named explicitly by the user) are pruned where they run:
     linears that run before block 0 (vision tower, projector) from statistics over all their
@@ -75,7 +78,7 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
         raise TypeError(f"rule must be a PruningRule (recipe.METHODS), got {type(rule).__name__}")
     selector = selector or MixedTokens()
     timings = {"capture": 0.0, "calibrate": 0.0, "prune": 0.0, "propagate": 0.0}
-    result = PruneResult({}, [], timings)
+    result = PruneResult({}, list(journal.reports) if journal is not None else [], timings)
     calibrated = rule.calibrated
     in_blocks = {n: m for n, m in targets.items() if n.startswith(layers_prefix + ".")}
     outside = {n: m for n, m in targets.items() if n not in in_blocks}
@@ -83,7 +86,7 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
 
     def prune_into_result(name, mod, stats):
         layer_pattern = Pattern(None, None, sparsities[name]) if sparsities and name in sparsities else pattern
-        keep = rule.prune(mod.weight.data, stats, layer_pattern)
+        keep = _prune_linear(rule, mod, stats, layer_pattern)
         if sink is None:
             result.bitmasks[name] = pack_bitmask(keep).cpu()
         else:  # the sink owns it: a model larger than memory has masks larger than a block
@@ -111,7 +114,7 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
         timings["capture"] = time.perf_counter() - t0
 
     for step in walk_blocks(model, layers, samples if calibrated else None, device, residency=residency,
-                            progress=progress, captured=captured):
+                            progress=progress, captured=captured, journal=journal):
         b, run = step.index, step.run
         prefix = f"{layers_prefix}.{b}."
         block_targets = {name: mod for name, mod in in_blocks.items() if name.startswith(prefix)}
@@ -140,11 +143,19 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
             report["time_propagate_s"] = time.perf_counter() - t0
             timings["propagate"] += report["time_propagate_s"]
         result.blocks.append(report)
+        if journal is not None:
+            journal.finished(b, report)
     if after_blocks:
         t0 = time.perf_counter()
         _prune_output_head(model, after_blocks, captured[0], rule, device, prune_into_result, residency)
         timings["prune"] += time.perf_counter() - t0
     return result
+
+
+def _prune_linear(rule: PruningRule, mod: nn.Linear, stats, pattern: Pattern) -> torch.Tensor:
+    """``rule.prune`` on one linear's weight, in place; its keep-mask (out, in) bool. One named step
+    per pruned linear, where tests/kill_convert.py stops a conversion mid-block."""
+    return rule.prune(mod.weight.data, stats, pattern)
 
 
 def _stats_while(linears: dict[str, nn.Linear], rule: PruningRule, device, work) -> dict:

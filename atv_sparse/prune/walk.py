@@ -15,6 +15,10 @@ Where weights live is a ``Residency``: ``Resident`` for a model already in memor
 change device), or ``models.lazy.LazyWeights`` for a skeleton whose weights are read from the
 checkpoint's shards when a module is brought and dropped again when it is freed (docs/design.md 3).
 
+A resumed conversion passes a ``BlockJournal``: the blocks an earlier run finished are not
+yielded; each is brought, given its pruned weights back (``journal.restore``) and run on every
+sample, so block ``journal.done`` gets exactly the inputs it had in the interrupted run.
+
 Also here: the token-selector interface the driver calls (``TokenSelector``) and the check that
 calibration statistics are finite, shared by the driver and the MoT probe.
 """
@@ -22,6 +26,7 @@ calibration statistics are finite, shared by the driver and the MoT probe.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable, ContextManager, Iterable, Iterator, Protocol
 
 import torch
@@ -52,6 +57,23 @@ class Resident:
 
 
 RESIDENT = Resident()
+
+
+class BlockJournal(Protocol):
+    """What a resumable run records per block (``atv_sparse.resume.ConversionJournal``).
+
+    ``done``: blocks an earlier run finished (0 for a fresh run); ``reports``: their report dicts;
+    ``restore(b, block)``: put block b's pruned weights (as written) into the brought ``block``;
+    ``finished(b, report)``: block b is pruned and handed to the sink; ``rebuild_s``: seconds spent
+    re-running finished blocks."""
+
+    done: int
+    reports: list[dict]
+    rebuild_s: float
+
+    def restore(self, block_index: int, block: nn.Module) -> None: ...
+
+    def finished(self, block_index: int, report: dict) -> None: ...
 
 
 class TokenSelector:
@@ -250,26 +272,39 @@ class BlockStep:
 def walk_blocks(model: nn.Module, layers: nn.ModuleList, samples: list[dict] | None, device: torch.device, *,
                 residency: Residency = RESIDENT, progress: bool = True,
                 sample_context: Callable[[int], ContextManager] | None = None,
-                captured: tuple[list, list, torch.device] | None = None) -> Iterator[BlockStep]:
+                captured: tuple[list, list, torch.device] | None = None,
+                journal: BlockJournal | None = None) -> Iterator[BlockStep]:
     """Yield a ``BlockStep`` per decoder block, in order, with only that block brought to ``device``.
 
     Block-0 inputs are captured first (``captured`` reuses an earlier capture; with no
     ``samples`` nothing is captured and ``step.run`` is None: magnitude pruning). The body does
     its work and calls ``step.propagate()`` when the next block needs this one's outputs; the
-    block is freed when the body returns.
+    block is freed when the body returns. ``journal``: blocks before ``journal.done`` are
+    restored and propagated here instead of yielded.
     """
     if samples:
         hidden, kwargs, store = captured or capture_block_inputs(model, layers, samples, device, progress, residency)
     else:
         hidden, kwargs, store = None, None, None
+    done = journal.done if journal is not None else 0
     for b, block in enumerate(layers):
+        if b < done and not samples:
+            continue  # nothing flows from block to block: a finished block is simply skipped
         residency.bring(block, device)
         try:
+            if b < done:
+                t0 = time.perf_counter()
+                journal.restore(b, block)
+                step = BlockStep(b, len(layers), block, BlockRunner(block, hidden, kwargs, device, sample_context),
+                                 store, progress)
+                step.propagate("Rebuilding inputs (resumed)")
+                journal.rebuild_s += time.perf_counter() - t0
+                continue
             run = BlockRunner(block, hidden, kwargs, device, sample_context) if samples else None
             yield BlockStep(b, len(layers), block, run, store, progress)
         finally:
             residency.free(block)
 
 
-__all__ = ["RESIDENT", "BlockRunner", "BlockStep", "Resident", "Residency", "TokenSelector", "block_output",
-           "capture_block_inputs", "check_finite", "storage_device", "to_device", "walk_blocks"]
+__all__ = ["RESIDENT", "BlockJournal", "BlockRunner", "BlockStep", "Resident", "Residency", "TokenSelector",
+           "block_output", "capture_block_inputs", "check_finite", "storage_device", "to_device", "walk_blocks"]
