@@ -173,7 +173,7 @@ def _simple_tables(out: list[str], tables: dict, share: str) -> None:
 
 
 def plot_atv_blocks(results: dict[Job, dict], args, path: Path) -> Path | None:
-    from atv_sparse.plot import plot_blocks
+    from atv_sparse.convert.plot import plot_blocks
 
     j = job("plain", "wanda", "atv", args.patterns[0], args.seeds[0])
     if j not in results:

@@ -10,7 +10,7 @@ A rule is a frozen dataclass whose fields are its own settings (SparseGPT's ``bl
   which the driver checks is finite;
 - ``prune(weight, stats, pattern)``: prune ``weight`` (out, in) in place, return its keep-mask;
 - ``stats_bytes(linears)``: the peak memory of one block's statistics and working copies for
-  the block's target linears, for ``estimate.py`` (no default: a rule that forgets it fails);
+  the block's target linears, for ``convert/estimate.py`` (no default: a rule that forgets it fails);
 - ``settings()``: the settings it records in quantization_config and prune_report.json;
 - ``layer_sparsities(...)``: optional per-layer sparsities from a pre-pass (TAMP's DAS).
 

@@ -11,11 +11,11 @@ import math
 import torch
 from torch import nn
 
-from .formats.bitmask import packed_nbytes
-from .formats.dtypes import DTYPE_BYTES
-from .patterns import Pattern
-from .prune.rule import PruningRule
-from .prune.targets import TargetPlan
+from ..formats.bitmask import packed_nbytes
+from ..formats.dtypes import DTYPE_BYTES
+from ..patterns import Pattern
+from ..prune.rule import PruningRule
+from ..prune.targets import TargetPlan
 
 # Resident memory of the Python process with torch and transformers imported, before any weight.
 RUNTIME_BYTES = 600 * 10**6

@@ -40,10 +40,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import AtvSparseError
-from .formats.checkpoint import CheckpointStream
-from .formats.safetensors_io import checkpoint_files, data_start
-from .formats.staging import StagedOutputDir, read_journal, staging_is_locked, staging_path
+from ..errors import AtvSparseError
+from ..formats.checkpoint import CheckpointStream
+from ..formats.safetensors_io import checkpoint_files, data_start
+from ..formats.staging import StagedOutputDir, read_journal, staging_is_locked, staging_path
 
 JOURNAL_FORMAT = 1
 
