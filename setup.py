@@ -70,6 +70,8 @@ setup(
         "tqdm",
         "numpy",
         "pillow",
+        # the cpu backend's kernels are built on first use by torch.utils.cpp_extension, which needs ninja
+        "ninja; platform_machine == 'x86_64' or platform_machine == 'AMD64'",
     ],
     extras_require={"test": ["pytest>=8", "matplotlib", "build"], "plot": ["matplotlib"], "vllm": ["vllm>=0.32,<0.34"]},
     # vLLM loads this in every process it starts; the module imports vllm lazily.

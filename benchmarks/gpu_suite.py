@@ -15,7 +15,9 @@ a part that overruns is stopped at the time left.
 3. tests: the GPU tests (kernels, cuSPARSELt, CUDA library, dispatch, capture) with
    ATV_SPARSE_REQUIRE_CUDA_LIB=1 (a missing library fails rather than skips) and one Triton config.
 4. latency: ``latency.py`` per layer, Llama-3-8B shapes, 2:4 and 4:8 fp16, M = 1, 16, 64, 2048,
-   every backend, dense cuBLAS, and PyTorch's ``to_sparse_semi_structured`` (``torch24``) as the anchor;
+   every backend (``cuda_sp24``: the sparse tensor-core kernel, read against its static bound in
+   ``benchmarks/results/kernel-report.md``), dense cuBLAS, and PyTorch's
+   ``to_sparse_semi_structured`` (``torch24``) as the anchor;
    achieved time against the bytes-moved ideal.
 5. e2e: ``latency.py --e2e``: Llama-3-8B-shaped decode (CUDA graph) and prefill, dense vs 2:4.
 6. convert: a random-weight LLaVA-NeXT-8B-shaped checkpoint (the text model's shapes, ``--convert-layers``
@@ -168,7 +170,7 @@ def _latency_args(s: Suite, out: Path) -> list[str]:
         return ["--device", "cpu", "--shapes", "tiny", "--pattern", "2:4", "--m", "1",
                 "--backends", "triton,torch24,auto", "--out-dir", str(out)]
     return ["--shapes", "llama3-8b", "--pattern", "2:4,4:8", "--dtype", "fp16", "--m", "1,16,64,2048",
-            "--backends", "cuda,triton,cusparselt,torch24,auto", "--out-dir", str(out)]
+            "--backends", "cuda,cuda_sp24,triton,cusparselt,torch24,auto", "--out-dir", str(out)]
 
 
 def part_latency(s: Suite) -> dict:

@@ -1,10 +1,12 @@
 """Sparse vs dense linear latency on the real per-layer shapes of Llama-3-8B / Qwen2-7B, and
 end-to-end decode (``--e2e``). Needs a CUDA GPU; without one it says so and exits 0, unless
-``--device cpu`` (a dry run of every code path on tiny shapes, Triton's interpreter, CPU timers).
+``--device cpu`` (a dry run of every code path on tiny shapes, Triton's interpreter, CPU timers)
+or ``--cpu`` (the cpu backend measured on this CPU: ``cpu_latency.py``).
 
     python benchmarks/latency.py --pattern 2:4,4:8 --shapes all --dtype fp16
     python benchmarks/latency.py --pattern 2:4 --e2e
     TRITON_INTERPRET=1 python benchmarks/latency.py --device cpu --shapes tiny --m 1,3 --e2e --e2e-shape tiny
+    python benchmarks/latency.py --cpu --pattern 2:4,4:8 --m 1,4,16,128,512 --cpu-e2e
 
 For each pattern x shape x M: dense cuBLAS time, each backend's time (eager, and replayed from a
 CUDA graph, which hides per-call host costs such as cuSPARSELt's descriptor setup), speed-up over
@@ -52,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--m", default=DEFAULT_M, help=f"token counts, comma-separated (default {DEFAULT_M})")
     p.add_argument("--dtype", default="fp16", choices=list(DTYPES))
     p.add_argument("--backends", default="cuda,triton,cusparselt,torch24,auto",
-                   help="subset of cuda,triton,cusparselt,reference,torch24,auto (torch24: PyTorch's "
+                   help="subset of cuda,cuda_sp24,triton,cusparselt,reference,torch24,auto (torch24: PyTorch's "
                         "to_sparse_semi_structured, 2:4 on CUDA); ones this machine lacks are reported and skipped")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a dry run of every code path (tiny shapes, TRITON_INTERPRET=1, CPU timers)")
@@ -64,6 +66,15 @@ def parse_args(argv=None):
     p.add_argument("--e2e-layers", type=int, default=32, help="decoder layers for --e2e (32 = Llama-3-8B)")
     p.add_argument("--e2e-shape", default="llama3-8b", choices=["llama3-8b", "tiny"])
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    cpu = p.add_argument_group("--cpu: the cpu backend on this CPU (cpu_latency.py; Llama-3-8B shapes, bf16)")
+    cpu.add_argument("--cpu", action="store_true", help="measure the cpu backend against torch dense here")
+    cpu.add_argument("--cpu-e2e", action="store_true", help="with --cpu: greedy decode of a Llama-3.2-1B shape")
+    cpu.add_argument("--threads", type=int, default=1, help="torch threads for --cpu (default 1)")
+    cpu.add_argument("--rounds", type=int, default=6, help="interleaved rounds per cell (halved for M >= 128)")
+    cpu.add_argument("--reps", type=int, default=6, help="calls per variant per round (halved for M >= 128)")
+    cpu.add_argument("--no-reference", action="store_true", help="skip the (slow) reference backend")
+    cpu.add_argument("--e2e-repeats", type=int, default=3, help="decode runs per model for --cpu-e2e")
+    cpu.add_argument("--tag", default="", help="suffix of the result file names")
     return p.parse_args(argv)
 
 
@@ -149,6 +160,7 @@ def bench_shape(out_f, in_f, gated, pattern, dtype, ms_list, backends, graphs, c
     from atv_sparse.nn.prepare import prepare_model
     from atv_sparse.nn.sparse_linear import SparseLinear
     from atv_sparse.ops.cusparselt import search_alg_id
+    from atv_sparse.ops.dispatch import TOKEN_LIMITS
     from atv_sparse.ops.traffic import bytes_moved, ideal_ms
 
     n, m_group = (int(v) for v in pattern.split(":"))
@@ -204,8 +216,8 @@ def bench_shape(out_f, in_f, gated, pattern, dtype, ms_list, backends, graphs, c
                     mods = layers[backend]
                     mod0 = mods[0]
                     why = None if backend == "auto" else mod0.backend_status(backend)
-                    if why is None and backend == "cuda" and m > 16:
-                        why = "the CUDA kernels run up to 16 tokens"
+                    if why is None and m > TOKEN_LIMITS.get(backend, m):
+                        why = f"backend '{backend}' runs up to {TOKEN_LIMITS[backend]} tokens"
                     if why:
                         row[f"{backend}_{mode}_ms"] = None
                         row[f"{backend}_why"] = why
@@ -321,6 +333,12 @@ def markdown(env, copy_gbs, results, backends, graphs) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.cpu:
+        import cpu_latency
+
+        shapes = SHAPES["tiny" if args.shapes == "tiny" else "llama3-8b"]
+        command = "python benchmarks/latency.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        return cpu_latency.run(args, shapes, command)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("latency.py: no CUDA GPU on this machine; nothing to measure (the kernels' CPU tests run under "
               "TRITON_INTERPRET=1 in the test suite; --device cpu dry-runs this script).")

@@ -138,23 +138,28 @@ def table() -> None:
     m = rows[-1]["machine"]
     lines = ["# Resume overhead (python -m atv_sparse.convert --resume, --device cpu)", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB RAM, torch {m['torch']}, "
-             "shared with other jobs (wall times are indicative). A run SIGKILLed once its journal records the "
-             "blocks shown, then resumed, against an uninterrupted run of the same arguments. `rebuild` = restoring "
-             "the finished blocks from the staged shards and running them over the calibration set (the resumed "
-             "run's capture is listed apart); `their work` = what those blocks cost the uninterrupted run "
-             "(calibrate + prune + propagate); `lost` = killed + resumed - uninterrupted wall time.", "",
-             "| checkpoint | method | calibration | killed after | uninterrupted | killed at | resumed | rebuild "
-             "| capture | their work | lost | output |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "shared with other jobs. A run SIGKILLed once its journal records the blocks shown, then resumed, "
+             "against an uninterrupted run of the same arguments. `rebuild / block`: restoring one finished block "
+             "(its source weights read, its pruned linears read back from the staged shards and decompressed) and "
+             "running it over the calibration set; `pruning / block, same run`: what each block still to prune cost "
+             "the resumed run (calibrate + prune + propagate, reads not included), measured in the same process, "
+             "so under the same load. Wall times of different runs are not comparable on this shared machine "
+             "(its load changed between the runs): `lost` (killed + resumed - uninterrupted) is listed as measured.",
+             "", "| checkpoint | method | calibration | killed after | uninterrupted | killed at | resumed | rebuild "
+             "| rebuild / block | pruning / block, same run | capture again | lost | output |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
+        done, left = r["killed_after_blocks"], r["blocks"] - r["killed_after_blocks"]
+        t = r["resumed_timings_s"]
+        work = (t.get("calibrate", 0) + t.get("prune", 0) + t.get("propagate", 0)) / max(left, 1)
         lines.append(f"| {r['checkpoint']} ({r['checkpoint_bytes'] / 1e9:.2f} GB) | {r['method']} 2:4 | "
-                     f"{r['nsamples']} x {r['seqlen']} | {r['killed_after_blocks']} of {r['blocks']} blocks | "
+                     f"{r['nsamples']} x {r['seqlen']} | {done} of {r['blocks']} blocks | "
                      f"{r['full_wall_s']:.0f} s | {r['killed_wall_s']:.0f} s | {r['resume_wall_s']:.0f} s | "
-                     f"{r['rebuild_s']:.0f} s | {r['capture_s_resumed']:.1f} s | "
-                     f"{r['finished_blocks_work_s_full']:.0f} s | {r['lost_s']:.0f} s | "
+                     f"{r['rebuild_s']:.0f} s | {r['rebuild_s'] / max(done, 1):.1f} s | {work:.1f} s | "
+                     f"{r['capture_s_resumed']:.1f} s | {r['lost_s']:.0f} s | "
                      f"{'bit-identical' if r['identical'] else 'DIFFERS'} |")
     lines += ["", f"Reproduce: `{rows[-1]['command']}` (after `python benchmarks/prune_memory.py build --shape "
-              "llama-3.2-3b --dir DIR`)."]
+              "llama-3.2-3b --dir DIR`). Prediction written before the run: `resume_overhead-prediction.md`."]
     RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

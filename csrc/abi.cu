@@ -16,6 +16,9 @@ extern "C" const char* atv_error_string(int code) {
             return "misaligned argument (x and values 16-byte aligned with row strides a multiple of 8 "
                    "elements, bitmask 2-byte aligned with an even row stride)";
         case ATV_ERR_NULL: return "a required pointer is null";
+        case ATV_ERR_LAYOUT:
+            return "a metadata word of the sparse tensor-core layout is not an ordered pair of positions (a corrupt "
+                   "or wrongly built frag_meta)";
         default: break;
     }
     if (code > 0) return cudaGetErrorString(static_cast<cudaError_t>(code));

@@ -29,7 +29,7 @@
 
 #include <cuda_runtime_api.h>
 
-#define ATV_ABI_VERSION 1
+#define ATV_ABI_VERSION 2
 
 /* dtype codes: the activations', weights', bias' and output's element type (all the same). */
 #define ATV_DTYPE_F16 0
@@ -42,6 +42,7 @@
 #define ATV_ERR_SIZE (-3)      /* M, N or K out of range, or a stride smaller than its row */
 #define ATV_ERR_ALIGN (-4)     /* a pointer or stride breaks the 16-byte (or 2-byte) alignment */
 #define ATV_ERR_NULL (-5)      /* a required pointer is null */
+#define ATV_ERR_LAYOUT (-6)    /* host twins only: a metadata word mma.sp would not accept */
 
 #ifdef __cplusplus
 extern "C" {
@@ -85,6 +86,32 @@ int atv_nm_gated_host(const void* x, int64_t ldx, const void* gate_values,
                       const void* gate_bitmask, const void* up_values, const void* up_bitmask,
                       int64_t ldv, int64_t ldb, void* out, int64_t ldo, int64_t M, int64_t N,
                       int64_t K, int n, int m, int dtype, int ksplit);
+
+/*
+ * 2:4 on the sparse tensor cores (sp24_decode.cu): the same products from the load-time runtime
+ * layout of sp24_common.cuh, built once per layer by atv_sparse/kernels/cuda_layouts.py:
+ *   frag_values (ceil(N / 16), K / 32, 32, 8) fp16 / bf16, 16-byte aligned;
+ *   frag_meta   (ceil(N / 16), K / 32, 16) uint32, 4-byte aligned.
+ * Requirements: 0 <= M <= 16; K a positive multiple of 32; x 4-byte aligned with ldx even,
+ * ldx >= K, ldo >= N.
+ */
+int atv_sp24_linear(int device, const void* x, int64_t ldx, const void* frag_values, const void* frag_meta,
+                    const void* bias, void* out, int64_t ldo, int64_t M, int64_t N, int64_t K, int dtype,
+                    cudaStream_t stream);
+
+int atv_sp24_gated(int device, const void* x, int64_t ldx, const void* gate_frag_values,
+                   const void* gate_frag_meta, const void* up_frag_values, const void* up_frag_meta, void* out,
+                   int64_t ldo, int64_t M, int64_t N, int64_t K, int dtype, cudaStream_t stream);
+
+/* Host twins of the two above: the kernel's fragment loads, partition and epilogue, with mma.sp
+ * emulated from the PTX ISA's definition; ATV_ERR_LAYOUT on a metadata word it would not accept. */
+int atv_sp24_linear_host(const void* x, int64_t ldx, const void* frag_values, const void* frag_meta,
+                         const void* bias, void* out, int64_t ldo, int64_t M, int64_t N, int64_t K, int dtype,
+                         int ksplit);
+
+int atv_sp24_gated_host(const void* x, int64_t ldx, const void* gate_frag_values, const void* gate_frag_meta,
+                        const void* up_frag_values, const void* up_frag_meta, void* out, int64_t ldo, int64_t M,
+                        int64_t N, int64_t K, int dtype, int ksplit);
 
 #ifdef __cplusplus
 }

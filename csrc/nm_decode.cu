@@ -11,14 +11,15 @@
  *
  * Algorithm, per lane:
  *
- *     for each step j of this warp's slice of K (U = 4 steps at a time, 2 when MT >= 8):
+ *     for each step j of this warp's contiguous slice of K (U = 4 steps at a time, 2 when MT >= 8;
+ *     then a tail loop of single steps, the row's last partial step checked per lane):
  *         c    = 32 j + lane                            this lane's chunk: 16 columns, 8 values
  *         v[s] = values[row_s, 8c : 8c + 8]             one 16-byte load per weight stream s
  *         k[s] = bitmask[row_s, 2c : 2c + 2]            its two mask bytes (coalesced 64 B/warp)
  *     (all U x 2 x 2 loads issued before any is used)
  *     for each loaded chunk:
  *         w    = float(v)                                once per row, reused for every token
- *         sel  = lut[k & 0xff], lut[k >> 8]              byte-permute selectors (shared memory)
+ *         sel  = lut[k & 0xff], lut[k >> 8]              pick / mix selectors, one 16-byte shared load each
  *         for each token t:
  *             xa, xb = x[t, 16c : 16c + 8], x[t, 16c + 8 : 16c + 16]   two 16-byte loads (L1)
  *             xs     = the 8 activations of kept columns, picked from xa, xb by 3 prmt per pair
@@ -49,10 +50,10 @@
  *              K: chunks of 16 columns, steps of 32 chunks (one per lane)
  *              step 0          step 1          step 2          step 3   ...
  *            +---------------+---------------+---------------+---------------+
- *   block b  | warp 0        | warp 1        | warp 0        | warp 1        |  row group 0:
+ *   block b  | warp 0        | warp 0        | warp 1        | warp 1        |  row group 0:
  *   ksplit=2 |  rows r, r+1  |  rows r, r+1  |               |               |  rows r, r+1
  *            +---------------+---------------+---------------+---------------+
- *            | warp 2        | warp 3        | warp 2        | warp 3        |  row group 1:
+ *            | warp 2        | warp 2        | warp 3        | warp 3        |  row group 1:
  *            |  rows r+2,r+3 |               |               |               |  rows r+2, r+3
  *            +---------------+---------------+---------------+---------------+
  *   block b+1: rows r+4 .. r+7 ...          grid = ceil(N / rows per block), one dimension
@@ -74,13 +75,16 @@
  *   T             __half or __nv_bfloat16
  *   MT            token tile 1, 2, 4, 8 or 16: acc has 2 x MT fp32 registers; tokens >= a.M skipped
  *   GATED         silu(gate) * up instead of a plain (+ bias) layer
- * Shared memory: lut (256 x 8 B selector table, filled by the block at start) and red (per-warp
- * sums, kWarps x 2 MT floats): at most 2.5 KB, static.
+ * Shared memory: lut (256 x 16 B selector table, filled by the block at start) and red (per-warp
+ * sums, kWarps x 2 MT floats): at most 4.5 KB, static.
+ * Instruction budget at M = 1 (benchmarks/kernel_report.py counts the SASS): per 8 kept values
+ * 4 loads (values, mask, two activation loads shared by the two streams), 2 shared loads, 8
+ * widenings of values and 8 of activations, 12 prmt and 8 FFMA, about 6 instructions per kept
+ * weight in all (the prmt run as written: __byte_perm would mask each selector first).
  * Registers: __launch_bounds__(128, 4) caps them at 128 per thread (at least 16 warps per SM);
  * the CI compile check fails on any spill (-warn-spills, -warn-lmem-usage as errors).
  */
-#include <atomic>
-
+#include "launch.cuh"
 #include "nm_common.cuh"
 
 namespace atv {
@@ -89,7 +93,7 @@ namespace {
 template <typename T, int MT, bool GATED>
 __global__ void __launch_bounds__(kThreads, 4) nm_decode_kernel(NmArgs<T> a, int ksplit) {
     constexpr int S = Streams<GATED>::kCount;
-    __shared__ uint2 lut[kLutSize];
+    __shared__ uint4 lut[kLutSize];
     __shared__ float red[kWarps][S * MT];
 
     for (int i = threadIdx.x; i < kLutSize; i += kThreads) lut[i] = byte_selectors(static_cast<uint32_t>(i));
@@ -128,18 +132,6 @@ __global__ void __launch_bounds__(kThreads, 4) nm_decode_kernel(NmArgs<T> a, int
         write_output<T, MT, GATED>(a, red, warp, ksplit, row0, lane);
 }
 
-int sm_count(int device, cudaError_t* err) {
-    static std::atomic<int> cache[64];  // per device; 0 = not asked yet
-    if (device >= 0 && device < 64) {
-        const int known = cache[device].load(std::memory_order_relaxed);
-        if (known > 0) return known;
-    }
-    int count = 0;
-    *err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-    if (*err == cudaSuccess && count > 0 && device >= 0 && device < 64) cache[device].store(count);
-    return count > 0 ? count : 1;
-}
-
 template <typename T, bool GATED>
 cudaError_t launch(const NmArgs<T>& a, int sms, cudaStream_t stream) {
     const int ksplit = choose_ksplit(a.N, a.K, Streams<GATED>::kRows, sms);
@@ -155,59 +147,12 @@ cudaError_t launch(const NmArgs<T>& a, int sms, cudaStream_t stream) {
     return cudaGetLastError();
 }
 
-// Make `device` current for this library's runtime for one call, then restore the previous one
-// (the caller's framework keeps its own notion of the current device).
-class DeviceScope {
-  public:
-    explicit DeviceScope(int device) {
-        err_ = cudaGetDevice(&previous_);
-        if (err_ == cudaSuccess && previous_ != device) {
-            err_ = cudaSetDevice(device);
-            switched_ = err_ == cudaSuccess;
-        }
-    }
-    ~DeviceScope() {
-        if (switched_) cudaSetDevice(previous_);
-    }
-    cudaError_t error() const { return err_; }
-
-  private:
-    int previous_ = 0;
-    bool switched_ = false;
-    cudaError_t err_ = cudaSuccess;
-};
-
 template <typename T>
 int run(int device, const NmArgs<T>& a, bool gated, cudaStream_t stream) {
     if (a.M == 0 || a.N == 0) return ATV_OK;
-    DeviceScope scope(device);
-    if (scope.error() != cudaSuccess) return scope.error();
-    cudaError_t err = cudaSuccess;
-    const int sms = sm_count(device, &err);
-    if (err != cudaSuccess) return err;
-    return gated ? launch<T, true>(a, sms, stream) : launch<T, false>(a, sms, stream);
-}
-
-template <typename T>
-NmArgs<T> make_args(const void* x, int64_t ldx, const void* values, const void* mask, const void* up_values,
-                    const void* up_mask, int64_t ldv, int64_t ldb, const void* bias, void* out, int64_t ldo,
-                    int64_t M, int64_t N, int64_t K) {
-    NmArgs<T> a;
-    a.x = static_cast<const T*>(x);
-    a.values = static_cast<const T*>(values);
-    a.mask = static_cast<const uint8_t*>(mask);
-    a.up_values = static_cast<const T*>(up_values);
-    a.up_mask = static_cast<const uint8_t*>(up_mask);
-    a.bias = static_cast<const T*>(bias);
-    a.out = static_cast<T*>(out);
-    a.ldx = ldx;
-    a.ldv = ldv;
-    a.ldb = ldb;
-    a.ldo = ldo;
-    a.M = static_cast<int>(M);
-    a.N = static_cast<int>(N);
-    a.K = static_cast<int>(K);
-    return a;
+    return run_on_device(device, [&](int sms) {
+        return gated ? launch<T, true>(a, sms, stream) : launch<T, false>(a, sms, stream);
+    });
 }
 
 int dispatch(int device, const void* x, int64_t ldx, const void* values, const void* mask,

@@ -12,8 +12,14 @@
  *       red[warp][s * MT + t] += acc[s][t]          (the kernel: xor-shuffle sum)
  *   for each row group's first warp, idx < 2 MT:
  *       write_output(...)                          (same function the kernel runs)
+ *
+ * atv_sp24_*_host do the same for sp24_decode.cu: per warp and k-block, the 32 lanes' fragments
+ * come from the kernel's load_frag over the runtime layout, and emulate_mma_sp (sp24_common.cuh,
+ * written from the PTX ISA) stands in for mma.sp; store_partials and write_tile_output are shared.
+ * A metadata nibble the instruction would not accept returns ATV_ERR_LAYOUT.
  */
 #include "nm_common.cuh"
+#include "sp24_common.cuh"
 
 namespace atv {
 namespace {
@@ -21,7 +27,7 @@ namespace {
 template <typename T, int MT, bool GATED>
 void run_host_tile(const NmArgs<T>& a, int ksplit) {
     constexpr int S = Streams<GATED>::kCount;
-    uint2 lut[kLutSize];
+    uint4 lut[kLutSize];
     for (int i = 0; i < kLutSize; ++i) lut[i] = byte_selectors(static_cast<uint32_t>(i));
     const Partition part(a.K, ksplit, Streams<GATED>::kRows);
     const int blocks = (a.N + part.rows_per_block() - 1) / part.rows_per_block();
@@ -57,21 +63,7 @@ template <typename T>
 void run_host_typed(const void* x, int64_t ldx, const void* values, const void* mask, const void* up_values,
                     const void* up_mask, int64_t ldv, int64_t ldb, const void* bias, void* out, int64_t ldo,
                     int64_t M, int64_t N, int64_t K, bool gated, int ksplit) {
-    NmArgs<T> a;
-    a.x = static_cast<const T*>(x);
-    a.values = static_cast<const T*>(values);
-    a.mask = static_cast<const uint8_t*>(mask);
-    a.up_values = static_cast<const T*>(up_values);
-    a.up_mask = static_cast<const uint8_t*>(up_mask);
-    a.bias = static_cast<const T*>(bias);
-    a.out = static_cast<T*>(out);
-    a.ldx = ldx;
-    a.ldv = ldv;
-    a.ldb = ldb;
-    a.ldo = ldo;
-    a.M = static_cast<int>(M);
-    a.N = static_cast<int>(N);
-    a.K = static_cast<int>(K);
+    NmArgs<T> a = make_args<T>(x, ldx, values, mask, up_values, up_mask, ldv, ldb, bias, out, ldo, M, N, K);
     const int rows = gated ? Streams<true>::kRows : Streams<false>::kRows;
     if (ksplit == 0) ksplit = choose_ksplit(a.N, a.K, rows, 132);
     if (gated)
@@ -98,6 +90,80 @@ int host_dispatch(const void* x, int64_t ldx, const void* values, const void* ma
 }
 
 }  // namespace
+
+namespace sp24 {
+namespace {
+
+template <typename T, int NT, bool GATED>
+int run_host_tiles(const Args<T>& a, int ksplit) {
+    constexpr int S = GATED ? 2 : 1;
+    const TilePartition part(ksplit, a.kblocks());
+    const int blocks = (a.tiles() + part.groups - 1) / part.groups;
+    for (int block = 0; block < blocks; ++block) {
+        float red[kWarps][S][kTileRows][2 * kTokens] = {};
+        for (int warp = 0; warp < kWarps; ++warp) {
+            const int tile = part.tile(block, warp);
+            if (tile >= a.tiles()) continue;
+            LaneStreams<T, S, NT> p[kWarpSize];
+            for (int lane = 0; lane < kWarpSize; ++lane) p[lane] = lane_streams<T, S, NT>(a, tile, part.first(warp), lane);
+            float acc[kWarpSize][S][NT][4] = {};
+            for (int left = part.count(warp, a.kblocks()); left > 0; --left) {  // the kernel's k-block order
+                Frag<S, NT> f[kWarpSize];
+                for (int lane = 0; lane < kWarpSize; ++lane) {
+                    load_frag(p[lane], 0, f[lane]);
+                    advance(p[lane], 1);
+                }
+                for (int s = 0; s < S; ++s) {
+                    for (int nt = 0; nt < NT; ++nt) {
+                        uint32_t ra[kWarpSize][4], rb[kWarpSize][4], re[kWarpSize];
+                        float d[kWarpSize][4];
+                        for (int lane = 0; lane < kWarpSize; ++lane) {
+                            for (int r = 0; r < 4; ++r) {
+                                ra[lane][r] = f[lane].a[s][r];
+                                rb[lane][r] = f[lane].b[nt][r];
+                                d[lane][r] = acc[lane][s][nt][r];
+                            }
+                            re[lane] = f[lane].e[s];
+                        }
+                        if (!emulate_mma_sp<T>(ra, rb, re, d)) return ATV_ERR_LAYOUT;
+                        for (int lane = 0; lane < kWarpSize; ++lane)
+                            for (int r = 0; r < 4; ++r) acc[lane][s][nt][r] = d[lane][r];
+                    }
+                }
+            }
+            for (int lane = 0; lane < kWarpSize; ++lane) store_partials<S, NT>(acc[lane], lane, red[warp]);
+        }
+        for (int warp = 0; warp < kWarps; warp += ksplit) {
+            const int tile = part.tile(block, warp);
+            if (tile >= a.tiles()) continue;  // the kernel: only the row group's first warp writes
+            for (int idx = 0; idx < kTileRows * a.M; ++idx) write_tile_output<T, S>(a, red, warp, ksplit, tile, idx);
+        }
+    }
+    return ATV_OK;
+}
+
+template <typename T>
+int run_host_typed(const Args<T>& a, bool gated, int ksplit) {
+    if (ksplit == 0) ksplit = choose_ksplit_for(a.tiles(), a.kblocks(), 132);
+    if (token_tiles(a.M) == 1) return gated ? run_host_tiles<T, 1, true>(a, ksplit) : run_host_tiles<T, 1, false>(a, ksplit);
+    return gated ? run_host_tiles<T, 2, true>(a, ksplit) : run_host_tiles<T, 2, false>(a, ksplit);
+}
+
+int host_dispatch(const void* x, int64_t ldx, const void* fv, const void* fm, const void* up_fv, const void* up_fm,
+                  const void* bias, void* out, int64_t ldo, int64_t M, int64_t N, int64_t K, int dtype, bool gated,
+                  int ksplit) {
+    const int bad = check_args(x, ldx, fv, fm, up_fv, up_fm, gated, bias, out, ldo, M, N, K, dtype);
+    if (bad != ATV_OK) return bad;
+    if (ksplit != 0 && ksplit != 1 && ksplit != 2 && ksplit != 4) return ATV_ERR_SIZE;
+    if (M == 0 || N == 0) return ATV_OK;
+    if (dtype == ATV_DTYPE_F16)
+        return run_host_typed(make_args<__half>(x, ldx, fv, fm, up_fv, up_fm, bias, out, ldo, M, N, K), gated, ksplit);
+    return run_host_typed(make_args<__nv_bfloat16>(x, ldx, fv, fm, up_fv, up_fm, bias, out, ldo, M, N, K), gated,
+                          ksplit);
+}
+
+}  // namespace
+}  // namespace sp24
 }  // namespace atv
 
 extern "C" int atv_nm_linear_host(const void* x, int64_t ldx, const void* values, int64_t ldv,
@@ -113,4 +179,18 @@ extern "C" int atv_nm_gated_host(const void* x, int64_t ldx, const void* gate_va
                                  int64_t K, int n, int m, int dtype, int ksplit) {
     return atv::host_dispatch(x, ldx, gate_values, gate_bitmask, up_values, up_bitmask, ldv, ldb, nullptr, out,
                               ldo, M, N, K, n, m, dtype, true, ksplit);
+}
+
+extern "C" int atv_sp24_linear_host(const void* x, int64_t ldx, const void* frag_values, const void* frag_meta,
+                                    const void* bias, void* out, int64_t ldo, int64_t M, int64_t N, int64_t K,
+                                    int dtype, int ksplit) {
+    return atv::sp24::host_dispatch(x, ldx, frag_values, frag_meta, nullptr, nullptr, bias, out, ldo, M, N, K, dtype,
+                                    false, ksplit);
+}
+
+extern "C" int atv_sp24_gated_host(const void* x, int64_t ldx, const void* gate_frag_values,
+                                   const void* gate_frag_meta, const void* up_frag_values, const void* up_frag_meta,
+                                   void* out, int64_t ldo, int64_t M, int64_t N, int64_t K, int dtype, int ksplit) {
+    return atv::sp24::host_dispatch(x, ldx, gate_frag_values, gate_frag_meta, up_frag_values, up_frag_meta, nullptr,
+                                    out, ldo, M, N, K, dtype, true, ksplit);
 }

@@ -13,6 +13,9 @@ if not torch.cuda.is_available():  # Triton kernels run in Triton's interpreter 
 # path has tests of its own (test_kernels.py::test_autotuned_launch_on_gpu) that unset it.
 os.environ.setdefault("ATV_SPARSE_TRITON_ONE_CONFIG", "1")
 torch.set_num_threads(1)  # 2 threads on a shared 2-core machine make forwards erratic
+# Packed models must equal their dense exports bit for bit in the rest of the suite (the reference
+# backend); the cpu backend's own tests (test_cpu_backend.py) turn its kernels on for themselves.
+os.environ.setdefault("ATV_SPARSE_CPU_BACKEND", "0")
 
 # The tiny LLM checkpoints live with the other fixtures of every family (tinybench.families).
 from atv_sparse.tinybench.families import write_tiny_llm as write_tiny_model  # noqa: E402

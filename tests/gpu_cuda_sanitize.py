@@ -8,7 +8,8 @@
 PyTorch's caching allocator is switched off (PYTORCH_NO_CUDA_MEMORY_CACHING=1, set before torch is
 imported) so every tensor is its own allocation and a read or write one element past a weight, the
 activations or the output is reported instead of landing in a neighbour. Each variant (fp16 / bf16,
-2:4 / 4:8, every token tile 1..16, plain, bias, gated; K-split 1 and 4 with partial steps) is also
+2:4 / 4:8, every token tile 1..16, plain, bias, gated; K-split 1 and 4 with partial steps; the
+2:4 sparse tensor-core kernel on its load-time layout, rows padded to 16) is also
 checked against a float64 reference, so the script exits non-zero on a wrong result too.
 Not a pytest module (no test_ prefix): the sanitizer wants one plain process.
 """
@@ -24,6 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from atv_sparse.formats.bitmask import compress  # noqa: E402
+from atv_sparse.kernels.cuda_layouts import sp24_layout  # noqa: E402
 from atv_sparse.ops import cuda_lib  # noqa: E402
 
 # (N, K): a few rows with a long K (split over 4 warps, partial last step), many rows with K shorter
@@ -73,6 +75,12 @@ def main() -> int:
                     out = torch.ops.atv_sparse.nm_gated_cuda(x, gv, gb, uv, ub, n, m)
                     ref = F.silu(xd @ wg.double().T) * (xd @ wu.double().T)
                     ok &= check(f"gated  {tag}", out, ref, F.silu(F.linear(x, wg)) * F.linear(x, wu))
+                    if (n, m) == (2, 4) and k % 32 == 0:  # the sparse tensor-core kernel, its layout
+                        (gfv, gfm), (ufv, ufm) = sp24_layout(gv, gb), sp24_layout(uv, ub)
+                        out = torch.ops.atv_sparse.sp24_linear_cuda(x, gfv, gfm, rows, bias)
+                        ok &= check(f"sp24   {tag}", out, xd @ wg.double().T + bias.double(), F.linear(x, wg, bias))
+                        out = torch.ops.atv_sparse.sp24_gated_cuda(x, gfv, gfm, ufv, ufm, rows)
+                        ok &= check(f"sp24 g {tag}", out, ref, F.silu(F.linear(x, wg)) * F.linear(x, wu))
     torch.cuda.synchronize()
     print("all variants ok" if ok else "FAILURES above")
     return 0 if ok else 1

@@ -14,9 +14,9 @@ def test_entries_are_consistent():
     for entry in backends.TABLE:
         assert entry.over_limit is None or entry.over_limit in backends.FACTS
         assert (entry.token_limit is None) == (entry.over_limit is None), entry.name
-        assert entry.layout in (None, "cslt", "dense"), entry.name  # the layouts runner.build_layouts builds
+        assert entry.layout in (None, "cslt", "dense", "sp24"), entry.name  # the layouts runner.build_layouts builds
     assert backends.BACKENDS[0] == "auto" and "dense" not in backends.BACKENDS
-    assert set(backends.LAYOUT_BACKENDS) == {"cusparselt", "dense"}
+    assert set(backends.LAYOUT_BACKENDS) == {"cuda_sp24", "cusparselt", "dense"}
 
 
 def test_unknown_backend_is_named():

@@ -166,18 +166,25 @@ def test_write_failure_leaves_nothing(capsys, work, monkeypatch):
     assert len(calls) == 3
 
 
-def test_interrupted_write_leaves_nothing(work, monkeypatch):
+def test_interrupted_write_leaves_no_checkpoint_only_a_resumable_stage(work, monkeypatch):
+    """Ctrl-C during the final writes: no --out, only the hidden staging directory with its journal
+    (every block done), which --resume finishes (issue 33)."""
     root, ckpt = work
     import atv_sparse.formats.checkpoint as ckpt_mod
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt_mod, "copy_aux_files", interrupted)
-    before = snapshot(root)
-    with pytest.raises(KeyboardInterrupt):
-        main([str(ckpt), "--out", str(root / "o"), *QUICK])
-    assert snapshot(root) == before
+    argv = [str(ckpt), "--out", str(root / "o"), *QUICK]
+    with monkeypatch.context() as m:
+        m.setattr(ckpt_mod, "copy_aux_files", interrupted)
+        before = {name for name, _ in snapshot(root)}
+        assert main(argv) == 130
+    added = {name for name, _ in snapshot(root)} - before
+    assert not (root / "o").exists()
+    assert added and all(name.startswith(".o.partial") for name in added) and ".o.partial/.journal.json" in added
+    assert main([*argv, "--resume"]) == 0
+    assert (root / "o" / "model.safetensors").is_file() and not (root / ".o.partial").exists()
 
 
 def test_nan_in_calibration_statistics(capsys, tmp_path):

@@ -13,6 +13,7 @@ Nothing queries the GPU at import time.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -25,13 +26,16 @@ import torch.nn.functional as F
 
 from atv_sparse.errors import AtvSparseError
 from atv_sparse.formats.bitmask import compress
+from atv_sparse.kernels.cuda_layouts import pack_sp24, split_sp24, sp24_layout
+from atv_sparse.ops import runner
+from atv_sparse.ops.dispatch import Plan
 from atv_sparse.ops import build_cuda, cuda_lib
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 DTYPES = (torch.float16, torch.bfloat16)
 PATTERNS = ((2, 4), (4, 8))
 CODES = {torch.float16: 0, torch.bfloat16: 1}
-ATV_ERR = {"pattern": -1, "dtype": -2, "size": -3, "align": -4, "null": -5}
+ATV_ERR = {"pattern": -1, "dtype": -2, "size": -3, "align": -4, "null": -5, "layout": -6}
 # (M, N, K): one token and the tile edges, odd N (partial row groups), K with a partial last step
 # (K / 16 not a multiple of 32), K shorter than one step, and many steps.
 HOST_SHAPES = ((1, 7, 16), (2, 13, 48), (3, 33, 1040), (5, 9, 528), (8, 3, 2064), (16, 11, 272), (9, 1, 512))
@@ -114,7 +118,7 @@ def test_stale_library_refused(monkeypatch, tmp_path, fresh_cache):
     src.write_text("int atv_abi_version(void) { return 99; }\nconst char* atv_error_string(int c) { return \"\"; }\n")
     path = tmp_path / cuda_lib.LIB_NAME
     subprocess.run(["cc", "-shared", "-fPIC", str(src), "-o", str(path)], check=True)
-    with pytest.raises(RuntimeError, match="ABI version 99, this package needs 1"):
+    with pytest.raises(RuntimeError, match="ABI version 99, this package needs 2"):
         cuda_lib.open_library(path)
     monkeypatch.setattr(cuda_lib, "library_path", lambda: path)
     assert "stale build" in cuda_lib.cuda_library_status()
@@ -199,6 +203,32 @@ def test_fake_under_fake_tensor_mode():
         bitmask = torch.empty(5, 16, dtype=torch.uint8, device="cuda")
         out = torch.ops.atv_sparse.nm_gated_cuda(x, values, bitmask, values, bitmask, 2, 4)
         assert out.shape == (4, 1, 5) and out.dtype == torch.float16 and out.device.type == "cuda"
+
+
+@pytest.mark.parametrize("lead", [(), (1,), (2, 3)], ids=str)
+def test_sp24_fake_shapes(lead):
+    x = torch.empty(*lead, 64, dtype=torch.float16, device="meta")
+    fv = torch.empty(2, 2, 32, 8, dtype=torch.float16, device="meta")     # 17..32 rows, K = 64
+    fm = torch.empty(2, 2, 16, dtype=torch.int32, device="meta")
+    bias = torch.empty(20, dtype=torch.float16, device="meta")
+    assert torch.ops.atv_sparse.sp24_linear_cuda(x, fv, fm, 20, bias).shape == (*lead, 20)
+    assert torch.ops.atv_sparse.sp24_gated_cuda(x, fv, fm, fv, fm, 20).shape == (*lead, 20)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("K=48", "K=48 input features, need a positive multiple of 32"),
+    ("17 tokens", "17 tokens, the CUDA kernels take at most 16"),
+    ("tiles", r"weight frag_values \(3, 2, 32, 8\) are not \(2, 2, 32, 8\)"),
+    ("meta dtype", "weight frag_meta is torch.int64, expected torch.int32"),
+    ("values dtype", "weight frag_values are torch.bfloat16, activations torch.float16"),
+], ids=lambda v: v if " " not in v or len(v) < 12 else None)
+def test_sp24_rejects(case, message):
+    x = torch.zeros(17 if case == "17 tokens" else 2, 48 if case == "K=48" else 64, dtype=torch.float16)
+    fv = torch.zeros(3 if case == "tiles" else 2, 2, 32, 8, dtype=torch.bfloat16 if case == "values dtype"
+                     else torch.float16)
+    fm = torch.zeros(2, 2, 16, dtype=torch.int64 if case == "meta dtype" else torch.int32)
+    with pytest.raises(AtvSparseError, match="sp24_linear_cuda: " + message):
+        torch.ops.atv_sparse.sp24_linear_cuda(x, fv, fm, 20)
 
 
 def _bad_call(case: str, device: str):
@@ -468,6 +498,208 @@ def test_host_twin_corrupt_mask_stays_finite(host_lib):
 
 
 # ------------------------------------------------------------------------------------------------
+# 2:4 on the sparse tensor cores: the load-time layout (kernels/cuda_layouts.py) and the host twins,
+# which run the kernel's fragment loads over those very bytes with mma.sp emulated from the PTX ISA.
+
+# (M, N, K): one token tile and two, N not a multiple of 16 (a padded tile), K of 1..4 k-blocks
+# (only the one-step tail loop) and K with a tail after the unrolled steps, uneven K-splits.
+SP24_SHAPES = ((1, 16, 32), (1, 37, 160), (3, 40, 1056), (8, 5, 96), (9, 17, 256), (16, 33, 4128), (13, 70, 544))
+
+
+def host_sp24(lib, x, layout, out_features, bias=None, ksplit=0):
+    fv, fm = layout
+    M, K = x.shape
+    out = torch.full((M, out_features), float("nan"), dtype=x.dtype)
+    code = lib.atv_sp24_linear_host(x.data_ptr(), x.stride(0), fv.data_ptr(), fm.data_ptr(),
+                                    bias.data_ptr() if bias is not None else None, out.data_ptr(), out.stride(0),
+                                    M, out_features, K, CODES[x.dtype], ksplit)
+    return code, out
+
+
+def test_sp24_layout_worked_example():
+    """The example of kernels/cuda_layouts.py: row 0 keeps columns 1, 3 of group 0, row 8 columns 0, 2."""
+    keep = torch.zeros(16, 32, dtype=torch.bool)
+    keep[:, 0:32:4] = keep[:, 1:32:4] = True           # every other group and row: columns 0, 1
+    keep[0, :4] = torch.tensor([False, True, False, True])
+    keep[8, :4] = torch.tensor([True, False, True, False])
+    w = torch.arange(1, 16 * 32 + 1, dtype=torch.float32).reshape(16, 32).half()
+    bitmask, values = compress(w, keep, 2, 4)
+    fv, fm = sp24_layout(values, bitmask)
+    assert fv.shape == (1, 1, 32, 8) and fm.shape == (1, 1, 16) and fm.dtype == torch.int32
+    assert fv[0, 0, 0, :4].tolist() == [w[0, 1].item(), w[0, 3].item(), w[8, 0].item(), w[8, 2].item()]
+    assert fv[0, 0, 0, 4:].tolist() == [w[0, 16].item(), w[0, 17].item(), w[8, 16].item(), w[8, 17].item()]
+    word = fm[0, 0, 0].item() & 0xFFFFFFFF
+    assert word & 0xF == 0xD and (word >> 16) & 0xF == 0x8
+    assert (word >> 4) & 0xFFF == 0x444 and (word >> 20) & 0xFFF == 0x444  # groups 1-3: columns 0, 1
+    lane5 = fv[0, 0, 5]                                # g = 1, q = 1: rows 1 and 9, groups 1 and 5
+    assert lane5[:2].tolist() == [w[1, 4].item(), w[1, 5].item()] and lane5[2:4].tolist() == [w[9, 4].item(),
+                                                                                                 w[9, 5].item()]
+
+
+def test_sp24_layout_refuses_what_it_cannot_lay_out():
+    gen = torch.Generator().manual_seed(6)
+    _, bitmask, values = random_nm(5, 64, 2, 4, torch.float16, gen)
+    with pytest.raises(AtvSparseError, match="layer.q: in_features 48 is not a multiple of 32"):
+        sp24_layout(values[:, :24].contiguous(), bitmask[:, :6].contiguous(), "layer.q")
+    _, bitmask48, values48 = random_nm(5, 64, 4, 8, torch.float16, gen)
+    with pytest.raises(AtvSparseError, match=r"layer.q: bitmask group \d+ of row \d+ keeps [013] of 4 columns"):
+        sp24_layout(values48, bitmask48, "layer.q")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SP24_SHAPES, ids=lambda s: "M{}xN{}xK{}".format(*s))
+@pytest.mark.parametrize("ksplit", [0, 1, 2, 4], ids=lambda k: f"ksplit{k}")
+def test_sp24_host_twin_linear(host_lib, dtype, shape, ksplit):
+    M, N, K = shape
+    gen = torch.Generator().manual_seed(seed_of("sp24", M, N, K, ksplit, dtype))
+    w, bitmask, values = random_nm(N, K, 2, 4, dtype, gen)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen).to(dtype) if ksplit % 2 == 0 else None
+    code, out = host_sp24(host_lib, x, sp24_layout(values, bitmask), N, bias, ksplit)
+    assert code == 0
+    ref = x.double() @ w.double().T + (bias.double() if bias is not None else 0)
+    assert not out.isnan().any()
+    assert max_err(out, ref) <= 2 * max_err(F.linear(x, w, bias), ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 5, 32), (4, 17, 1056), (16, 40, 544)], ids=lambda s: "M{}xN{}xK{}".format(*s))
+def test_sp24_host_twin_gated(host_lib, dtype, shape):
+    M, N, K = shape
+    gen = torch.Generator().manual_seed(seed_of("sp24 gated", M, N, K, dtype))
+    wg, gb, gv = random_nm(N, K, 2, 4, dtype, gen)
+    wu, ub, uv = random_nm(N, K, 2, 4, dtype, gen)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    (gfv, gfm), (ufv, ufm) = sp24_layout(gv, gb), sp24_layout(uv, ub)
+    out = torch.full((M, N), float("nan"), dtype=dtype)
+    code = host_lib.atv_sp24_gated_host(x.data_ptr(), x.stride(0), gfv.data_ptr(), gfm.data_ptr(), ufv.data_ptr(),
+                                        ufm.data_ptr(), out.data_ptr(), N, M, N, K, CODES[dtype], 0)
+    assert code == 0
+    ref = F.silu(x.double() @ wg.double().T) * (x.double() @ wu.double().T)
+    assert max_err(out, ref) <= 2 * max_err(F.silu(F.linear(x, wg)) * F.linear(x, wu), ref)
+
+
+def _swap_meta_rows(fv, fm):
+    """Rows g and g + 8 swapped in every metadata word (its 16-bit halves)."""
+    words = fm.to(torch.int64) & 0xFFFFFFFF
+    swapped = ((words & 0xFFFF) << 16) | (words >> 16)
+    return fv, torch.where(swapped >= 2**31, swapped - 2**32, swapped).to(torch.int32)
+
+
+def _swap_meta_lanes(fv, fm):
+    """The words of lanes 4g and 4g + 1 exchanged (column halves 0-15 and 16-31 of each k-block)."""
+    return fv, fm.reshape(*fm.shape[:2], 8, 2).flip(-1).reshape(fm.shape).contiguous()
+
+
+def _swap_value_registers(fv, fm):
+    """a1 and a2 exchanged (row g + 8 of group q read as row g of group q + 4)."""
+    return fv.reshape(*fv.shape[:3], 4, 2)[..., [0, 2, 1, 3], :].reshape(fv.shape).contiguous(), fm
+
+
+@pytest.mark.parametrize("permute", [_swap_meta_rows, _swap_meta_lanes, _swap_value_registers],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_sp24_emulation_catches_a_permuted_layout(host_lib, permute):
+    """A layout whose metadata (or values) sit in another valid-looking order gives wrong sums: the
+    emulation reads the PTX fragment order, not whatever the layout builder happens to write."""
+    gen = torch.Generator().manual_seed(7)
+    w, bitmask, values = random_nm(32, 256, 2, 4, torch.float16, gen)
+    x = torch.randn(2, 256, generator=gen).half()
+    ref = x.double() @ w.double().T
+    good = sp24_layout(values, bitmask)
+    code, out = host_sp24(host_lib, x, good, 32)
+    assert code == 0 and max_err(out, ref) <= 2 * max_err(F.linear(x, w), ref)
+    code, out = host_sp24(host_lib, x, permute(*good), 32)
+    assert code == 0  # every nibble still names two ordered positions: only the sums can tell
+    assert max_err(out, ref) > 100 * max_err(F.linear(x, w), ref)
+
+
+def test_sp24_emulation_refuses_unordered_metadata(host_lib):
+    """Nibbles mma.sp::ordered_metadata does not define (i0 >= i1) are an error, not a guess."""
+    gen = torch.Generator().manual_seed(8)
+    _, bitmask, values = random_nm(16, 64, 2, 4, torch.float16, gen)
+    fv, fm = sp24_layout(values, bitmask)
+    bad = fm.clone()
+    bad[0, 1, 3] = 0x7  # row g = 1, group 4: i0 = 3, i1 = 1
+    x = torch.randn(1, 64, generator=gen).half()
+    code, out = host_sp24(host_lib, x, (fv, bad), 16)
+    assert code == ATV_ERR["layout"] and out.isnan().all()
+    assert "metadata" in host_lib.atv_error_string(code).decode()
+
+
+def test_sp24_host_twin_refusals(host_lib):
+    gen = torch.Generator().manual_seed(9)
+    _, bitmask, values = random_nm(5, 64, 2, 4, torch.float16, gen)
+    fv, fm = sp24_layout(values, bitmask)
+    x = torch.randn(2, 64, generator=gen).half()
+
+    def call(**over):
+        args = dict(x=x.data_ptr(), ldx=64, fv=fv.data_ptr(), fm=fm.data_ptr(), M=2, N=5, K=64, dtype=0)
+        args.update(over)
+        out = torch.full((2, 5), float("nan"), dtype=torch.float16)
+        code = host_lib.atv_sp24_linear_host(args["x"], args["ldx"], args["fv"], args["fm"], None, out.data_ptr(), 5,
+                                             args["M"], args["N"], args["K"], args["dtype"], 0)
+        assert code == 0 or out.isnan().all(), "a refused call wrote its output"
+        return code
+
+    assert call() == 0
+    assert call(dtype=2) == ATV_ERR["dtype"]
+    assert call(M=17) == call(K=48) == call(ldx=32) == ATV_ERR["size"]
+    assert call(x=x.data_ptr() + 2) == call(fv=fv.data_ptr() + 4) == call(fm=fm.data_ptr() + 2) == ATV_ERR["align"]
+    assert call(fm=None) == ATV_ERR["null"]
+
+
+def test_sp24_packed_layout_and_gated_halves():
+    """pack_sp24 / split_sp24 round trip exactly, and a stacked gate / up weight (rows a multiple of
+    32) splits into the two halves' own layouts at tile rows / 32."""
+    gen = torch.Generator().manual_seed(10)
+    _, gb, gv = random_nm(48, 96, 2, 4, torch.bfloat16, gen)
+    _, ub, uv = random_nm(48, 96, 2, 4, torch.bfloat16, gen)
+    fv, fm = split_sp24(pack_sp24(torch.cat([gv, uv]), torch.cat([gb, ub])), torch.bfloat16, 96, 96)
+    (gfv, gfm), (ufv, ufm) = sp24_layout(gv, gb), sp24_layout(uv, ub)
+    assert torch.equal(fv[:3], gfv) and torch.equal(fm[:3], gfm) and torch.equal(fv[3:], ufv) and torch.equal(fm[3:], ufm)
+
+
+def test_sp24_layout_built_once_by_the_runner():
+    """A plan that uses cuda_sp24 gets the packed layout from build_layouts (kept when already
+    built, dropped when the plan no longer uses it); the table routes 2:4 only, out % 32 == 0."""
+    gen = torch.Generator().manual_seed(11)
+    _, bitmask, values = random_nm(32, 64, 2, 4, torch.float16, gen)
+    plan = Plan(("cuda_sp24",) * 4 + ("triton",) * 7, (-1,) * 11)
+    cslt, dense, sp24 = runner.build_layouts(plan, bitmask, values, 64)
+    assert cslt is None and dense is None and torch.equal(sp24, pack_sp24(values, bitmask))
+    assert runner.build_layouts(plan, bitmask, values, 64, sp24=sp24)[2] is sp24
+    assert runner.build_layouts(Plan.uniform("triton"), bitmask, values, 64, sp24=sp24)[2] is None
+    from atv_sparse.ops.backends import FACTS
+
+    layer = FACTS["cuda_sp24"].layer
+    assert layer(2, 4, torch.float16, 64, 64) is None
+    assert "2:4 only" in layer(4, 8, torch.float16, 64, 64)
+    assert "multiple of 32" in layer(2, 4, torch.float16, 48, 64) and "multiple of 32" in layer(2, 4, torch.float16,
+                                                                                                64, 48)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_autotune_checks_an_unverified_backend_before_timing_it(monkeypatch, capsys, gated):
+    """cuda_sp24 is checked against the dense layer once per shape before it is timed; a backend that
+    disagrees is left out of the measured plan (here: the reference backend, made wrong on purpose)."""
+    from atv_sparse.ops import autotune
+    from atv_sparse.ops.backends import FACTS
+
+    shape = autotune.LayerShape(2, 4, torch.float32, 64, 128, gated=gated, bias=not gated)
+    c = autotune.random_copy(shape, torch.device("cpu"), 0)
+    c.cslt_weight, c.dense_copy, c.sp24 = runner.build_layouts(Plan.uniform("dense"), c.bitmask, c.values, 128)
+    assert FACTS["cuda_sp24"].check_before_timing and not FACTS["cuda"].check_before_timing
+    assert autotune.agrees_with_dense("reference", c, shape, "layers.0.mlp")
+    real = autotune.run_backend
+    monkeypatch.setattr(autotune, "run_backend", lambda *a: real(*a) * 1.01)
+    assert not autotune.agrees_with_dense("reference", c, shape, "layers.0.mlp")
+    assert "layers.0.mlp: backend 'reference' disagrees with the dense layer" in capsys.readouterr().out
+    monkeypatch.setitem(FACTS, "reference", dataclasses.replace(FACTS["reference"], check_before_timing=True))
+    entry = autotune.measure_entry(shape, "cpu", ["reference"], timer=lambda b, t, fn: 1.0 if b == "dense" else 0.5)
+    assert set(entry["choice"]) == {"dense"}  # the wrong backend was never timed
+
+
+# ------------------------------------------------------------------------------------------------
 # GPU (skipped without CUDA or without the built library)
 
 @pytest.fixture
@@ -594,3 +826,45 @@ def test_gpu_refusals(gpu):
     code = lib.atv_nm_linear(0, x.data_ptr(), 256, values.data_ptr() + 2, 128, bitmask.data_ptr(), 32, None,
                              out.data_ptr(), 64, 2, 64, 256, 2, 4, 0, ctypes.c_void_p(None))
     assert code == ATV_ERR["align"] and out.isnan().all()
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the sparse tensor-core kernels (first checked on hardware by the first GPU run)
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 9, 16], ids=lambda v: f"M{v}")
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_gpu_sp24_linear(gpu, monkeypatch, dtype, M, with_bias):
+    x, w, bitmask, values, bias = _gpu_problem(seed_of("sp24", M, dtype), M, 301, 4096 + 96, 2, 4, dtype)
+    bias = bias if with_bias else None
+    fv, fm = sp24_layout(values, bitmask)
+    y = _poisoned_call(monkeypatch, torch.ops.atv_sparse.sp24_linear_cuda, x, fv, fm, 301, bias)
+    ref = x.double() @ w.double().T + (bias.double() if bias is not None else 0)
+    assert max_err(y, ref) <= 2 * max_err(F.linear(x, w, bias), ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 4, 16], ids=lambda v: f"M{v}")
+def test_gpu_sp24_gated(gpu, monkeypatch, dtype, M):
+    x, wg, gb, gv, _ = _gpu_problem(seed_of("sp24 gated", M, dtype), M, 160, 2048, 2, 4, dtype)
+    _, wu, ub, uv, _ = _gpu_problem(seed_of("sp24 up", M, dtype), M, 160, 2048, 2, 4, dtype)
+    (gfv, gfm), (ufv, ufm) = sp24_layout(gv, gb), sp24_layout(uv, ub)
+    y = _poisoned_call(monkeypatch, torch.ops.atv_sparse.sp24_gated_cuda, x, gfv, gfm, ufv, ufm, 160)
+    ref = F.silu(x.double() @ wg.double().T) * (x.double() @ wu.double().T)
+    assert max_err(y, ref) <= 2 * max_err(F.silu(F.linear(x, wg)) * F.linear(x, wu), ref)
+
+
+def test_gpu_sp24_graph_and_opcheck(gpu):
+    x, w, bitmask, values, bias = _gpu_problem(12, 1, 4096, 4096, 2, 4, torch.float16)
+    fv, fm = sp24_layout(values, bitmask)
+    torch.library.opcheck(torch.ops.atv_sparse.sp24_linear_cuda.default, (x, fv, fm, 4096, bias))
+    static_x = x.clone()
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.ops.atv_sparse.sp24_linear_cuda(static_x, fv, fm, 4096, bias)
+        with torch.cuda.graph(graph, stream=stream):
+            captured = torch.ops.atv_sparse.sp24_linear_cuda(static_x, fv, fm, 4096, bias)
+    static_x.copy_(x * 2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, torch.ops.atv_sparse.sp24_linear_cuda(x * 2, fv, fm, 4096, bias))

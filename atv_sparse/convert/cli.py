@@ -50,7 +50,8 @@ from .estimate import estimate_conversion
 from .preflight import check_device, check_output_location, check_processor, read_budget_report, require_module
 from .reports import accuracy_report, method_settings, module_entry, print_dry_run, print_summary, sparsity_json
 from .resume import (ConversionJournal, ConversionStopped, calibration_digest, check_same_run, find_interrupted,
-                     input_identity, resumable_stage, resume_command, run_identity, stop_on_signals)
+                     input_identity, kept_for_resume, resumable_stage, resume_command, run_identity,
+                     stop_on_signals)
 
 NSAMPLES, SEQLEN = 128, 2048
 # The embedded model is a demo that must finish in about a minute on a laptop CPU.
@@ -267,23 +268,22 @@ def run(argv: list[str] | None = None) -> dict:
     layers, prefix = adapter.decoder_layers(model), adapter.layers_prefix(model)
     pruned: dict[str, tuple[dict, int]] = {}  # name -> (sparsity.json entry, zeros); bitmasks go to the writer
     targets = {name: model.get_submodule(name) for name in plan.targets}
-    journal = None
-    try:
-        with CheckpointStream(model, out, read=weights.read, pruned=set(plan.targets),
-                              patterns={name: pattern for name in plan.targets}, packed=args.format == "packed",
-                              source_dir=ckpt, max_shard_size=max_shard, overwrite=args.overwrite,
-                              stage=resumable_stage(out, args.overwrite, ckpt, previous),
-                              resume=previous["writer"] if previous else None) as stream:
-            journal = ConversionJournal(stream, identity=identity, command=resume_command(argv), layers_prefix=prefix,
-                                        targets=targets, num_blocks=len(layers), pruned=pruned, previous=previous)
-            if previous:
-                print(f"resume: {journal.done} of {len(layers)} blocks were finished in {journal.tmp}; rebuilding "
-                      "the next block's inputs from them", file=sys.stderr)
+    with CheckpointStream(model, out, read=weights.read, pruned=set(plan.targets),
+                          patterns={name: pattern for name in plan.targets}, packed=args.format == "packed",
+                          source_dir=ckpt, max_shard_size=max_shard, overwrite=args.overwrite,
+                          stage=resumable_stage(out, args.overwrite, ckpt, previous),
+                          resume=previous["writer"] if previous else None) as stream:
+        journal = ConversionJournal(stream, identity=identity, command=resume_command(argv), layers_prefix=prefix,
+                                    targets=targets, num_blocks=len(layers), pruned=pruned, previous=previous)
+        if previous:
+            print(f"resume: {journal.done} of {len(layers)} blocks were finished in {journal.tmp}; rebuilding "
+                  "the next block's inputs from them", file=sys.stderr)
 
-            def sink(name, linear, keep):
-                pruned[name] = module_entry(linear, keep, pattern)
-                stream.put(name, linear, keep)
+        def sink(name, linear, keep):
+            pruned[name] = module_entry(linear, keep, pattern)
+            stream.put(name, linear, keep)
 
+        with kept_for_resume(journal):
             with stop_on_signals(journal):
                 result = prune_model(model, layers, prefix, targets, recipe, calibration, device,
                                      progress=not args.quiet, residency=weights, sink=sink, journal=journal,
@@ -305,10 +305,6 @@ def run(argv: list[str] | None = None) -> dict:
             plot = f"{args.method} {pattern}: {adapter.architecture}" if args.plot else None
             written = _finish(stream, qconfig, report, sparsity_json(targets, pruned, pattern, plan.skipped), times,
                               result.blocks, plot)
-    except BaseException as e:
-        if journal is not None and not isinstance(e, ConversionStopped) and journal.stream.stage.keep:
-            print(f"stopped ({type(e).__name__}): {journal.hint()}", file=sys.stderr)
-        raise
     pruned_zero = sum(zeros for _, zeros in pruned.values())
     target_numel = sum(model.get_submodule(n).weight.numel() for n in pruned)
     summary = {"source": "bundled tiny VLM" if embedded else str(ckpt), "out": str(out), "method": args.method,

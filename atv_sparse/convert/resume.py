@@ -14,8 +14,9 @@ input checkpoint, output settings). ``convert --resume`` with the same arguments
                                          rest pruned as the interrupted run would have
 
 Costs of a resume: the calibration capture, one forward of every finished block over the
-calibration set (about a third of a Wanda run's block work, far less than SparseGPT's), reading
-the finished blocks' weights (source and staged) and one SHA-256 pass over the staged shards.
+calibration set, reading the finished blocks' weights (source, then staged and decompressed) and
+one SHA-256 pass over the staged shards. On the Llama-3.2-3B shape, Wanda 2:4 on a CPU, a block
+took 24.8 s to rebuild against 28.4 s to prune (benchmarks/results/resume_overhead.md).
 
 Without ``--resume`` a staged run is reported in one line with the command that resumes it and
 the one that removes it; it is never reused or deleted silently. SIGINT / SIGTERM stop at the end
@@ -233,6 +234,24 @@ class ConversionJournal:
 
 
 @contextlib.contextmanager
+def kept_for_resume(journal: ConversionJournal):
+    """Around a conversion's work: bad input (an ``AtvSparseError``, which the same arguments would
+    meet again) removes the staging directory; any other failure after a journal was written
+    (CUDA out of memory, a bug, Ctrl-C outside the blocks) keeps it and says how to resume."""
+    try:
+        yield
+    except ConversionStopped:
+        raise
+    except AtvSparseError:
+        journal.stream.stage.keep = False
+        raise
+    except BaseException as e:
+        if journal.stream.stage.keep:
+            print(f"stopped ({type(e).__name__}): {journal.hint()}", file=sys.stderr)
+        raise
+
+
+@contextlib.contextmanager
 def stop_on_signals(journal: ConversionJournal):
     """SIGINT / SIGTERM ask ``journal`` to stop after the current block; a second one stops at once."""
     if threading.current_thread() is not threading.main_thread():
@@ -260,5 +279,5 @@ def stop_on_signals(journal: ConversionJournal):
 
 
 __all__ = ["ConversionJournal", "ConversionStopped", "JOURNAL_FORMAT", "calibration_digest", "check_same_run",
-           "find_interrupted", "input_identity", "resumable_stage", "resume_command", "run_identity",
-           "stop_on_signals"]
+           "find_interrupted", "input_identity", "kept_for_resume", "resumable_stage", "resume_command",
+           "run_identity", "stop_on_signals"]

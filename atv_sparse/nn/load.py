@@ -23,10 +23,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
 
     The class comes from config.json's ``architectures``; tensors are validated (popcounts, N:M
     groups, shapes) and a corrupt or truncated file is refused with a message naming it.
-    dtype: None keeps the checkpoint's dtype. backend: ``auto`` (per token count: the reference
-    backend on a CPU; on a GPU a plan measured once per layer shape and cached, see
+    dtype: None keeps the checkpoint's dtype. backend: ``auto`` (per token count: the ``cpu``
+    kernels on a CPU, the reference backend where they did not build; on a GPU a plan measured once per layer shape and cached, see
     ``atv_sparse.ops.autotune``; ``autotune=False`` uses the heuristic plan), or one of ``cuda``,
-    ``triton``, ``cusparselt``, ``reference`` for every layer (an error names a layer it cannot run).
+    ``triton``, ``cusparselt``, ``cpu``, ``reference`` for every layer (an error names a layer it cannot run).
     fuse: stack q/k/v and gate/up of LLaMA / Qwen2 blocks into one kernel each (default: on a GPU).
     dense_fallback: keep a dense copy of a layer where dense cuBLAS measured faster than every
     sparse kernel for some token count (never slower than dense; costs that copy's memory).

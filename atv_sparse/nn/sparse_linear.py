@@ -9,7 +9,7 @@ from ..errors import AtvSparseError
 from ..formats.bitmask import bitmask_shape, compress, decompress, validate_compressed, values_shape
 from ..ops.autotune import LayerShape
 from ..ops.dispatch import BACKENDS, Plan, layer_status, machine_status
-from ..ops.runner import build_layouts, default_plan, pick_backend, run_backend
+from ..ops.runner import build_layouts, default_plan, pick_backend, place_weights, run_backend
 from ..patterns import Pattern, parse_pattern
 
 
@@ -26,9 +26,10 @@ class SparseLinear(nn.Module):
     (..., I).
 
     ``backend``: ``auto`` (a ``Plan`` per token count, see ``atv_sparse.ops.dispatch``), or one of
-    ``cuda``, ``triton``, ``cusparselt``, ``reference`` for every call. ``prepare()`` builds what
-    the plan needs on the module's device (cuSPARSELt's buffer, a dense copy where dense cuBLAS
-    measured fastest) and is called by ``atv_sparse.load``, or by the first forward otherwise.
+    ``cuda``, ``triton``, ``cusparselt``, ``cpu``, ``reference`` for every call. ``prepare()`` builds
+    what the plan needs on the module's device (cuSPARSELt's buffer, a dense copy where dense cuBLAS
+    measured fastest; for ``cpu`` the pair moved to huge pages, no second copy) and is called by
+    ``atv_sparse.load``, or by the first forward otherwise.
 
     CUDA graphs: ``prepare()`` builds every layout, and the Triton kernels need no table, so a call
     makes no host-to-device copy; but the Triton autotuner compiles and times its configs on the
@@ -58,6 +59,7 @@ class SparseLinear(nn.Module):
         # Kernel layouts built by prepare(); not part of the checkpoint.
         self.register_buffer("cslt_weight", None, persistent=False)
         self.register_buffer("dense_weight_copy", None, persistent=False)
+        self.register_buffer("sp24_layout", None, persistent=False)
         self.plan: Plan | None = None
         self._plan_for: tuple | None = None
 
@@ -139,8 +141,8 @@ class SparseLinear(nn.Module):
         """Fix the plan for this device and dtype and build the layouts it uses.
 
         plan: None = a uniform plan for a fixed backend, or for ``auto`` ``ops.runner.default_plan``
-        (the reference backend on a CPU, ``heuristic_plan`` on a GPU); ``prepare_model`` passes
-        measured plans.
+        (``heuristic_plan`` over the kernels usable here: ``cpu`` on a CPU where it built, else
+        the reference backend); ``prepare_model`` passes measured plans.
         """
         if self.backend != "auto":
             why = self.backend_status(self.backend)
@@ -151,9 +153,10 @@ class SparseLinear(nn.Module):
         elif plan is None:
             kernels = [b for b in self.usable_backends() if b != "reference"]
             plan = default_plan(self.weight_values.device, kernels)
-        self.cslt_weight, self.dense_weight_copy = build_layouts(plan, self.weight_bitmask, self.weight_values,
-                                                                 self.in_features, self.cslt_weight,
-                                                                 self.dense_weight_copy)
+        self.weight_bitmask, self.weight_values = place_weights(plan, self.weight_bitmask, self.weight_values)
+        self.cslt_weight, self.dense_weight_copy, self.sp24_layout = build_layouts(
+            plan, self.weight_bitmask, self.weight_values, self.in_features, self.cslt_weight,
+            self.dense_weight_copy, self.sp24_layout)
         self.plan = plan
         self._plan_for = (self.weight_values.device, self.weight_values.dtype)
         return self
@@ -175,12 +178,14 @@ class SparseLinear(nn.Module):
     def run(self, backend: str, x: torch.Tensor, alg_id: int = 0) -> torch.Tensor:
         """One call on a given backend (no checks: ``forward`` dispatches; benchmarks call this)."""
         return run_backend(backend, x, self.weight_bitmask, self.weight_values, self.in_features, self.pattern.n,
-                           self.pattern.m, self.bias, self.gated, alg_id, self.cslt_weight, self.dense_weight_copy)
+                           self.pattern.m, self.bias, self.gated, alg_id, self.cslt_weight, self.dense_weight_copy,
+                           self.sp24_layout)
 
     def resident_bytes(self) -> dict[str, int]:
-        """Bytes held per layout (the checkpoint pair, cuSPARSELt's buffer, a dense copy, bias)."""
+        """Bytes held per layout (the checkpoint pair, cuSPARSELt's buffer, a dense copy, the sparse
+        tensor-core fragments, bias)."""
         sizes = {"values": self.weight_values, "bitmask": self.weight_bitmask, "cusparselt": self.cslt_weight,
-                 "dense": self.dense_weight_copy, "bias": self.bias}
+                 "dense": self.dense_weight_copy, "sp24": self.sp24_layout, "bias": self.bias}
         return {k: t.numel() * t.element_size() for k, t in sizes.items() if t is not None}
 
     def extra_repr(self) -> str:

@@ -24,7 +24,8 @@ from typing import Callable
 
 import torch
 
-from ..formats.bitmask import compress
+from ..formats.bitmask import compress, decompress
+from .backends import FACTS
 from .dispatch import (BUCKETS, TOKEN_LIMITS, Plan, default_table_path, heuristic_plan, plan_from_entry, read_table,
                        table_key, usable_backends, write_table)
 from .runner import build_layouts, default_plan, run_backend
@@ -84,6 +85,7 @@ class _Copy:
     bias: torch.Tensor | None
     cslt_weight: torch.Tensor | None = None
     dense_copy: torch.Tensor | None = None
+    sp24: torch.Tensor | None = None
 
 
 def random_copy(shape: LayerShape, device: torch.device, seed: int) -> _Copy:
@@ -107,9 +109,35 @@ def _rotating_call(copies: list[_Copy], shape: LayerShape, backend: str, x: torc
     def call():
         c = next(turn)
         return run_backend(backend, x, c.bitmask, c.values, shape.in_features, shape.n, shape.m, c.bias,
-                           shape.gated, alg_id, c.cslt_weight, c.dense_copy)
+                           shape.gated, alg_id, c.cslt_weight, c.dense_copy, c.sp24)
 
     return call
+
+
+def agrees_with_dense(backend: str, c: _Copy, shape: LayerShape, name: str = "layer") -> bool:
+    """Whether ``backend`` computes copy ``c`` within twice dense's own error of a float64 reference
+    (plus 1e-3 of the reference's largest value, as cuSPARSELt's algorithm ids are checked), at 1
+    and at 16 tokens; a warning names the layer when it does not."""
+    import torch.nn.functional as F
+
+    dense = c.dense_copy if c.dense_copy is not None else decompress(c.bitmask, c.values, shape.in_features)
+    bias = None if shape.gated else c.bias
+    for tokens in (1, 16):
+        gen = torch.Generator(device=dense.device).manual_seed(tokens)
+        x = torch.randn(tokens, shape.in_features, generator=gen, device=dense.device, dtype=shape.dtype)
+        ref = F.linear(x.double(), dense.double(), None if bias is None else bias.double())
+        plain = F.linear(x, dense, bias)
+        if shape.gated:
+            half = ref.shape[-1] // 2
+            ref, plain = F.silu(ref[:, :half]) * ref[:, half:], F.silu(plain[:, :half]) * plain[:, half:]
+        y = run_backend(backend, x, c.bitmask, c.values, shape.in_features, shape.n, shape.m, c.bias, shape.gated,
+                        -1, c.cslt_weight, c.dense_copy, c.sp24)
+        budget = 2 * (plain.double() - ref).abs().max().item() + 1e-3 * ref.abs().max().item()
+        if y.shape != ref.shape or not torch.isfinite(y).all() or (y.double() - ref).abs().max().item() > budget:
+            print(f"atv-sparse: {name}: backend '{backend}' disagrees with the dense layer; left out of its plan",
+                  flush=True)
+            return False
+    return True
 
 
 def measure_entry(shape: LayerShape, device: torch.device | str, usable: list[str], dense_fallback: bool = True,
@@ -126,8 +154,9 @@ def measure_entry(shape: LayerShape, device: torch.device | str, usable: list[st
     copies = []
     for seed in range(count):
         c = random_copy(shape, device, seed)
-        c.cslt_weight, c.dense_copy = build_layouts(layouts, c.bitmask, c.values, shape.in_features)
+        c.cslt_weight, c.dense_copy, c.sp24 = build_layouts(layouts, c.bitmask, c.values, shape.in_features)
         copies.append(c)
+    usable = [b for b in usable if not FACTS[b].check_before_timing or agrees_with_dense(b, copies[0], shape, name)]
     choice, alg_ids, times_ms = [], [], {}
     for tokens in BUCKETS:
         x = torch.randn(tokens, shape.in_features, device=device, dtype=shape.dtype)
@@ -168,7 +197,8 @@ class PlanTable:
     def plan(self, shape: LayerShape, device: torch.device, name: str = "layer") -> Plan:
         """The plan for a layer of ``shape`` on ``device`` with backend ``auto``.
 
-        Off a GPU: ``runner.default_plan``'s reference backend. On one: the table's entry (measured
+        Off a GPU: ``runner.default_plan`` (the ``cpu`` kernels for every token count where they
+        built, else the reference backend). On one: the table's entry (measured
         now if missing and ``autotune``), else ``heuristic_plan``.
         """
         usable = shape.usable(device)

@@ -1,12 +1,19 @@
 """The ``cuda`` backend: ``libatv_sparse_cuda.so`` (csrc/, C ABI) loaded lazily with ctypes and
-exposed as two ``torch.library`` custom ops (docs/design.md 7.3).
+exposed as ``torch.library`` custom ops (docs/design.md 7.3).
 
 - ``torch.ops.atv_sparse.nm_linear_cuda(x, values, bitmask, n, m, bias=None)``:
   ``x @ W^T (+ bias)``;
 - ``torch.ops.atv_sparse.nm_gated_cuda(x, gate_values, gate_bitmask, up_values, up_bitmask, n, m)``:
   ``silu(x @ Wg^T) * (x @ Wu^T)``.
 
-Both take the checkpoint's layout as stored (values (N, K / 2), bitmask (N, K / 8) uint8, see
+and, for 2:4 on the sparse tensor cores (``csrc/sp24_decode.cu``), from the runtime layout
+``atv_sparse.kernels.cuda_layouts.sp24_layout`` builds once per layer at load time:
+
+- ``torch.ops.atv_sparse.sp24_linear_cuda(x, frag_values, frag_meta, out_features, bias=None)``;
+- ``torch.ops.atv_sparse.sp24_gated_cuda(x, gate_frag_values, gate_frag_meta, up_frag_values,
+  up_frag_meta, out_features)``.
+
+The first two take the checkpoint's layout as stored (values (N, K / 2), bitmask (N, K / 8) uint8, see
 ``csrc/README.md``): no CUDA-specific packing. Patterns 2:4 and 4:8 (the kernels read both alike:
 every mask byte keeps four columns), fp16 / bf16 with fp32 accumulation, 1..16 tokens, K a multiple
 of 16 (one 16-byte load = 8 kept values = 16 columns). Each call allocates only its output, launches
@@ -31,7 +38,7 @@ from ..errors import AtvSparseError
 from . import build_cuda
 
 LIB_NAME = build_cuda.LIB_NAME
-ABI_VERSION = 1                      # csrc/atv_sparse_cuda.cuh: ATV_ABI_VERSION
+ABI_VERSION = 2                      # csrc/atv_sparse_cuda.cuh: ATV_ABI_VERSION
 SUPPORTED_PATTERNS = ((2, 4), (4, 8))
 MAX_TOKENS = 16
 K_MULTIPLE = 16                      # columns per 16-byte load of kept values
@@ -48,7 +55,15 @@ _SIGNATURES = {
     # the host twins: same without device and stream, plus ksplit (0 = as the launcher picks)
     "atv_nm_linear_host": [_P, _I64, _P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _INT, _INT, _INT, _INT],
     "atv_nm_gated_host": [_P, _I64, _P, _P, _P, _P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _INT, _INT, _INT, _INT],
+    # 2:4 on the sparse tensor cores, from the load-time layout (kernels/cuda_layouts.py):
+    # device, x, ldx, frag values, frag meta, bias, out, ldo, M, N, K, dtype, stream
+    "atv_sp24_linear": [_INT, _P, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _P],
+    # device, x, ldx, gate frag values, gate frag meta, up frag values, up frag meta, out, ldo, M, N, K, dtype, stream
+    "atv_sp24_gated": [_INT, _P, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _P],
+    "atv_sp24_linear_host": [_P, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _INT],
+    "atv_sp24_gated_host": [_P, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _INT],
 }
+SP24_K_MULTIPLE = 32                 # columns per mma.sp k-block
 
 
 def library_path() -> Path:
@@ -225,10 +240,10 @@ def _library(op: str) -> ctypes.CDLL:
     return lib
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as (M, K) with unit column stride and 16-byte aligned rows (a copy only when it is not)."""
+def _rows(x: torch.Tensor, align: int = 16) -> torch.Tensor:
+    """x as (M, K) with unit column stride and ``align``-byte aligned rows (a copy only when it is not)."""
     rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(1) != 1 or rows.stride(0) % 8 or rows.data_ptr() % 16:
+    if rows.stride(1) != 1 or rows.stride(0) % (align // 2) or rows.data_ptr() % align:
         rows = rows.clone(memory_format=torch.contiguous_format)
     return rows
 
@@ -301,3 +316,125 @@ def nm_gated_cuda(x: torch.Tensor, gate_values: torch.Tensor, gate_bitmask: torc
 def _(x, gate_values, gate_bitmask, up_values, up_bitmask, n, m):
     _check_fake("nm_gated_cuda", x, {"gate": (gate_values, gate_bitmask), "up": (up_values, up_bitmask)}, n, m)
     return x.new_empty(*x.shape[:-1], gate_values.shape[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# 2:4 on the sparse tensor cores, from the load-time layout of kernels/cuda_layouts.py.
+
+def sp24_layer_status(n: int | None, m: int | None, dtype: torch.dtype, out_features: int,
+                      in_features: int) -> str | None:
+    """None when a layer can use the sparse tensor-core kernel (2:4, fp16 / bf16, in % 32 == 0)."""
+    if (n, m) != (2, 4):
+        return f"the sparse tensor-core kernel takes 2:4 only, not {n}:{m}" if m else \
+            "the sparse tensor-core kernel takes 2:4 only, not unstructured sparsity"
+    if dtype not in DTYPE_CODES:
+        return f"the sparse tensor-core kernel takes float16 / bfloat16, not {dtype}"
+    if in_features <= 0 or in_features % SP24_K_MULTIPLE:
+        return (f"the sparse tensor-core kernel needs in_features to be a positive multiple of {SP24_K_MULTIPLE} "
+                f"(one mma.sp k-block), not {in_features}")
+    if not 0 < out_features < 2**31 - 16:
+        return f"the sparse tensor-core kernel needs 1 <= out_features < 2^31 - 16, not {out_features}"
+    return None
+
+
+def _sp24_problems(op: str, x, layouts, out_features, bias=None) -> Iterator[tuple[object, str]]:
+    """(condition, message) pairs; conditions may be SymBools (fake tensors)."""
+    yield x.dim() >= 1, f"{op}: x must have a feature dimension, got shape {tuple(x.shape)}"
+    k = x.shape[-1]
+    yield x.dtype in DTYPE_CODES, f"{op}: x is {x.dtype}, the CUDA kernels take float16 / bfloat16"
+    yield (k > 0) & (k % SP24_K_MULTIPLE == 0), \
+        f"{op}: K={k} input features, need a positive multiple of {SP24_K_MULTIPLE}"
+    tokens = x.numel() // k
+    yield tokens <= MAX_TOKENS, f"{op}: {tokens} tokens, the CUDA kernels take at most {MAX_TOKENS}"
+    tiles = (out_features + 15) // 16
+    for name, (fv, fm) in layouts.items():
+        yield fv.dtype == x.dtype, f"{op}: {name} frag_values are {fv.dtype}, activations {x.dtype}"
+        yield fm.dtype == torch.int32, f"{op}: {name} frag_meta is {fm.dtype}, expected torch.int32"
+        yield (fv.dim() == 4) & (fm.dim() == 3), \
+            f"{op}: {name} frag_values / frag_meta must be 4-D / 3-D, got {tuple(fv.shape)} / {tuple(fm.shape)}"
+        if fv.dim() == 4 and fm.dim() == 3:
+            yield ((fv.shape[0] == tiles) & (fv.shape[1] * SP24_K_MULTIPLE == k) & (fv.shape[2] == 32)
+                   & (fv.shape[3] == 8)), \
+                f"{op}: {name} frag_values {tuple(fv.shape)} are not ({tiles}, {k // SP24_K_MULTIPLE}, 32, 8)"
+            yield (fm.shape[0] == tiles) & (fm.shape[1] * SP24_K_MULTIPLE == k) & (fm.shape[2] == 16), \
+                f"{op}: {name} frag_meta {tuple(fm.shape)} is not ({tiles}, {k // SP24_K_MULTIPLE}, 16)"
+    if bias is not None:
+        yield (bias.dim() == 1) & (bias.shape[0] == out_features) & (bias.dtype == x.dtype), \
+            f"{op}: bias {bias.dtype} {tuple(bias.shape)} must be {x.dtype} ({out_features},)"
+
+
+def _sp24_check(op: str, x, layouts, out_features, bias=None, fake: bool = False) -> None:
+    for ok, message in _sp24_problems(op, x, layouts, out_features, bias):
+        if fake:
+            torch._check(ok, lambda message=message: message)
+        elif not ok:
+            raise AtvSparseError(message)
+
+
+def _sp24_memory(op: str, x, layouts, bias) -> None:
+    tensors = [t for pair in layouts.values() for t in pair] + ([bias] if bias is not None else [])
+    if x.device.type != "cuda" or any(t.device != x.device for t in tensors):
+        raise AtvSparseError(f"{op}: x is on {x.device} and the layouts on "
+                             f"{sorted({str(t.device) for t in tensors})}; all must be on one CUDA device")
+    for name, (fv, fm) in layouts.items():
+        if not fv.is_contiguous() or not fm.is_contiguous() or fv.data_ptr() % 16 or fm.data_ptr() % 4:
+            raise AtvSparseError(f"{op}: {name} frag_values / frag_meta must be contiguous and aligned as "
+                                 f"sp24_layout returns them")
+
+
+@torch.library.custom_op("atv_sparse::sp24_linear_cuda", mutates_args=())
+def sp24_linear_cuda(x: torch.Tensor, frag_values: torch.Tensor, frag_meta: torch.Tensor, out_features: int,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: (..., K) fp16 / bf16 on CUDA, at most 16 tokens, K % 32 == 0; frag_values / frag_meta:
+    ``sp24_layout`` of a 2:4 weight (out_features, K); bias: (out_features,) or None.
+    Returns (..., out_features) = x @ W^T (+ bias) on the sparse tensor cores."""
+    op, layouts = "sp24_linear_cuda", {"weight": (frag_values, frag_meta)}
+    _sp24_check(op, x, layouts, out_features, bias)
+    lib = _library(op)
+    _sp24_memory(op, x, layouts, bias)
+    rows = _rows(x, align=4)  # 32-bit activation loads
+    bias = bias.contiguous() if bias is not None else None
+    out = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    code = lib.atv_sp24_linear(
+        x.device.index, rows.data_ptr(), rows.stride(0), frag_values.data_ptr(), frag_meta.data_ptr(),
+        bias.data_ptr() if bias is not None else None, out.data_ptr(), out_features, rows.shape[0], out_features,
+        rows.shape[1], DTYPE_CODES[x.dtype], _stream(x))
+    _raise_on_error(lib, op, "atv_sp24_linear", code)
+    return out
+
+
+@sp24_linear_cuda.register_fake
+def _(x, frag_values, frag_meta, out_features, bias=None):
+    _sp24_check("sp24_linear_cuda", x, {"weight": (frag_values, frag_meta)}, out_features, bias, fake=True)
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("atv_sparse::sp24_gated_cuda", mutates_args=())
+def sp24_gated_cuda(x: torch.Tensor, gate_frag_values: torch.Tensor, gate_frag_meta: torch.Tensor,
+                    up_frag_values: torch.Tensor, up_frag_meta: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x as for sp24_linear_cuda; gate and up: ``sp24_layout`` of two 2:4 weights (out_features, K).
+    Returns (..., out_features) = silu(x @ Wg^T) * (x @ Wu^T), fused."""
+    op = "sp24_gated_cuda"
+    layouts = {"gate": (gate_frag_values, gate_frag_meta), "up": (up_frag_values, up_frag_meta)}
+    _sp24_check(op, x, layouts, out_features)
+    lib = _library(op)
+    _sp24_memory(op, x, layouts, None)
+    rows = _rows(x, align=4)  # 32-bit activation loads
+    out = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    code = lib.atv_sp24_gated(
+        x.device.index, rows.data_ptr(), rows.stride(0), gate_frag_values.data_ptr(), gate_frag_meta.data_ptr(),
+        up_frag_values.data_ptr(), up_frag_meta.data_ptr(), out.data_ptr(), out_features, rows.shape[0],
+        out_features, rows.shape[1], DTYPE_CODES[x.dtype], _stream(x))
+    _raise_on_error(lib, op, "atv_sp24_gated", code)
+    return out
+
+
+@sp24_gated_cuda.register_fake
+def _(x, gate_frag_values, gate_frag_meta, up_frag_values, up_frag_meta, out_features):
+    layouts = {"gate": (gate_frag_values, gate_frag_meta), "up": (up_frag_values, up_frag_meta)}
+    _sp24_check("sp24_gated_cuda", x, layouts, out_features, fake=True)
+    return x.new_empty(*x.shape[:-1], out_features)

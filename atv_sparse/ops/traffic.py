@@ -7,6 +7,7 @@ the output once; anything above that is the kernel's own cost.
     weight  dense:       out * in * b                      (b = bytes per element, 2 for fp16 / bf16)
             triton/cuda: out * in * n/m * b + out * ceil(in / 8)      values + 1-bit mask per weight
             cusparselt:  out * in * n/m * b + out * in * n/m / 4      values + 2-bit index per kept value
+            cuda_sp24:   as cusparselt (mma.sp's 2-bit metadata; rows padded to 16 ignored)
             reference:   values + mask, plus the dense weight written and read back (decompress + F.linear)
     activations M * in * b, output M * out' * b (out' = out / 2 for the gated gate/up product)
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-WEIGHT_LAYOUTS = ("dense", "triton", "cuda", "cusparselt", "reference")
+WEIGHT_LAYOUTS = ("dense", "triton", "cuda", "cuda_sp24", "cusparselt", "reference")
 
 
 def bytes_moved(out_features: int, in_features: int, tokens: int, backend: str, n: int | None = None,
@@ -40,7 +41,7 @@ def bytes_moved(out_features: int, in_features: int, tokens: int, backend: str, 
             raise ValueError(f"bytes_moved: backend {backend!r} needs the N:M pattern (n, m)")
         kept = out_features * in_features * n // m
         weight = kept * elem_bytes
-        if backend == "cusparselt":
+        if backend in ("cusparselt", "cuda_sp24"):
             metadata = math.ceil(kept * 2 / 8)
         else:
             metadata = out_features * math.ceil(in_features / 8)

@@ -16,7 +16,8 @@ head replication and fused offsets are vLLM's, never re-derived here) and re-pac
 
 After loading, ``serving.prepare_layer`` validates every pair (popcounts, N:M groups) and keeps
 the layer's plan and the layouts it needs, once: the same measured per-shape plans as
-``atv_sparse.load`` (the reference backend on a CPU). ``apply`` is ``serving.forward``, which
+``atv_sparse.load`` (on a CPU the ``cpu`` kernels on the packed pair, no dense copy; the
+reference backend where they did not build). ``apply`` is ``serving.forward``, which
 builds and plans nothing per call.
 """
 

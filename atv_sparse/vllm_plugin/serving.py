@@ -2,13 +2,13 @@
 
 ``prepare_layer`` runs once per layer from ``AtvSparseLinearMethod.process_weights_after_loading``:
 it validates the loaded pair, takes the layer's plan from the same measured per-shape table as
-``atv_sparse.load`` (``ops.autotune.PlanTable``: the reference backend on a CPU, the table's
-entry on a GPU, measured there if missing) and builds the layouts the plan needs (cuSPARSELt's
+``atv_sparse.load`` (``ops.autotune.PlanTable``: the ``cpu`` kernels on a CPU where they built,
+else the reference backend; the table's entry on a GPU, measured there if missing) and builds the layouts the plan needs (cuSPARSELt's
 buffer; a dense copy where dense cuBLAS measured fastest, as ``load``'s default
 ``dense_fallback=True``). It keeps them on the layer:
 
 - ``atv_plan``: a ``ServingPlan`` (the plan as backend indices and algorithm ids per bucket);
-- ``atv_cslt_weight``, ``atv_dense_copy``: non-persistent buffers, ``None`` unless the plan uses them.
+- ``atv_cslt_weight``, ``atv_dense_copy``, ``atv_sp24``: non-persistent buffers, ``None`` unless the plan uses them.
 
 ``forward`` (vLLM's ``apply``) only reads them: per call it looks up the token bucket and runs
 ``ops.runner.run_backend`` inside the custom op ``atv_sparse::vllm_linear``. vLLM compiles its
@@ -27,7 +27,7 @@ from torch import nn
 from ..formats.bitmask import validate_compressed
 from ..ops.autotune import LayerShape, PlanTable
 from ..ops.dispatch import KERNEL_BACKENDS, bucket_index
-from ..ops.runner import build_layouts, run_backend, token_limited
+from ..ops.runner import build_layouts, place_weights, run_backend, token_limited
 from ..patterns import Pattern
 
 # A custom op takes no list of strings: the plan crosses it as indices into this tuple.
@@ -73,11 +73,13 @@ def prepare_layer(layer: nn.Module, in_features: int, pattern: Pattern, name: st
     table = plan_table(values.device)
     plan = table.plan(shape, values.device, name)
     table.save()
-    cslt_weight, dense_copy = build_layouts(plan, bitmask, values, in_features)
+    layer.weight_bitmask.data, layer.weight_values.data = place_weights(plan, bitmask, values)  # cpu: huge pages
+    cslt_weight, dense_copy, sp24 = build_layouts(plan, bitmask, values, in_features)
     layer.atv_plan = ServingPlan(in_features, pattern.n, pattern.m,
                                  tuple(PLAN_BACKENDS.index(b) for b in plan.backends), plan.alg_ids)
     layer.register_buffer("atv_cslt_weight", cslt_weight, persistent=False)
     layer.register_buffer("atv_dense_copy", dense_copy, persistent=False)
+    layer.register_buffer("atv_sp24", sp24, persistent=False)
 
 
 def forward(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,23 +87,24 @@ def forward(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None)
     plan = layer.atv_plan
     return torch.ops.atv_sparse.vllm_linear(x, layer.weight_bitmask, layer.weight_values, plan.in_features, plan.n,
                                             plan.m, bias, plan.backend_ids, plan.alg_ids, layer.atv_cslt_weight,
-                                            layer.atv_dense_copy)
+                                            layer.atv_dense_copy, layer.atv_sp24)
 
 
 @torch.library.custom_op("atv_sparse::vllm_linear", mutates_args=())
 def vllm_linear(x: torch.Tensor, bitmask: torch.Tensor, values: torch.Tensor, in_features: int, n: int | None,
                 m: int | None, bias: torch.Tensor | None, backend_ids: Sequence[int], alg_ids: Sequence[int],
-                cslt_weight: torch.Tensor | None, dense_copy: torch.Tensor | None) -> torch.Tensor:
+                cslt_weight: torch.Tensor | None, dense_copy: torch.Tensor | None,
+                sp24: torch.Tensor | None) -> torch.Tensor:
     """x: (tokens, in_features) -> (tokens, out) on the backend the layer's plan gives ``tokens``."""
     tokens = x.numel() // in_features
     i = bucket_index(tokens)
     backend = token_limited(PLAN_BACKENDS[backend_ids[i]], tokens)
     return run_backend(backend, x, bitmask, values, in_features, n, m, bias, False, alg_ids[i], cslt_weight,
-                       dense_copy)
+                       dense_copy, sp24)
 
 
 @vllm_linear.register_fake
-def _(x, bitmask, values, in_features, n, m, bias, backend_ids, alg_ids, cslt_weight, dense_copy):
+def _(x, bitmask, values, in_features, n, m, bias, backend_ids, alg_ids, cslt_weight, dense_copy, sp24):
     torch._check(x.shape[-1] == in_features,
                  lambda: f"atv_sparse vllm_linear: x has {x.shape[-1]} features, the layer takes {in_features}")
     return x.new_empty(*x.shape[:-1], bitmask.shape[0])

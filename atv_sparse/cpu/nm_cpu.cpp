@@ -1,0 +1,634 @@
+// N:M sparse linear on the CPU, reading the checkpoint's bitmask + values as stored
+// (docs/design.md 7.5; built on first use by atv_sparse/ops/cpu_lib.py).
+//
+//   y[t, r] = sum_k x[t, k] * W[r, k] (+ bias[r]),   W given as
+//   bitmask: (N, ceil(K / 8)) uint8, bit k of byte c = column 8c + k, 1 = kept
+//   values:  (N, K * n / m), the kept weights of each row in column order
+//
+// For n:4 and n:8 every 32 columns of a row keep exactly KEPT = 32 n / m values, so a row is a
+// sequence of (32-bit mask word, KEPT values) chunks, and the values pointer advances by KEPT per
+// chunk. Decode (few tokens), per group of R rows and tile of T tokens:
+//
+//   for each chunk c of 32 columns:
+//       xv[t]   = x[t, 32c : 32c + 32]                     (shared by the R rows)
+//       for each row r of the group:
+//           w    = values[r, KEPT c : KEPT (c + 1)]          loaded into a register
+//           e    = expand(w, mask word)                     the dense 32 columns, zeros where pruned
+//           acc[r][t] += dot(e, xv[t])                       fp32 accumulators, one rounding at the end
+//
+// Three implementations of the chunk step, picked at run time by what the processor has:
+//   AVX512: vpexpandw / vexpandps + vdpbf16ps (bf16) or vcvtph2ps / fp32 + vfmadd
+//   AVX2:   8 columns at a time, expanded by a 256-entry shuffle table, fp32 FMAs
+//   PORTABLE: scalar, bit by bit
+// Row groups are split statically over torch's own thread pool (at::parallel_for).
+//
+// Prefill (many tokens): panels of P rows are expanded into a dense buffer that stays in cache and
+// multiplied by torch's own dense GEMM (at::addmm), so the whole dense weight never exists.
+//
+// Pitfalls measured on Zen 5 (../shared/notes/cpu-kernels.md): a zero-masked expand whose
+// destination register was last written by another expand waits for it, so each expand merges
+// into a freshly zeroed register (vpxord, hidden from the optimiser); the memory-source expand is
+// slow on a cache miss, so the values are loaded first (the load is hidden from folding the same
+// way); software prefetch ~16 KiB ahead on each row stream.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <immintrin.h>
+#include <sys/mman.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+enum Path : int64_t { PORTABLE = 0, AVX2 = 1, AVX512 = 2 };
+
+// How far ahead of each row stream to prefetch (bytes); ATV_SPARSE_CPU_PREFETCH overrides (tuning).
+int64_t prefetch_bytes() {
+    static const int64_t bytes = [] {
+        const char* env = std::getenv("ATV_SPARSE_CPU_PREFETCH");
+        return env ? std::atoll(env) : int64_t(8192);
+    }();
+    return bytes;
+}
+
+// One call's operands. The activations are a padded copy: Kpad = K rounded up to 32, zeros past K,
+// so a chunk never multiplies a pruned (zero) weight by whatever memory lies past the row.
+struct Problem {
+    const uint8_t* mask;    // (N, mask_stride) bytes
+    int64_t mask_stride;    // ceil(K / 8)
+    const void* values;     // (N, val_stride) elements of the weight dtype
+    int64_t val_stride;     // K * n / m
+    const void* values_end; // one past the last element of values (loads never pass it)
+    int64_t K;
+    int kept32;             // kept values per 32 columns: 32 n / m
+    const void* x;          // (M, Kpad): bf16 for bf16 weights, else fp32
+    int64_t x_stride;       // Kpad
+    int64_t M;
+};
+
+// Mask word of chunk c (columns 32c .. 32c + 31) of a row, zero past K; never reads past the row.
+inline uint32_t mask_word(const uint8_t* row, int64_t c, int64_t mask_stride, int64_t K) {
+    int64_t first = 4 * c;
+    uint32_t w = 0;
+    if (first + 4 <= mask_stride) {
+        std::memcpy(&w, row + first, 4);
+    } else {
+        for (int64_t b = first; b < mask_stride; ++b) w |= uint32_t(row[b]) << (8 * (b - first));
+    }
+    int64_t cols = K - 32 * c;
+    if (cols < 32) w &= (uint32_t(1) << cols) - 1;
+    return w;
+}
+
+inline float bf16_to_float(uint16_t v) {
+    uint32_t u = uint32_t(v) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+template <typename W>
+inline float weight_to_float(const W* p, int64_t i) {
+    if constexpr (std::is_same_v<W, float>) {
+        return p[i];
+    } else if constexpr (std::is_same_v<W, at::BFloat16>) {
+        return bf16_to_float(reinterpret_cast<const uint16_t*>(p)[i]);
+    } else {
+        return static_cast<float>(p[i]);
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// PORTABLE: one row, T tokens, bit by bit.
+
+// f(column, index of its value in the row) for every kept column of a row, in column order.
+template <typename F>
+inline void for_each_kept(const Problem& p, int64_t row, F&& f) {
+    const uint8_t* mk = p.mask + row * p.mask_stride;
+    int64_t v = 0;
+    for (int64_t byte = 0; byte < p.mask_stride; ++byte) {
+        for (uint32_t bits = mk[byte]; bits; bits &= bits - 1) {
+            const int64_t col = 8 * byte + __builtin_ctz(bits);
+            if (col >= p.K || v >= p.val_stride) return;
+            f(col, v++);
+        }
+    }
+}
+
+template <typename W>
+void dot_portable(const Problem& p, int64_t row0, int R, int64_t t0, int T, float* out) {
+    const float* x = static_cast<const float*>(p.x);
+    for (int r = 0; r < R; ++r) {
+        const W* vp = static_cast<const W*>(p.values) + (row0 + r) * p.val_stride;
+        std::vector<double> acc(T, 0.0);  // double: a serial sum in fp32 would lose ~K ulps
+        for_each_kept(p, row0 + r, [&](int64_t col, int64_t v) {
+            const double wv = weight_to_float(vp, v);
+            for (int t = 0; t < T; ++t) acc[t] += wv * x[(t0 + t) * p.x_stride + col];
+        });
+        for (int t = 0; t < T; ++t) out[r * T + t] = float(acc[t]);
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// AVX-512: 32 columns per chunk.
+
+#define ATV_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,avx512dq")))
+#define ATV_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// Expands into a destination zeroed by its own vpxord in the same asm block (pitfall 1: the
+// compiler otherwise merges into a copy of one shared zero register, or reuses the last
+// expand's register, and the expand then waits for that register's previous writer).
+ATV_AVX512 __attribute__((always_inline)) inline __m512i expand16(__m512i v, uint32_t w) {
+    __m512i e;
+    __mmask32 k = __mmask32(w);
+    asm("vpxord %0, %0, %0\n\tvpexpandw %1, %0%{%2%}%{z%}" : "=&v"(e) : "v"(v), "Yk"(k));
+    return e;
+}
+
+ATV_AVX512 __attribute__((always_inline)) inline __m512 expand32(__m512 v, uint32_t w) {
+    __m512 e;
+    __mmask16 k = __mmask16(w);
+    asm("vpxord %0, %0, %0\n\tvexpandps %1, %0%{%2%}%{z%}" : "=&v"(e) : "v"(v), "Yk"(k));
+    return e;
+}
+
+// One chunk of one row: expand the values at *vp by mask word w (n_here kept) and accumulate the
+// dot products with the T tokens' activations (xb: bf16; xlo / xhi: fp32 columns 0-15 / 16-31).
+template <typename W, int T>
+ATV_AVX512 __attribute__((always_inline)) inline void chunk_avx512(const W* vp, uint32_t w, int n_here,
+                                                                    const __m512i* xb, const __m512* xlo,
+                                                                    const __m512* xhi, __m512* acc) {
+    if constexpr (std::is_same_v<W, float>) {
+        const uint32_t wlo = w & 0xffff, whi = w >> 16;
+        const int nlo = __builtin_popcount(wlo);
+        const int nhi = n_here - nlo;
+        __m512 vlo = _mm512_maskz_loadu_ps(__mmask16((1u << nlo) - 1), vp);
+        __m512 vhi = _mm512_maskz_loadu_ps(__mmask16((1u << nhi) - 1), vp + nlo);
+        __m512 elo = expand32(vlo, wlo), ehi = expand32(vhi, whi);  // register sources (pitfall 2)
+        for (int t = 0; t < T; ++t) {
+            acc[t] = _mm512_fmadd_ps(elo, xlo[t], acc[t]);
+            acc[t] = _mm512_fmadd_ps(ehi, xhi[t], acc[t]);
+        }
+    } else {
+        const __mmask32 lanes = n_here >= 32 ? __mmask32(~0u) : __mmask32((1u << n_here) - 1);
+        __m512i v = _mm512_maskz_loadu_epi16(lanes, vp);
+        __m512i e = expand16(v, w);  // a register source: the load stays a separate instruction (pitfall 2)
+        if constexpr (std::is_same_v<W, at::BFloat16>) {
+            for (int t = 0; t < T; ++t) acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)e, (__m512bh)xb[t]);
+        } else {  // fp16 weights: widen to fp32
+            __m512 elo = _mm512_cvtph_ps(_mm512_castsi512_si256(e));
+            __m512 ehi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(e, 1));
+            for (int t = 0; t < T; ++t) {
+                acc[t] = _mm512_fmadd_ps(elo, xlo[t], acc[t]);
+                acc[t] = _mm512_fmadd_ps(ehi, xhi[t], acc[t]);
+            }
+        }
+    }
+}
+
+template <typename W, int T>
+ATV_AVX512 __attribute__((always_inline)) inline void load_x_avx512(const void* const* xr, int64_t c, __m512i* xb,
+                                                                     __m512* xlo, __m512* xhi) {
+    for (int t = 0; t < T; ++t) {
+        if constexpr (std::is_same_v<W, at::BFloat16>) {
+            xb[t] = _mm512_loadu_si512(static_cast<const uint16_t*>(xr[t]) + 32 * c);
+        } else {
+            xlo[t] = _mm512_loadu_ps(static_cast<const float*>(xr[t]) + 32 * c);
+            xhi[t] = _mm512_loadu_ps(static_cast<const float*>(xr[t]) + 32 * c + 16);
+        }
+    }
+}
+
+// One row x tokens t0 .. t0 + T - 1. A row is one stream the prefetchers follow (four rows at once
+// ran at half the bandwidth); U chunks per step, each with its own accumulators, so the dot
+// products of consecutive chunks do not wait for each other (U T independent chains).
+template <typename W, int T>
+ATV_AVX512 void dot_avx512(const Problem& p, int64_t row, int64_t t0, float* out) {
+    constexpr int U = T >= 4 ? 1 : 4 / T;
+    __m512 acc[U][T];
+    for (int u = 0; u < U; ++u)
+        for (int t = 0; t < T; ++t) acc[u][t] = _mm512_setzero_ps();
+    const int64_t K = p.K;
+    const uint8_t* mk = p.mask + row * p.mask_stride;
+    const W* vp = static_cast<const W*>(p.values) + row * p.val_stride;
+    const void* xr[T];
+    for (int t = 0; t < T; ++t)
+        xr[t] = static_cast<const char*>(p.x) + (t0 + t) * p.x_stride * (std::is_same_v<W, at::BFloat16> ? 2 : 4);
+    const int kept = p.kept32;
+    const int64_t full = K / 32;
+    const int64_t ahead = prefetch_bytes();
+    const int64_t step_bytes = int64_t(U) * kept * sizeof(W);
+    __m512i xb[T];
+    __m512 xlo[T], xhi[T];
+    int64_t c = 0;
+    for (; c + U <= full; c += U) {
+        if ((c & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(mk + 4 * c) + ahead / 8, _MM_HINT_T0);
+        for (int64_t off = 0; off < step_bytes; off += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(vp) + ahead + off, _MM_HINT_T0);
+        for (int u = 0; u < U; ++u) {
+            load_x_avx512<W, T>(xr, c + u, xb, xlo, xhi);
+            chunk_avx512<W, T>(vp + u * kept, *reinterpret_cast<const uint32_t*>(mk + 4 * (c + u)), kept, xb, xlo, xhi,
+                               acc[u]);
+        }
+        vp += U * kept;
+    }
+    for (; c < full; ++c) {
+        load_x_avx512<W, T>(xr, c, xb, xlo, xhi);
+        chunk_avx512<W, T>(vp, *reinterpret_cast<const uint32_t*>(mk + 4 * c), kept, xb, xlo, xhi, acc[0]);
+        vp += kept;
+    }
+    if (full * 32 < K) {  // the last, partial chunk: its mask word is assembled byte by byte
+        load_x_avx512<W, T>(xr, full, xb, xlo, xhi);
+        const uint32_t w = mask_word(mk, full, p.mask_stride, K);
+        chunk_avx512<W, T>(vp, w, __builtin_popcount(w), xb, xlo, xhi, acc[0]);
+    }
+    for (int t = 0; t < T; ++t) {
+        __m512 sum = acc[0][t];
+        for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][t]);
+        out[t] = _mm512_reduce_add_ps(sum);
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// AVX2: 8 columns per step; a mask byte selects a row of a shuffle table that places the kept values.
+
+struct Avx2Tables {
+    alignas(16) uint8_t shuf16[256][16];  // pshufb control: 16-bit value j -> lane i, 0x80 = zero
+    alignas(32) int32_t perm32[256][8];   // vpermps index: 32-bit value j -> lane i
+    alignas(32) int32_t keep32[256][8];   // -1 where lane i is kept
+    Avx2Tables() {
+        for (int b = 0; b < 256; ++b) {
+            int j = 0;
+            for (int i = 0; i < 8; ++i) {
+                if (b >> i & 1) {
+                    shuf16[b][2 * i] = uint8_t(2 * j);
+                    shuf16[b][2 * i + 1] = uint8_t(2 * j + 1);
+                    perm32[b][i] = j;
+                    keep32[b][i] = -1;
+                    ++j;
+                } else {
+                    shuf16[b][2 * i] = shuf16[b][2 * i + 1] = 0x80;
+                    perm32[b][i] = 0;
+                    keep32[b][i] = 0;
+                }
+            }
+        }
+    }
+};
+const Avx2Tables& avx2_tables() {
+    static const Avx2Tables tables;
+    return tables;
+}
+
+// 8 weights at w (only the first `count` are this row's), loaded without reading past `end`.
+template <typename W>
+inline const W* safe8(const W* w, const void* end, W* scratch, int count) {
+    if (reinterpret_cast<const char*>(w + 8) <= static_cast<const char*>(end)) return w;
+    std::memset(scratch, 0, 8 * sizeof(W));
+    std::memcpy(scratch, w, count * sizeof(W));
+    return scratch;
+}
+
+template <typename W, int R, int T>
+ATV_AVX2 void dot_avx2(const Problem& p, int64_t row0, int64_t t0, float* out) {
+    const Avx2Tables& tab = avx2_tables();
+    __m256 acc[R][T];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+    const uint8_t* mk[R];
+    const W* vp[R];
+    for (int r = 0; r < R; ++r) {
+        mk[r] = p.mask + (row0 + r) * p.mask_stride;
+        vp[r] = static_cast<const W*>(p.values) + (row0 + r) * p.val_stride;
+    }
+    const float* x = static_cast<const float*>(p.x);
+    const int64_t steps = (p.K + 7) / 8;
+    W scratch[8];
+    for (int64_t s = 0; s < steps; ++s) {
+        __m256 xv[T];
+        for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + (t0 + t) * p.x_stride + 8 * s);
+        for (int r = 0; r < R; ++r) {
+            uint32_t b = mk[r][s];
+            if (p.K - 8 * s < 8) b &= (1u << (p.K - 8 * s)) - 1;
+            const int count = __builtin_popcount(b);
+            if ((s & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(vp[r]) + prefetch_bytes(), _MM_HINT_T0);
+            const W* src = safe8(vp[r], p.values_end, scratch, count);
+            __m256 e;
+            if constexpr (std::is_same_v<W, float>) {
+                __m256 v = _mm256_loadu_ps(src);
+                __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(tab.perm32[b]));
+                __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(tab.keep32[b])));
+                e = _mm256_and_ps(_mm256_permutevar8x32_ps(v, idx), keep);
+            } else {
+                __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+                __m128i h = _mm_shuffle_epi8(v, _mm_load_si128(reinterpret_cast<const __m128i*>(tab.shuf16[b])));
+                if constexpr (std::is_same_v<W, at::BFloat16>) {
+                    e = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+                } else {
+                    e = _mm256_cvtph_ps(h);
+                }
+            }
+            for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(e, xv[t], acc[r][t]);
+            vp[r] += count;
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) {
+            __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[r][t]), _mm256_extractf128_ps(acc[r][t], 1));
+            s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+            out[r * T + t] = _mm_cvtss_f32(s4);
+        }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Dispatch of one row group x token tile, and the decode driver.
+
+constexpr int ROWS = 4;    // rows per group (independent accumulator chains at M = 1)
+constexpr int TILE = 4;    // tokens per tile (AVX-512: 16 zmm accumulators)
+
+template <typename W, int T>
+void dot_tile(Path path, const Problem& p, int64_t row0, int R, int64_t t0, float* out) {
+    if (path == AVX512) {
+        for (int r = 0; r < R; ++r) dot_avx512<W, T>(p, row0 + r, t0, out + r * T);
+    } else if (path == AVX2) {
+        // 16 ymm registers: ROWS x 2 accumulators, so tiles of up to 2 tokens
+        constexpr int T1 = T < 2 ? T : 2, T2 = T - T1;
+        float head[ROWS * T1], rest[ROWS * (T2 > 0 ? T2 : 1)];
+        for (int r0 = 0; r0 < R; r0 += (R == ROWS ? ROWS : 1)) {
+            const int rr = R == ROWS ? ROWS : 1;
+            if (rr == ROWS) dot_avx2<W, ROWS, T1>(p, row0, t0, head);
+            else dot_avx2<W, 1, T1>(p, row0 + r0, t0, head);
+            if constexpr (T2 > 0) {
+                if (rr == ROWS) dot_avx2<W, ROWS, T2>(p, row0, t0 + T1, rest);
+                else dot_avx2<W, 1, T2>(p, row0 + r0, t0 + T1, rest);
+            }
+            for (int r = 0; r < rr; ++r) {
+                for (int t = 0; t < T1; ++t) out[(r0 + r) * T + t] = head[r * T1 + t];
+                for (int t = 0; t < T2; ++t) out[(r0 + r) * T + T1 + t] = rest[r * (T2 > 0 ? T2 : 1) + t];
+            }
+        }
+    } else {
+        dot_portable<W>(p, row0, R, t0, T, out);
+    }
+}
+
+template <typename W>
+void dot_any(Path path, const Problem& p, int64_t row0, int R, int64_t t0, int T, float* out) {
+    switch (T) {
+        case 1: return dot_tile<W, 1>(path, p, row0, R, t0, out);
+        case 2: return dot_tile<W, 2>(path, p, row0, R, t0, out);
+        case 3: return dot_tile<W, 3>(path, p, row0, R, t0, out);
+        default: return dot_tile<W, 4>(path, p, row0, R, t0, out);
+    }
+}
+
+inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
+// y (M, out_cols) in the activations' dtype O. Plain: out row j = weight row j (+ bias).
+// Gated: out column j = silu(row j) * row (I + j), I = out_cols.
+template <typename W>
+void decode(Path path, const Problem& p, const float* bias, bool gated, int64_t out_cols, W* y) {
+    const int64_t groups = (out_cols + ROWS - 1) / ROWS;
+    const int per_group = gated ? 2 : 1;  // weight rows per output column
+    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+        float sums[2 * ROWS * TILE];
+        for (int64_t g = g0; g < g1; ++g) {
+            const int64_t j0 = g * ROWS;
+            const int R = int(std::min<int64_t>(ROWS, out_cols - j0));
+            for (int64_t t0 = 0; t0 < p.M; t0 += TILE) {
+                const int T = int(std::min<int64_t>(TILE, p.M - t0));
+                for (int part = 0; part < per_group; ++part)
+                    dot_any<W>(path, p, j0 + part * out_cols, R, t0, T, sums + part * ROWS * TILE);
+                for (int r = 0; r < R; ++r) {
+                    for (int t = 0; t < T; ++t) {
+                        float v = sums[r * T + t];
+                        if (gated) {
+                            v = silu(v) * sums[ROWS * TILE + r * T + t];
+                        } else if (bias) {
+                            v += bias[j0 + r];
+                        }
+                        y[(t0 + t) * out_cols + j0 + r] = static_cast<W>(v);
+                    }
+                }
+            }
+        }
+    });
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Expanding rows into a dense panel (prefill).
+
+template <typename W>
+void expand_row(const Problem& p, int64_t row, W* dense) {
+    const W* vp = static_cast<const W*>(p.values) + row * p.val_stride;
+    std::memset(dense, 0, p.K * sizeof(W));
+    for_each_kept(p, row, [&](int64_t col, int64_t v) { dense[col] = vp[v]; });
+}
+
+template <typename W>
+ATV_AVX512 void expand_row_avx512(const Problem& p, int64_t row, W* dense) {
+    const uint8_t* mk = p.mask + row * p.mask_stride;
+    const W* vp = static_cast<const W*>(p.values) + row * p.val_stride;
+    const int64_t full = p.K / 32;
+    for (int64_t c = 0; c < full; ++c) {
+        uint32_t w = *reinterpret_cast<const uint32_t*>(mk + 4 * c);
+        const int n_here = p.kept32;
+        if constexpr (std::is_same_v<W, float>) {
+            const int nlo = n_here / 2;
+            __m512 lo = _mm512_maskz_expandloadu_ps(__mmask16(w & 0xffff), vp);
+            __m512 hi = _mm512_maskz_expandloadu_ps(__mmask16(w >> 16), vp + nlo);
+            _mm512_storeu_ps(dense + 32 * c, lo);
+            _mm512_storeu_ps(dense + 32 * c + 16, hi);
+        } else {
+            __m512i e = _mm512_maskz_expandloadu_epi16(__mmask32(w), vp);
+            _mm512_storeu_si512(dense + 32 * c, e);
+        }
+        vp += n_here;
+    }
+    for (int64_t col = 32 * full; col < p.K; ++col) dense[col] = W(0);
+    if (full * 32 < p.K) {
+        uint32_t w = mask_word(mk, full, p.mask_stride, p.K);
+        for (int64_t col = 32 * full; w; w &= w - 1) dense[col + __builtin_ctz(w)] = *vp++;
+    }
+}
+
+template <typename W>
+at::Tensor prefill(Path path, const Problem& p, const at::Tensor& x2d, const at::Tensor& bias, bool gated,
+                   int64_t out_cols, int64_t panel_rows) {
+    auto y = at::empty({p.M, out_cols}, x2d.options());
+    const int per = gated ? 2 : 1;
+    const int64_t step = std::max<int64_t>(1, panel_rows / per);
+    auto panel = at::empty({per * step, p.K}, x2d.options());
+    W* pd = panel.data_ptr<W>();
+    for (int64_t j0 = 0; j0 < out_cols; j0 += step) {
+        const int64_t cols = std::min(step, out_cols - j0);
+        at::parallel_for(0, per * cols, 8, [&](int64_t a, int64_t b) {
+            for (int64_t i = a; i < b; ++i) {
+                const int64_t part = i / cols, r = i % cols;
+                const int64_t row = j0 + r + part * out_cols;
+                if (path == AVX512) {
+                    expand_row_avx512<W>(p, row, pd + i * p.K);
+                } else {
+                    expand_row<W>(p, row, pd + i * p.K);
+                }
+            }
+        });
+        auto w = panel.narrow(0, 0, per * cols);
+        if (gated) {
+            auto gu = at::mm(x2d, w.t());
+            y.narrow(1, j0, cols).copy_(at::silu(gu.narrow(1, 0, cols)) * gu.narrow(1, cols, cols));
+        } else if (bias.defined()) {
+            y.narrow(1, j0, cols).copy_(at::addmm(bias.narrow(0, j0, cols), x2d, w.t()));
+        } else {
+            y.narrow(1, j0, cols).copy_(at::mm(x2d, w.t()));
+        }
+    }
+    return y;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Entry points.
+
+bool has_avx512() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512bf16");
+}
+
+bool has_avx2() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+std::vector<std::string> paths() {
+    std::vector<std::string> out;
+    if (has_avx512()) out.push_back("avx512");
+    if (has_avx2()) out.push_back("avx2");
+    out.push_back("portable");
+    return out;
+}
+
+// The activations as the kernels read them: (M, Kpad), zeros past K; bf16 for bf16 weights, else fp32.
+at::Tensor padded_activations(const at::Tensor& x2d, Path path, int64_t K) {
+    const int64_t kpad = (K + 31) / 32 * 32;
+    const bool bf16 = x2d.scalar_type() == at::kBFloat16 && path == AVX512;
+    auto xp = at::zeros({x2d.size(0), kpad}, x2d.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+    xp.narrow(1, 0, K).copy_(x2d);
+    return xp;
+}
+
+// x: (M, K); bitmask: (N, ceil(K / 8)) uint8; values: (N, K n / m), in x's dtype; bias: (N,) or undefined.
+// Returns (M, N), or (M, N / 2) when gated. path: 0 portable, 1 AVX2, 2 AVX-512 (checked by the caller).
+at::Tensor nm_linear(const at::Tensor& x2d, const at::Tensor& bitmask, const at::Tensor& values, int64_t n, int64_t m,
+                     const c10::optional<at::Tensor>& bias_opt, bool gated, int64_t path_code, int64_t decode_max,
+                     int64_t panel_bytes) {
+    TORCH_CHECK(x2d.dim() == 2 && x2d.is_contiguous() && bitmask.is_contiguous() && values.is_contiguous(),
+                "atv_sparse cpu: x must be 2-D and every tensor contiguous");
+    TORCH_CHECK(m == 4 || m == 8, "atv_sparse cpu: n:4 and n:8 patterns only, got ", n, ":", m);
+    const Path path = Path(path_code);
+    const int64_t K = x2d.size(1), N = bitmask.size(0);
+    const int64_t out_cols = gated ? N / 2 : N;
+    at::Tensor bias = bias_opt.has_value() ? bias_opt->contiguous() : at::Tensor();
+    Problem p;
+    p.mask = bitmask.data_ptr<uint8_t>();
+    p.mask_stride = bitmask.size(1);
+    p.values = values.data_ptr();
+    p.val_stride = values.size(1);
+    p.values_end = static_cast<const char*>(values.data_ptr()) + values.numel() * values.element_size();
+    p.K = K;
+    p.kept32 = int(32 * n / m);
+    p.M = x2d.size(0);
+    auto dispatch = [&](auto tag) -> at::Tensor {
+        using W = decltype(tag);
+        if (p.M > decode_max) {
+            const int64_t rows = std::max<int64_t>(16, panel_bytes / std::max<int64_t>(1, K * values.element_size()));
+            return prefill<W>(path, p, x2d, bias, gated, out_cols, rows);
+        }
+        at::Tensor xp = padded_activations(x2d, path, K);
+        p.x = xp.data_ptr();
+        p.x_stride = xp.size(1);
+        at::Tensor bias_f = bias.defined() ? bias.to(at::kFloat) : at::Tensor();
+        auto y = at::empty({p.M, out_cols}, x2d.options());
+        decode<W>(path, p, bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, gated, out_cols, y.data_ptr<W>());
+        return y;
+    };
+    switch (values.scalar_type()) {
+        case at::kBFloat16: return dispatch(at::BFloat16());
+        case at::kHalf: return dispatch(at::Half());
+        case at::kFloat: return dispatch(float());
+        default: TORCH_CHECK(false, "atv_sparse cpu: float32 / bfloat16 / float16 weights only, got ", values.scalar_type());
+    }
+}
+
+// A copy of t in memory advised for transparent huge pages (2 MiB aligned): the weight streams of
+// decode then take no TLB misses (../shared/notes/cpu-kernels.md: 2.0 ms -> 0.60 ms at M = 4).
+at::Tensor hugepage_copy(const at::Tensor& t) {
+    const size_t huge = size_t(2) << 20;
+    const size_t bytes = t.numel() * t.element_size();
+    const size_t total = (bytes + huge - 1) / huge * huge + huge;
+    void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(base != MAP_FAILED, "atv_sparse cpu: mmap of ", total, " bytes failed");
+    char* aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(base) + huge - 1) / huge * huge);
+    madvise(aligned, total - (aligned - static_cast<char*>(base)), MADV_HUGEPAGE);
+    auto src = t.contiguous();
+    std::memcpy(aligned, src.data_ptr(), bytes);
+    return torch::from_blob(aligned, t.sizes(), [base, total](void*) { munmap(base, total); },
+                            t.options());
+}
+
+ATV_AVX512 uint64_t read_avx512(const char* p, int64_t bytes) {
+    __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
+    int64_t i = 0;
+    for (; i + 128 <= bytes; i += 128) {
+        a = _mm512_xor_si512(a, _mm512_loadu_si512(p + i));
+        b = _mm512_xor_si512(b, _mm512_loadu_si512(p + i + 64));
+    }
+    a = _mm512_xor_si512(a, b);
+    uint64_t lanes[8];
+    _mm512_storeu_si512(lanes, a);
+    uint64_t h = 0;
+    for (int l = 0; l < 8; ++l) h ^= lanes[l];
+    for (; i < bytes; ++i) h ^= uint8_t(p[i]);
+    return h;
+}
+
+// Reads every byte of t once, split over torch's threads as the kernels split rows: the streaming-read
+// bandwidth the benchmarks compare the kernels against. Returns a checksum so the reads stay.
+int64_t stream_read(const at::Tensor& t) {
+    const char* base = static_cast<const char*>(t.data_ptr());
+    const int64_t bytes = t.numel() * t.element_size();
+    const bool wide = has_avx512();
+    std::atomic<uint64_t> h{0};
+    at::parallel_for(0, (bytes + 4095) / 4096, 1, [&](int64_t a, int64_t b) {
+        const int64_t lo = a * 4096, hi = std::min(bytes, b * 4096);
+        uint64_t v = 0;
+        if (wide) {
+            v = read_avx512(base + lo, hi - lo);
+        } else {
+            for (int64_t i = lo; i + 8 <= hi; i += 8) {
+                uint64_t w;
+                std::memcpy(&w, base + i, 8);
+                v ^= w;
+            }
+        }
+        h ^= v;
+    });
+    return int64_t(h.load());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+    mod.def("paths", &paths, "ISA paths this processor runs, fastest first");
+    mod.def("nm_linear", &nm_linear, "N:M sparse linear on the packed layout");
+    mod.def("stream_read", &stream_read, "read every byte of a tensor once (bandwidth reference)");
+    mod.def("hugepage_copy", &hugepage_copy, "copy of a tensor in THP-advised memory");
+}
