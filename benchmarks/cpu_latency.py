@@ -244,7 +244,7 @@ def decode_steps(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int
 def bench_e2e(pattern: str, new_tokens: int, repeats: int, shape_kw: dict = LLAMA32_1B) -> dict:
     from llama_decode import LlamaDecoder, LlamaShape, init_random, sparsify
 
-    from atv_sparse.nn.autotune import prepare_model
+    from atv_sparse.nn.prepare import prepare_model
 
     shape = LlamaShape(**shape_kw)
     default = torch.get_default_dtype()

@@ -158,7 +158,7 @@ def torch24_weights(dense_ws, pattern, gated):
 
 def bench_shape(out_f, in_f, gated, pattern, dtype, ms_list, backends, graphs, copy_gbs, device="cuda"):
     """Rows of the result table for one layer shape."""
-    from atv_sparse.nn.autotune import prepare_model
+    from atv_sparse.nn.prepare import prepare_model
     from atv_sparse.nn.sparse_linear import SparseLinear
     from atv_sparse.ops.cusparselt import search_alg_id
     from atv_sparse.ops.dispatch import TOKEN_LIMITS
@@ -253,7 +253,7 @@ def bench_shape(out_f, in_f, gated, pattern, dtype, ms_list, backends, graphs, c
 
 def bench_e2e(pattern, dtype, args):
     """Llama-3-8B-shaped decode at batch 1 (static KV cache, CUDA graph) and prefill, dense vs sparse."""
-    from atv_sparse.nn.autotune import prepare_model
+    from atv_sparse.nn.prepare import prepare_model
     from llama_decode import LLAMA3_8B, LlamaDecoder, LlamaShape, generate, init_random, sparsify
 
     device = args.device

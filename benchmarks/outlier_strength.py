@@ -10,8 +10,8 @@ accuracy tables use C = 4, c = 32, and on the tiny LLaVA-NeXT magnitude still ke
 there at 4:8 and 50-70%. This prunes magnitude with C in ``--channels`` and reports ATV - magnitude
 on the same items (paired, seeds of ATV averaged per item first, SE over items).
 
-Runs are shared with ``benchmarks/accuracy.py`` through its run log (same checkpoint, items and
-calibration size): the plain ATV and magnitude runs and the C = 4 magnitude runs come from there
+Runs are shared with ``benchmarks/accuracy.py`` through its run log (``accuracy_runs.RunLog``; same
+checkpoint, items and calibration size): the plain ATV and magnitude runs and the C = 4 magnitude runs come from there
 when that benchmark has made them, and the new runs are appended to it.
 """
 
@@ -28,29 +28,32 @@ from pathlib import Path
 
 import torch
 
-import accuracy
-from accuracy import Job
+import accuracy_plan
+import accuracy_runs
+from accuracy_plan import Job
+from accuracy_render import paired_cell, shown, write_atomic
+from accuracy_stats import paired_difference, retention_of
 
 HERE = Path(__file__).resolve().parent
 
 
 def variant_name(channels: int) -> str:
     """The accuracy benchmark's name for its own outlier variant, ``outlier{C}`` for the others."""
-    return "outlier" if channels == accuracy.OUTLIER_CHANNELS else f"outlier{channels}"
+    return "outlier" if channels == accuracy_plan.OUTLIER_CHANNELS else f"outlier{channels}"
 
 
 def plan(args) -> dict[str, list[Job]]:
     """Row -> jobs (one per seed for ATV, one for magnitude), every pattern."""
-    rows = {"ATV": [accuracy.job("plain", "wanda", "atv", p, s) for p in args.patterns for s in args.seeds],
-            "magnitude, no outliers": [accuracy.job("plain", "magnitude", None, p, None) for p in args.patterns]}
+    rows = {"ATV": [accuracy_plan.job("plain", "wanda", "atv", p, s) for p in args.patterns for s in args.seeds],
+            "magnitude, no outliers": [accuracy_plan.job("plain", "magnitude", None, p, None) for p in args.patterns]}
     for c in args.channels:
-        rows[f"magnitude, {c} outlier channels"] = [accuracy.job(variant_name(c), "magnitude", None, p, None)
+        rows[f"magnitude, {c} outlier channels"] = [accuracy_plan.job(variant_name(c), "magnitude", None, p, None)
                                                     for p in args.patterns]
     return rows
 
 
 def add_variants(state: dict, channels: list[int], scale: float) -> dict[str, list[int]]:
-    """The outlier variants ``accuracy.setup`` did not build, added to ``state["models"]``; returns
+    """The outlier variants ``accuracy_runs.setup`` did not build, added to ``state["models"]``; returns
     variant -> the hidden channels scaled."""
     from atv_sparse.analysis.outliers import add_outlier_channels
 
@@ -72,9 +75,9 @@ def build_table(args, rows: dict[str, list[Job]], results: dict[str, dict]) -> l
         for p in args.patterns:
             mine = [results[j.name()] for j in jobs if j.pattern == p]
             row = {"row": label, "pattern": p, "accuracy": 100 * sum(r["average"] for r in mine) / len(mine),
-                   "retention": sum(accuracy.retention_of(r, dense)["average"] for r in mine) / len(mine)}
+                   "retention": sum(retention_of(r, dense)["average"] for r in mine) / len(mine)}
             if label != "ATV":
-                row["atv_minus"], row["se"] = accuracy.paired_difference(atv[p], mine)
+                row["atv_minus"], row["se"] = paired_difference(atv[p], mine)
             table.append(row)
     return table
 
@@ -97,8 +100,7 @@ def markdown(args, table: list[dict], meta: dict) -> str:
         by_row.setdefault(r["row"], {})[r["pattern"]] = r
     for label, cells in by_row.items():
         acc = [f"{cells[p]['accuracy']:.1f} / {cells[p]['retention']:.1f}" for p in args.patterns]
-        diff = ["-" if "se" not in cells[p] else accuracy._paired_cell({"delta": cells[p]["atv_minus"],
-                                                                          "se": cells[p]["se"]})
+        diff = ["-" if "se" not in cells[p] else paired_cell({"delta": cells[p]["atv_minus"], "se": cells[p]["se"]})
                 for p in args.patterns]
         out.append(f"| {label} | " + " | ".join(acc) + " | " + " | ".join(diff) + " |")
     out += ["", "Channels scaled (seed 0): " + "; ".join(f"{v}: {c}" for v, c in meta["channels"].items()), ""]
@@ -116,20 +118,20 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--test-seed", type=int, default=0)
     p.add_argument("--channels", type=int, nargs="+", default=[4, 16, 32], help="outlier channel counts C")
-    p.add_argument("--scale", type=float, default=accuracy.OUTLIER_SCALE)
-    p.add_argument("--patterns", nargs="+", default=["2:4", "50%"], choices=accuracy.PATTERNS)
+    p.add_argument("--scale", type=float, default=accuracy_plan.OUTLIER_SCALE)
+    p.add_argument("--patterns", nargs="+", default=["2:4", "50%"], choices=accuracy_plan.PATTERNS)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", help="output path without extension (default: benchmarks/results/outlier-strength-"
                                  "{tiny-vlm,tiny-next})")
     p.add_argument("--run-log", metavar="JSONL", help="the accuracy benchmark's run log to share (default: the "
                                                       "one next to its tables for this model)")
     args = p.parse_args(argv)
-    if args.model not in accuracy.BUNDLED:
-        p.error(f"--model must be one of {', '.join(accuracy.BUNDLED)}")
-    if args.scale != accuracy.OUTLIER_SCALE and accuracy.OUTLIER_CHANNELS in args.channels:
-        p.error(f"C = {accuracy.OUTLIER_CHANNELS} is the accuracy benchmark's variant, made with scale "
-                f"{accuracy.OUTLIER_SCALE:g}; leave it out of --channels or keep --scale")
-    out_name, args.model_name = accuracy.BUNDLED[args.model]
+    if args.model not in accuracy_plan.BUNDLED:
+        p.error(f"--model must be one of {', '.join(accuracy_plan.BUNDLED)}")
+    if args.scale != accuracy_plan.OUTLIER_SCALE and accuracy_plan.OUTLIER_CHANNELS in args.channels:
+        p.error(f"C = {accuracy_plan.OUTLIER_CHANNELS} is the accuracy benchmark's variant, made with scale "
+                f"{accuracy_plan.OUTLIER_SCALE:g}; leave it out of --channels or keep --scale")
+    out_name, args.model_name = accuracy_plan.BUNDLED[args.model]
     tag = args.model.replace("_", "-")
     args.model = str(model_dir_of(args.model))
     args.out = args.out or str(HERE / "results" / f"outlier-strength-{tag}")
@@ -145,32 +147,32 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.time()
     torch.set_num_threads(1)
-    log = accuracy.RunLog(Path(args.run_log), accuracy.run_key(args))
+    log = accuracy_runs.RunLog(Path(args.run_log), accuracy_runs.run_key(args))
     results = log.load()
     rows = plan(args)
     jobs = [Job("plain", "dense", None, "dense", None)] + list(dict.fromkeys(j for js in rows.values() for j in js))
     todo = [j for j in jobs if j.name() not in results]
-    accuracy._STATE.update(accuracy.setup(args, score=bool(todo)))
-    channels = add_variants(accuracy._STATE, args.channels, args.scale)
+    accuracy_runs.STATE.update(accuracy_runs.setup(args, score=bool(todo)))
+    channels = add_variants(accuracy_runs.STATE, args.channels, args.scale)
     ctx = multiprocessing.get_context("fork")  # workers inherit the models and the prepared items
     with tqdm(total=len(todo), desc="Pruning and scoring", unit="model") as bar, \
-            ctx.Pool(max(1, min(args.workers, len(todo))), accuracy._init_worker, (1,)) as pool:
-        for result in pool.imap_unordered(accuracy.run_job, todo):
+            ctx.Pool(max(1, min(args.workers, len(todo))), accuracy_runs.init_worker, (1,)) as pool:
+        for result in pool.imap_unordered(accuracy_runs.run_job, todo):
             log.append(result)
             results[result["name"]] = result
             bar.update()
     table = build_table(args, rows, results)
-    meta = {"date": datetime.date.today().isoformat(), "model": accuracy._shown(args.model),
+    meta = {"date": datetime.date.today().isoformat(), "model": shown(args.model),
             "machine": cpu_name(), "wall_minutes": (time.time() - start) / 60, "new_runs": len(todo),
             "from_log": len(jobs) - len(todo),
             "channels": {v: c for v, c in channels.items() if v in {j.variant for j in jobs}}}
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "run_log")}
-    settings["model"] = accuracy._shown(args.model)
+    settings["model"] = shown(args.model)
     out = Path(args.out)
-    accuracy._write(out.with_suffix(".json"), json.dumps({"settings": settings, "meta": meta, "table": table},
+    write_atomic(out.with_suffix(".json"), json.dumps({"settings": settings, "meta": meta, "table": table},
                                                          indent=1) + "\n")
     text = markdown(args, table, meta)
-    accuracy._write(out.with_suffix(".md"), text + "\n")
+    write_atomic(out.with_suffix(".md"), text + "\n")
     print(text)
     return 0
 

@@ -1,4 +1,5 @@
-"""benchmarks/accuracy.py: the quick subset end to end on the bundled model, and its statistics."""
+"""benchmarks/accuracy.py and its parts (accuracy_plan, accuracy_runs, accuracy_stats, accuracy_render):
+the quick subset end to end on the bundled model, and its statistics."""
 
 import json
 
@@ -6,6 +7,11 @@ import pytest
 
 from script_modules import load_script
 
+# The parts first: each imports the ones before it by name (tests/script_modules.py).
+plan = load_script("benchmarks/accuracy_plan.py")
+runs = load_script("benchmarks/accuracy_runs.py")
+stats = load_script("benchmarks/accuracy_stats.py")
+load_script("benchmarks/accuracy_render.py")
 accuracy = load_script("benchmarks/accuracy.py")
 
 
@@ -17,19 +23,19 @@ def test_paired_difference_averages_seeds_per_item_then_tasks():
     base = _result({"a": "0011", "b": "10"})
     ours = [_result({"a": "1011", "b": "10"}), _result({"a": "0011", "b": "11"})]
     # Task a: item 0 gains in one seed of two -> per-item d = (0.5, 0, 0, 0); task b: d = (0, 0.5).
-    delta, se = accuracy.paired_difference(ours, [base])
+    delta, se = stats.paired_difference(ours, [base])
     assert delta == pytest.approx(100 * (0.5 / 4 + 0.5 / 2) / 2)
     var_a = sum((x - 0.125) ** 2 for x in (0.5, 0, 0, 0)) / 3 / 4
     var_b = sum((x - 0.25) ** 2 for x in (0, 0.5)) / 1 / 2
     assert se == pytest.approx(100 * (var_a + var_b) ** 0.5 / 2)
-    assert accuracy.paired_difference([base], [base]) == (0.0, 0.0)
-    assert accuracy.verdict(1.0, 0.6) == "within noise (|d| < 2 SE)" and accuracy.verdict(-2.0, 0.5) == "ATV worse"
+    assert stats.paired_difference([base], [base]) == (0.0, 0.0)
+    assert stats.verdict(1.0, 0.6) == "within noise (|d| < 2 SE)" and stats.verdict(-2.0, 0.5) == "ATV worse"
 
 
 def test_retention_leaves_out_tasks_the_dense_model_fails():
     dense = {"tasks": {"a": {"accuracy": 0.5}, "b": {"accuracy": 0.0}, "c": {"accuracy": 1.0}}}
     pruned = {"tasks": {"a": {"accuracy": 0.25}, "b": {"accuracy": 0.1}, "c": {"accuracy": 1.0}}}
-    r = accuracy.retention_of(pruned, dense)
+    r = stats.retention_of(pruned, dense)
     assert r["tasks"] == {"a": 50.0, "c": 100.0} and r["average"] == 75.0
 
 
@@ -45,10 +51,10 @@ def test_quick_run_writes_every_table(quick):
     text = out.with_suffix(".md").read_text()
     for heading in ("Main comparison", "Paired differences", "Visual-token selectors", "alpha", "Table A3", "MoT"):
         assert heading in text
-    for method in accuracy.MAIN_METHODS:
+    for method in plan.MAIN_METHODS:
         assert f"| {method} |" in text
     tables = payload["tables"]
-    assert set(tables["main"]) == {f"{v}|{m}" for v in accuracy.VARIANTS for m in accuracy.MAIN_METHODS}
+    assert set(tables["main"]) == {f"{v}|{m}" for v in plan.VARIANTS for m in plan.MAIN_METHODS}
     assert all(tables["invariance"].values()) and len(tables["invariance"]) == 3
     assert out.with_name(out.name + "-atv-blocks.png").stat().st_size > 1000
     blocks = tables["atv_blocks"]["blocks"]
@@ -64,15 +70,15 @@ def test_quick_run_writes_every_table(quick):
 
 def test_run_log_keeps_finished_runs_of_its_key(tmp_path):
     path = tmp_path / "runs.jsonl"
-    log = accuracy.RunLog(path, {"per_task": 4})
+    log = runs.RunLog(path, {"per_task": 4})
     log.append({"name": "a", "average": 0.5})
     with open(path, "a") as f:
         f.write('{"key": {"per_task": 4}, "run": {"name": "cut')  # a run killed mid-write
     log.append({"name": "b", "average": 0.25})
-    accuracy.RunLog(path, {"per_task": 8}).append({"name": "a", "average": 1.0})
+    runs.RunLog(path, {"per_task": 8}).append({"name": "a", "average": 1.0})
     assert log.load() == {"a": {"name": "a", "average": 0.5}, "b": {"name": "b", "average": 0.25}}
-    assert accuracy.RunLog(path, {"per_task": 8}).load() == {"a": {"name": "a", "average": 1.0}}
-    assert accuracy.RunLog(tmp_path / "none.jsonl", {}).load() == {}
+    assert runs.RunLog(path, {"per_task": 8}).load() == {"a": {"name": "a", "average": 1.0}}
+    assert runs.RunLog(tmp_path / "none.jsonl", {}).load() == {}
 
 
 def test_second_invocation_reuses_the_run_log(quick, tmp_path):
@@ -155,7 +161,7 @@ def test_quick_run_on_the_tiny_next_with_a_prediction(tmp_path):
     assert text.index("ATV ahead of Wanda, written before the run.") < text.index("## Outcome beside the prediction")
     checked = {c["prediction"] for c in payload["tables"]["prediction"]}
     assert {"ATV > Wanda at 2:4", "ATV > TAMP at 2:4", "Wanda: ATV >= text-only calibration"} <= checked
-    assert set(payload["tables"]["main"]) == {f"plain|{m}" for m in accuracy.MAIN_METHODS}
+    assert set(payload["tables"]["main"]) == {f"plain|{m}" for m in plan.MAIN_METHODS}
     assert not payload["tables"]["ablation"] and not payload["tables"]["mot"] and "Table 3" not in text
 
 

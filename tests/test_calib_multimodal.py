@@ -306,7 +306,7 @@ def test_token_mix_counts_the_image_tokens(vlm_dirs, family):
     the image token id in the samples' input_ids."""
     from atv_sparse.calib import load_calibration
     from atv_sparse.models import adapter_for, read_config
-    from atv_sparse.preflight import check_processor
+    from atv_sparse.convert.preflight import check_processor
 
     ckpt = vlm_dirs[family]
     adapter = adapter_for(read_config(ckpt), ckpt)

@@ -159,7 +159,7 @@ def test_fixed_cusparselt_backend_passes_a_valid_alg_id(monkeypatch):
 def test_errors_name_dtype_and_pattern_with_or_without_interpreter(monkeypatch, interpret):
     """TRITON_INTERPRET unset is what a GPU machine runs the suite with: Triton then refuses CPU
     tensors, and the message must still name the float32 / unstructured problem."""
-    from atv_sparse.nn.autotune import prepare_model
+    from atv_sparse.nn.prepare import prepare_model
 
     if interpret is None:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)

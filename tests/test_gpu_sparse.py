@@ -51,7 +51,7 @@ def test_alg_id_search_is_validated():
 
 
 def test_measured_table_is_written_and_reused(tmp_path, monkeypatch):
-    from atv_sparse.nn.autotune import prepare_model
+    from atv_sparse.nn.prepare import prepare_model
     from atv_sparse.nn.sparse_linear import SparseLinear
 
     monkeypatch.setenv("ATV_SPARSE_DISPATCH_TABLE", str(tmp_path / "table.json"))

@@ -113,15 +113,15 @@ def test_magnitude_masks_change(ckpts):
     transformed = copy.deepcopy(model)
     report = add_outlier_channels(transformed, channels=4, scale=32)
     for lin in report.linears:
-        before = magnitude_mask(model.get_submodule(lin).weight, sparsity=0.5)
-        after = magnitude_mask(transformed.get_submodule(lin).weight, sparsity=0.5)
+        before = magnitude_mask(model.get_submodule(lin).weight, parse_pattern("unstructured", 0.5))
+        after = magnitude_mask(transformed.get_submodule(lin).weight, parse_pattern("unstructured", 0.5))
         assert not torch.equal(before, after)
         assert not after[:, report.channels].any()  # |W| / 32 falls far below the median: all pruned
     for nm in ("2:4", "4:8"):
         p = parse_pattern(nm)
         lin = report.linears[0]
-        assert not torch.equal(magnitude_mask(model.get_submodule(lin).weight, n=p.n, m=p.m),
-                               magnitude_mask(transformed.get_submodule(lin).weight, n=p.n, m=p.m))
+        assert not torch.equal(magnitude_mask(model.get_submodule(lin).weight, p),
+                               magnitude_mask(transformed.get_submodule(lin).weight, p))
 
 
 @pytest.mark.parametrize("family", ["llama", "llava"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from atv_sparse import convert, preflight
+from atv_sparse.convert import cli, preflight
 from atv_sparse.models.lazy import LazyWeights
 from atv_sparse.tinybench.model import bundled_model_dir
 from test_bad_input import fails
@@ -27,7 +27,7 @@ def no_work(monkeypatch):
         def boom(*args, **kwargs):
             raise WorkStarted(what)
         return boom
-    monkeypatch.setattr(convert, "prune_model", started("a calibration pass started"))
+    monkeypatch.setattr(cli, "prune_model", started("a calibration pass started"))
     monkeypatch.setattr(LazyWeights, "read", started("weights were read"))
     return started
 
@@ -46,7 +46,7 @@ def vlm_ckpt(tmp_path):
 
 def test_plot_without_matplotlib_fails_before_calibration(capsys, monkeypatch, no_work, vlm_ckpt):
     root, ckpt = vlm_ckpt
-    monkeypatch.setattr(convert, "load_calibration", no_work("calibration data was built"))
+    monkeypatch.setattr(cli, "load_calibration", no_work("calibration data was built"))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError, find_spec -> None
     fails(capsys, [ckpt, "--method", "atv", "--plot", "--out", root / "o", "--quiet"],
           "--plot", "matplotlib", "pip install", root=root)
@@ -90,7 +90,7 @@ def test_bad_calibration_record_fails_before_weights(capsys, no_work, vlm_ckpt):
 
 def test_vlm_without_chat_template(capsys, monkeypatch, no_work, vlm_ckpt):
     root, ckpt = vlm_ckpt
-    monkeypatch.setattr(convert, "load_calibration", no_work("calibration data was built"))
+    monkeypatch.setattr(cli, "load_calibration", no_work("calibration data was built"))
     (ckpt / "chat_template.jinja").unlink()
     fails(capsys, [ckpt, "--method", "atv", "--out", root / "o", "--quiet"], str(ckpt), "no chat template", root=root)
     # magnitude needs no calibration, but the dense-vs-pruned evaluation renders the template too
@@ -100,7 +100,7 @@ def test_vlm_without_chat_template(capsys, monkeypatch, no_work, vlm_ckpt):
 
 def test_vlm_without_processor(capsys, monkeypatch, no_work, vlm_ckpt):
     root, ckpt = vlm_ckpt
-    monkeypatch.setattr(convert, "load_calibration", no_work("calibration data was built"))
+    monkeypatch.setattr(cli, "load_calibration", no_work("calibration data was built"))
     (ckpt / "processor_config.json").unlink()
     fails(capsys, [ckpt, "--method", "atv", "--out", root / "o", "--quiet"], str(ckpt), "processor", root=root)
 
@@ -117,7 +117,7 @@ def test_device_that_does_not_exist(capsys, monkeypatch, no_work, text_ckpt):
 
 def test_budget_from_is_read_before_work(capsys, monkeypatch, no_work, vlm_ckpt):
     root, ckpt = vlm_ckpt
-    monkeypatch.setattr(convert, "load_calibration", no_work("calibration data was built"))
+    monkeypatch.setattr(cli, "load_calibration", no_work("calibration data was built"))
     base = [ckpt, "--method", "wanda", "--calib-tokens", "abs", "--out", root / "o", "--quiet"]
     fails(capsys, [*base, "--budget-from", root / "missing.json"], "missing.json", "cannot read", root=root)
     (root / "report.json").write_text('{"blocks": [{"k_mean": 3}]}')

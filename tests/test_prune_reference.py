@@ -38,6 +38,13 @@ def prune():
     return P
 
 
+def _pattern(sparsity: float | None = None, n: int | None = None, m: int | None = None):
+    """The reference's mask arguments (``sparsity``, or ``n`` and ``m``) as the ``Pattern`` ours take."""
+    from atv_sparse.patterns import parse_pattern
+
+    return parse_pattern(f"{n}:{m}") if m is not None else parse_pattern("unstructured", sparsity)
+
+
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),
     pytest.param(torch.float16, id="fp16"),
@@ -468,7 +475,7 @@ def test_magnitude_mask_unstructured_matches_reference(prune, sparsity, dtype, d
     w = _tie_weights(shape, dtype, g) if data == "ties" else _randn(shape, dtype, g, scale=0.02)
     w_before = w.clone()
     expected = R.ref_magnitude_keep(w, sparsity=sparsity)
-    keep = prune.magnitude_mask(w, sparsity=sparsity)
+    keep = prune.magnitude_mask(w, _pattern(sparsity=sparsity))
     _assert_mask_equal(keep, expected, f"magnitude_mask s={sparsity}")
     assert torch.equal(w, w_before), "magnitude_mask modified the weight"
 
@@ -479,7 +486,7 @@ def test_magnitude_mask_unstructured_count_tiefree(prune, sparsity, dtype):
     shape = (24, 72)
     g = _gen(_seed_of("mag_count", sparsity, dtype))
     w = _distinct_weights(shape, dtype, g)
-    keep = prune.magnitude_mask(w, sparsity=sparsity)
+    keep = prune.magnitude_mask(w, _pattern(sparsity=sparsity))
     _assert_mask_equal(keep, R.ref_magnitude_keep(w, sparsity=sparsity), f"magnitude_mask s={sparsity}")
     assert int((~keep).sum()) == int(w.numel() * sparsity) + 1
     # a single global threshold: every pruned |w| is below every kept |w|
@@ -496,7 +503,7 @@ def test_magnitude_mask_nm_matches_reference(prune, nm, dtype, data, shape):
     g = _gen(_seed_of("mag_nm", n, m, dtype, data, shape))
     w = _tie_weights(shape, dtype, g) if data == "ties" else _randn(shape, dtype, g, scale=0.02)
     expected = R.ref_magnitude_keep(w, n=n, m=m)
-    keep = prune.magnitude_mask(w, n=n, m=m)
+    keep = prune.magnitude_mask(w, _pattern(n=n, m=m))
     _assert_mask_equal(keep, expected, f"magnitude_mask {n}:{m}")
     _assert_nm_counts(keep, n, m)
 
@@ -581,8 +588,7 @@ def test_sparsegpt_prune_matches_reference(prune, mode, dtype, config):
         w, hessian, blocksize=blocksize, percdamp=percdamp, **mode)
     assert torch.equal(hessian, hessian_before)  # oracle works on a copy
 
-    result = prune.sparsegpt_prune(
-        w_for_impl, hessian, blocksize=blocksize, percdamp=percdamp, **mode)
+    result = prune.sparsegpt_prune(w_for_impl, hessian, _pattern(**mode), blocksize=blocksize, percdamp=percdamp)
     assert isinstance(result, tuple) and len(result) == 2
     out, keep = result
 
@@ -624,7 +630,7 @@ def test_sparsegpt_prune_nm_keeps_n(prune, nm, dtype):
     hessian_before = hessian.clone()
     w = _randn((out_f, in_f), dtype, g, scale=0.05)
     ref_w32, ref_keep = R.ref_sparsegpt_prune(w, hessian, n=n, m=m, blocksize=blocksize)
-    out, keep = prune.sparsegpt_prune(w.clone(), hessian, n=n, m=m, blocksize=blocksize)
+    out, keep = prune.sparsegpt_prune(w.clone(), hessian, _pattern(n=n, m=m), blocksize=blocksize)
     assert torch.equal(hessian, hessian_before), "sparsegpt_prune modified the caller's hessian"
     assert out.dtype == dtype
     _assert_mask_equal(keep, ref_keep, f"sparsegpt {n}:{m} keep mask")

@@ -10,7 +10,7 @@ from torch import nn
 
 import atv_sparse
 from atv_sparse.errors import AtvSparseError
-from atv_sparse.nn.autotune import prepare_model
+from atv_sparse.nn.prepare import prepare_model
 from atv_sparse.ops.autotune import measure_entry
 from atv_sparse.nn.fused import FusedQKV, QKVSlice, SparseMLP
 from atv_sparse.nn.sparse_linear import SparseLinear

@@ -2,6 +2,7 @@
 model loaded whole writes, holds one block's weights at a time, checks every shard before any
 work, and leaves nothing behind when the disk fills up."""
 
+import collections
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from atv_sparse.convert import main, run
+from atv_sparse.formats import safetensors_io
 from atv_sparse.formats.checkpoint import ShardWriter
 from atv_sparse.models import adapter as adapter_mod
 from atv_sparse.models.lazy import LazyWeights
@@ -52,7 +54,7 @@ class WholeModel:
 
 
 def convert_whole(monkeypatch, argv):
-    def open_whole(self, model_dir, dtype="auto"):
+    def open_whole(self, model_dir, dtype="auto", tensors=None):
         model = self.load(model_dir, dtype)
         return model, WholeModel(model)
 
@@ -295,12 +297,19 @@ def test_truncated_shard(capsys, sharded):
 
 
 def test_index_names_a_shard_twice(capsys, sharded):
+    """The same file under a second name would be read twice: a path is refused as a shard name, and
+    a second name for the same file (a link) holds every tensor of the first a second time."""
     root, ckpt, index = sharded
     shards = list(index["weight_map"].values())
     name, shard = next((k, v) for k, v in index["weight_map"].items() if shards.count(v) > 1)
-    index["weight_map"][name] = "./" + shard  # the same file under a second name: it would be read twice
+    index["weight_map"][name] = "./" + shard
     _write_index(ckpt, index)
-    fails(capsys, [ckpt, "--out", root / "o", *TEXT], shard, "twice", root=root)
+    fails(capsys, [ckpt, "--out", root / "o", *TEXT], f"'./{shard}'", "expected the name of a .safetensors file",
+          root=root)
+    (ckpt / "alias.safetensors").symlink_to(shard)
+    index["weight_map"][name] = "alias.safetensors"
+    _write_index(ckpt, index)
+    fails(capsys, [ckpt, "--out", root / "o", *TEXT], "alias.safetensors", shard, "stored once", root=root)
 
 
 def test_tensor_in_two_shards(capsys, sharded):
@@ -311,6 +320,23 @@ def test_tensor_in_two_shards(capsys, sharded):
     state[name] = load_file(ckpt / shards[0])[name]
     save_file(state, ckpt / shards[1], metadata={"format": "pt"})
     fails(capsys, [ckpt, "--out", root / "o", *TEXT], name, "stored once", root=root)
+
+
+def test_every_source_header_parsed_once(sharded, monkeypatch):
+    """One reader: convert parses each shard's header once (formats.checkpoint_tensors), and the lazy
+    skeleton reads its tensors from that same map."""
+    root, ckpt, index = sharded
+    parsed = collections.Counter()
+    real = safetensors_io.parse_json
+
+    def counting(raw, what, *args, **kwargs):
+        if what.endswith(": safetensors header") and Path(what.split(":")[0]).parent == ckpt:
+            parsed[Path(what.split(":")[0]).name] += 1
+        return real(raw, what, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors_io, "parse_json", counting)
+    assert main([str(ckpt), "--method", "wanda", *TEXT, "--out", str(root / "o")]) == 0
+    assert parsed == {name: 1 for name in set(index["weight_map"].values())}
 
 
 def test_report_and_dry_run_give_the_streamed_peak(ckpts, tmp_path, capsys):

@@ -119,7 +119,7 @@ def test_default_calibration_is_mostly_visual(processor, model, tmp_path):
     visual, as with LLaVA-NeXT-8B's anyres images (the tiny LLaVA-1.5's share is 52-54%)."""
     from atv_sparse.calib import load_calibration
     from atv_sparse.models import adapter_for, read_config
-    from atv_sparse.preflight import check_processor
+    from atv_sparse.convert.preflight import check_processor
 
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
@@ -176,7 +176,7 @@ def test_bundled_next_model_calibrates_mostly_visual():
     """convert's default calibration on the shipped model: >= 85% of block 0's tokens visual."""
     from atv_sparse.calib import load_calibration
     from atv_sparse.models import adapter_for, read_config
-    from atv_sparse.preflight import check_processor
+    from atv_sparse.convert.preflight import check_processor
     from atv_sparse.evaluation.loading import model_dir_of
 
     bundled = model_dir_of("tiny-next")

@@ -13,11 +13,12 @@ from safetensors.torch import save_file
 import atv_sparse
 from atv_sparse.convert import main
 from atv_sparse.errors import AtvSparseError
-from atv_sparse.formats.safetensors_io import read_header
+from atv_sparse.formats.safetensors_io import data_start, read_header, read_tensor
 from atv_sparse.formats.checkpoint import ShardWriter
+from atv_sparse.formats.dtypes import DTYPE_BYTES, DTYPE_NAMES, SAFETENSORS_DTYPES
 from atv_sparse.formats.shard_io import CHECKSUMS_NAME
+from atv_sparse.formats.verify import verify_checkpoint
 from atv_sparse.verify import main as verify_main
-from atv_sparse.verify import verify_checkpoint
 
 DTYPES = [torch.bool, torch.uint8, torch.int8, torch.float8_e5m2, torch.float8_e4m3fn, torch.int16, torch.uint16,
           torch.float16, torch.bfloat16, torch.int32, torch.uint32, torch.float32, torch.complex64, torch.float64,
@@ -48,6 +49,22 @@ def test_shard_bytes_equal_safetensors_and_digest_is_sha256(tmp_path, seed):
     assert ours == theirs.read_bytes()
     recorded = json.loads((tmp_path / CHECKSUMS_NAME).read_text())["files"]["model.safetensors"]
     assert recorded == {"sha256": hashlib.sha256(ours).hexdigest(), "bytes": len(ours)}
+
+
+def test_one_dtype_table_names_what_safetensors_writes(tmp_path):
+    """formats/dtypes.py against safetensors itself: every dtype it writes is in the table under the
+    name in the header, with its element size, and the lazy reader reads its bytes back."""
+    g = torch.Generator().manual_seed(0)
+    assert sorted(SAFETENSORS_DTYPES.values(), key=str) == sorted(DTYPES, key=str)
+    for dtype in DTYPES:
+        tensor = random_tensor(dtype, [3, 5], g)
+        path = tmp_path / "one.safetensors"
+        save_file({"t": tensor}, path)
+        info = read_header(path)["t"]
+        assert info["dtype"] == DTYPE_NAMES[dtype] and SAFETENSORS_DTYPES[info["dtype"]] == dtype
+        assert DTYPE_BYTES[info["dtype"]] == tensor.element_size()
+        back = read_tensor(path, data_start(path), info)
+        assert back.dtype == dtype and torch.equal(back.view(torch.uint8), tensor.view(torch.uint8))
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,14 @@ from atv_sparse.models import adapter_for, read_config
 from atv_sparse.models.processors import load_processor
 from atv_sparse.nn import SparseLinear
 from atv_sparse.patterns import parse_pattern
-from atv_sparse.preflight import check_processor
+from atv_sparse.convert.preflight import check_processor
 from atv_sparse.prune.driver import prune_blocks
 from atv_sparse.prune.wanda import Wanda
 from atv_sparse.prune.pipeline import prune_model
 from atv_sparse.prune.recipe import PruneRecipe
 from atv_sparse.prune.selectors import MixedTokens
 from atv_sparse.prune.targets import resolve_targets
-from atv_sparse.reports import method_settings
+from atv_sparse.convert.reports import method_settings
 from atv_sparse.tinybench.families import ARCHITECTURES, FAMILIES, write_tiny_vlm
 
 QUICK = ["--nsamples", "3", "--quiet"]

@@ -52,7 +52,7 @@ from ..errors import AtvSparseError
 from ..formats.bitmask import pack_bitmask
 from ..models.adapter import config_image_token_id
 from ..patterns import Pattern, parse_pattern
-from ..prune.masks import pattern_mask
+from ..prune.masks import keep_mask
 from ..prune.walk import check_finite, walk_blocks
 from ..prune.wanda import WandaStats, wanda_score
 
@@ -315,7 +315,6 @@ def mot_prune(probe: MoTProbe, samples: list[dict], pathway: str = "visual", cal
     if not any(r.any() for r in rows):
         raise AtvSparseError(f"MoT calibration rows {calib!r}: none of the {len(samples)} samples has such a position "
                              "(visual rows need samples with images)")
-    mask_args = {"n": pattern.n, "m": pattern.m} if pattern.is_nm else {"sparsity": pattern.sparsity}
     report = MoTReport(pathway, calib, str(pattern), {}, {}, [], list(probe.shared))
 
     walk = walk_blocks(probe.model, probe.layers, samples, device, progress=progress,
@@ -331,7 +330,7 @@ def mot_prune(probe: MoTProbe, samples: list[dict], pathway: str = "visual", cal
         t0 = time.perf_counter()
         for name, linear in block_targets.items():
             check_finite(name, stats[name].scaler_row)
-            keep = pattern_mask(wanda_score(linear.weight.data, stats[name]), **mask_args)
+            keep = keep_mask(wanda_score(linear.weight.data, stats[name]), pattern)
             linear.weight.data.masked_fill_(~keep, 0)
             report.bitmasks[name] = pack_bitmask(keep).cpu()
             report.sparsity[name] = 1 - keep.sum().item() / keep.numel()

@@ -1,2 +1,3 @@
-"""The compressed checkpoint format: bitmask packing (``bitmask``), the ``quantization_config``
-(``spec``), safetensors headers (``safetensors_io``) and the directory writer (``checkpoint``)."""
+"""The compressed checkpoint format: the safetensors dtype names (``dtypes``), bitmask packing
+(``bitmask``), the ``quantization_config`` (``spec``), safetensors headers (``safetensors_io``), the
+directory writer (``checkpoint``, ``shard_io``) and the shard checksums it records (``verify``)."""

@@ -29,12 +29,12 @@ from torch import nn
 
 from ..errors import AtvSparseError
 from .bitmask import BITMASK_SUFFIX, VALUES_SUFFIX, compress, decompress, unpack_bitmask
-from .safetensors_io import INDEX_NAME, SINGLE_NAME, read_header
-from .shard_io import DTYPE_NAMES, safetensors_header, write_checksums
+from .dtypes import DTYPE_NAMES
+from .safetensors_io import INDEX_NAME, SINGLE_NAME, data_start, read_header, read_tensor
+from .shard_io import safetensors_header, write_checksums
 from .staging import JOURNAL_NAME, StagedOutputDir, copy_aux_files
 
 _CHUNK = 1 << 26  # bytes read back from the spill file at a time
-_TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 def parse_size(text: str | int) -> int:
@@ -54,8 +54,7 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
-def _packed(module_name: str, weight: torch.Tensor, bitmask: torch.Tensor, pattern) -> dict:
-    keep = unpack_bitmask(bitmask, weight.shape[1])
+def _packed(module_name: str, weight: torch.Tensor, keep: torch.Tensor, pattern) -> dict:
     mask_t, values = compress(weight, keep, pattern.n, pattern.m)
     return {module_name + BITMASK_SUFFIX: mask_t, module_name + VALUES_SUFFIX: values}
 
@@ -65,7 +64,7 @@ def write_checkpoint(model: nn.Module, out_dir: Path, *, source_dir: Path | None
                      max_shard_size: int, overwrite: bool, extra_files: dict[str, Path] | None = None) -> dict:
     """Write ``model`` (in memory, pruned in place) to ``out_dir``; return {"files", "bytes", "shards"}.
 
-    bitmasks: module name -> packed keep-mask; patterns: module name -> Pattern. ``packed``
+    bitmasks: module name -> packed keep-mask (``PruneResult.bitmasks``); patterns: module name -> Pattern. ``packed``
     writes bitmask + values for those modules and ``quantization_config`` into config.json;
     otherwise dense weights with zeros. ``extra_json``: file name -> content, or a function returning it called just before the
     directory is moved into place (so a report can include the write time). ``extra_files``:
@@ -78,7 +77,8 @@ def write_checkpoint(model: nn.Module, out_dir: Path, *, source_dir: Path | None
     with CheckpointStream(model, out_dir, read=state.__getitem__, pruned=pruned, patterns=patterns, packed=packed,
                           source_dir=source_dir, max_shard_size=max_shard_size, overwrite=overwrite) as stream:
         for name in pruned:
-            stream.put(name, model.get_submodule(name), bitmasks[name])
+            linear = model.get_submodule(name)
+            stream.put(name, linear, unpack_bitmask(bitmasks[name], linear.in_features))
         return stream.finish(quantization_config, extra_json, extra_files)
 
 
@@ -87,7 +87,7 @@ class CheckpointStream:
     order as soon as they are final, so memory holds one block, not the model.
 
         with CheckpointStream(skeleton, out, read=weights.read, pruned=targets, ...) as stream:
-            ... stream.put(name, linear, bitmask) for every pruned linear, in any order ...
+            ... stream.put(name, linear, keep) for every pruned linear, in any order ...
             stream.finish(quantization_config, extra_json)
 
     ``read(key)``: a tensor of the source as the model holds it (every key except the weights of
@@ -139,13 +139,14 @@ class CheckpointStream:
         self.shards.close(remove=not self.stage.keep)
         self.stage.__exit__(kind, error, tb)
 
-    def put(self, name: str, linear: nn.Module, bitmask: torch.Tensor) -> None:
-        """Module ``name`` is pruned: its weight (and keep-mask) is final; write what is now in order."""
+    def put(self, name: str, linear: nn.Module, keep: torch.Tensor) -> None:
+        """Module ``name`` is pruned: its weight and its keep-mask ``keep`` ((out, in) bool) are final;
+        write what is now in order."""
         if self.position[f"{name}.weight"] < self.cursor:
             return  # written before the run was resumed (a linear outside the blocks, pruned again)
         weight = linear.weight.detach()
         if self.packed:
-            tensors = _packed(name, weight, bitmask, self.patterns[name])
+            tensors = _packed(name, weight, keep, self.patterns[name])
         else:
             tensors = {f"{name}.weight": weight.contiguous()}
         self.ready[f"{name}.weight"] = {k: v.cpu() for k, v in tensors.items()}
@@ -231,6 +232,7 @@ class ShardWriter:
         self.written: list[tuple[str, list[str]]] = []
         self.digests: dict[str, str] = {}  # part name -> SHA-256, hashed while the shard is written
         self.obsolete: list[Path] = []
+        self.headers: dict[Path, tuple[int, dict]] = {}  # closed shard -> (data start, header), parsed once
         self.spill_hash = hashlib.sha256()
         if state is None:
             self.spill_path = self._spill_name(0)
@@ -321,16 +323,15 @@ class ShardWriter:
         for fname, keys in self.written:
             if key in keys:
                 path = self.tmp / fname
-                info = read_header(path)[key]
-                with open(path, "rb") as f:
-                    start = 8 + int.from_bytes(f.read(8), "little")
-                begin, end = info["data_offsets"]
-                raw = _pread(path, start + begin, end - begin)
-                return _tensor(raw, info["dtype"], info["shape"])
+                if path not in self.headers:
+                    self.headers[path] = data_start(path), read_header(path)
+                start, header = self.headers[path]
+                return read_tensor(path, start, header[key])
         for name, dtype, shape, offset, nbytes in self.entries:
             if name == key:
                 self.spill.flush()
-                return _tensor(_pread(self.spill_path, offset, nbytes), dtype, shape)
+                return read_tensor(self.spill_path, offset, {"dtype": dtype, "shape": shape,
+                                                             "data_offsets": [0, nbytes]})
         raise AssertionError(f"{key} was not written")
 
     def close(self, remove: bool = True) -> None:
@@ -378,26 +379,6 @@ def _sha256_of(path: Path, nbytes: int | None = None, hasher: bool = False):
             digest.update(chunk)
             left -= len(chunk)
     return digest if hasher else digest.hexdigest()
-
-
-def _pread(path: Path, offset: int, nbytes: int) -> bytearray:
-    buf = bytearray(nbytes)
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        done = 0
-        view = memoryview(buf)
-        while done < nbytes:
-            n = f.readinto(view[done:])
-            if not n:
-                raise AtvSparseError(f"{path}: ends at byte {offset + done}, inside a tensor the journal records")
-            done += n
-    return buf
-
-
-def _tensor(raw: bytearray, dtype: str, shape: list[int]) -> torch.Tensor:
-    if not raw:
-        return torch.empty(shape, dtype=_TORCH_DTYPES[dtype])
-    return torch.frombuffer(raw, dtype=torch.uint8).view(_TORCH_DTYPES[dtype]).reshape(shape)
 
 
 def _save_shard(entries: list[tuple[str, str, list[int], int, int]], spill, path: Path) -> str:

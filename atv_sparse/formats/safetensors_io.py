@@ -1,8 +1,11 @@
-"""Reading safetensors headers and checking files before anything loads them.
+"""Reading safetensors checkpoints: every header checked before anything loads a tensor, then
+single tensors read on demand.
 
 A checkpoint directory holds ``model.safetensors`` or shards listed by
-``model.safetensors.index.json``. ``checkpoint_tensors`` reads only the headers (no tensor data)
-and refuses a truncated or corrupt file with a message naming it.
+``model.safetensors.index.json``. ``checkpoint_tensors`` reads only the headers (no tensor data),
+once per shard, and refuses a truncated or corrupt file with a message naming it; the map it
+returns is what every reader of the checkpoint uses (``models.lazy`` reads a module's tensors
+with ``read_tensor`` from it, ``estimate`` sizes the output from it).
 
 Every header is held to what the safetensors reader itself requires, so that a file accepted here
 never fails later inside safetensors or transformers with an error that names nothing:
@@ -28,15 +31,16 @@ import os
 import struct
 from pathlib import Path
 
+import torch
+
 from ..errors import AtvSparseError
+from .dtypes import DTYPE_BYTES, SAFETENSORS_DTYPES
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100_000_000  # safetensors refuses larger headers itself
 MAX_INDEX_BYTES = 100_000_000
 
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
-                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "C64": 8, "I64": 8, "U64": 8, "F64": 8}
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 _HINT = "the file is corrupt or truncated; copy or convert it again"
 
@@ -124,14 +128,14 @@ def _check_entry(path: Path, name: str, info) -> tuple[int, int]:
     if not isinstance(info, dict) or set(info) != _ENTRY_KEYS:
         raise bad('malformed header entry (expected exactly "dtype", "shape" and "data_offsets")')
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
-        raise bad(f"unknown dtype {str(dtype)[:40]!r} (known: {', '.join(_DTYPE_BYTES)})")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise bad(f"unknown dtype {str(dtype)[:40]!r} (known: {', '.join(DTYPE_BYTES)})")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise bad(f"shape {str(shape)[:80]} is not a list of non-negative integers")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets)
             or offsets[0] > offsets[1]):
         raise bad(f"data_offsets {str(offsets)[:80]} is not [begin, end] with 0 <= begin <= end")
-    nbytes = _DTYPE_BYTES[dtype]
+    nbytes = DTYPE_BYTES[dtype]
     for dim in shape:
         nbytes *= dim
     begin, end = offsets
@@ -225,3 +229,28 @@ def checkpoint_tensors(files: list[Path]) -> dict[str, tuple[Path, dict]]:
             raise AtvSparseError(f"{model_dir / INDEX_NAME}: tensor {missing[0]} is listed in "
                                  f"{weight_map[missing[0]]} but that shard does not hold it; {_HINT}")
     return tensors
+
+
+def data_start(path: Path) -> int:
+    """Byte offset of ``path``'s data area (8 + the header length), for ``read_tensor``."""
+    with open(path, "rb") as f:
+        return 8 + struct.unpack("<Q", f.read(8))[0]
+
+
+def read_tensor(path: Path, start: int, info: dict) -> torch.Tensor:
+    """One tensor of a checked safetensors file (header entry ``info``, data area at ``start``; or of
+    any file holding tensor bytes from ``start``, like the writer's spill file) read into its own
+    CPU memory, with plain reads rather than a memory map: pages of a mapped shard count in the
+    process's resident memory for as long as the mapping lives."""
+    begin, end = info["data_offsets"]
+    buf = torch.empty(end - begin, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start + begin)
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise AtvSparseError(f"{path}: ends inside tensor data (read {done} of {end - begin} bytes); {_HINT}")
+            done += n
+    return buf.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])

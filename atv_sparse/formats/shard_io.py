@@ -6,7 +6,7 @@ byte to SHA-256 on the way out: a shard's digest costs no second read of a multi
 
     8 bytes   little-endian u64: length of the JSON header (a multiple of 8)
     header    compact JSON {"__metadata__": {...}, name: {"dtype", "shape", "data_offsets"}, ...},
-              padded with spaces; tensors ordered by dtype (widest first, as below), then by name
+              padded with spaces; tensors ordered by dtype (highest ``dtypes.DTYPE_RANK`` first), then by name
     data      each tensor's bytes, row-major, little endian, in header order, back to back
 
 ``checksums.json`` beside the shards: ``{"algorithm": "sha256", "files": {name: {"sha256": hex,
@@ -21,21 +21,15 @@ import json
 import struct
 from pathlib import Path
 
-import torch
+from .dtypes import DTYPE_RANK
 
 CHECKSUMS_NAME = "checksums.json"
 
-DTYPE_NAMES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
-                torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
-                torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
-                torch.complex64: "C64", torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64"}
-# safetensors' Dtype enum order, the dict's order above; it writes the highest first.
-DTYPE_RANK = {name: rank for rank, name in enumerate(DTYPE_NAMES.values())}
 
 
 def safetensors_header(entries, metadata: dict[str, str] | None = None) -> tuple[bytes, list]:
     """The 8-byte length and padded JSON header safetensors writes for ``entries`` (name, dtype
-    name, shape, bytes), and the entries in its on-disk order (widest dtype first, then name)."""
+    name, shape, bytes), and the entries in its on-disk order (highest dtype rank first, then name)."""
     ordered = sorted(entries, key=lambda e: (-DTYPE_RANK[e[1]], e[0]))
     header, offset = {}, 0
     if metadata:

@@ -66,13 +66,15 @@ class ModelAdapter:
         with torch.device("meta"):
             return self.model_class._from_config(config, dtype=dtype)
 
-    def open_lazy(self, model_dir: Path, dtype: str | torch.dtype = "auto") -> tuple[nn.Module, "LazyWeights"]:
+    def open_lazy(self, model_dir: Path, dtype: str | torch.dtype = "auto",
+                  tensors: dict | None = None) -> tuple[nn.Module, "LazyWeights"]:
         """(the skeleton, its ``LazyWeights``): weights read from the shards one module at a time, every
-        shard header checked first. Brought whole, it equals ``load(model_dir, dtype)`` bit for bit."""
+        shard header checked first (or ``tensors``, the ``formats.safetensors_io.checkpoint_tensors``
+        the caller read). Brought whole, it equals ``load(model_dir, dtype)`` bit for bit."""
         from .lazy import open_lazy
 
         config, dtype = self._config(model_dir, dtype)
-        return open_lazy(self.model_class, config, Path(model_dir), dtype)
+        return open_lazy(self.model_class, config, Path(model_dir), dtype, tensors)
 
     def _config(self, model_dir: Path, dtype: str | torch.dtype):
         config = transformers.AutoConfig.from_pretrained(model_dir)

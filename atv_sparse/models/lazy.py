@@ -7,21 +7,18 @@
 ``open_lazy`` builds the model on the meta device (no weight allocated), gives its non-persistent
 buffers (RoPE frequencies, position ids) real values exactly as ``from_pretrained`` does (empty
 CPU tensors, then the model's own ``initialize_weights``), and checks, before any work, that
-every parameter and persistent buffer is in the checkpoint with its shape: a shard named in the
-index but missing, one shard named twice, a tensor absent from the shard the index names, a
-tensor in two shards, a truncated shard. ``LazyWeights`` is a ``prune.walk.Residency``.
-
-A tensor is read with plain file reads into a fresh buffer, not through a memory map: pages of
-a mapped shard count in the process's resident memory for as long as the mapping lives, which
-would make the whole checkpoint look resident by the end of a run. Values then get the dtype
-of the skeleton's parameter (``from_pretrained``'s cast), so a model brought whole equals the
-one ``from_pretrained`` loads, bit for bit.
+every parameter and persistent buffer is in the checkpoint with its shape. The checkpoint's files
+are read through ``formats.safetensors_io``: its ``checkpoint_tensors`` (every header checked once:
+a shard named in the index but missing, a tensor absent from the shard the index names, a tensor
+in two shards, a truncated shard; a caller that has it already passes it in) and its
+``read_tensor`` (plain reads into a fresh buffer, no memory map). ``LazyWeights`` is a
+``prune.walk.Residency``. Values get the dtype of the skeleton's parameter
+(``from_pretrained``'s cast), so a model brought whole equals the one ``from_pretrained`` loads,
+bit for bit.
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 from typing import Iterable
 
@@ -29,66 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import AtvSparseError
-from ..formats.safetensors_io import INDEX_NAME, checkpoint_files, read_header
-
-ST_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
-             "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32,
-             "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64,
-             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-
-def read_tensor(path: Path, data_start: int, info: dict) -> torch.Tensor:
-    """One tensor of a safetensors file (header entry ``info``) read into its own CPU memory."""
-    begin, end = info["data_offsets"]
-    buf = torch.empty(end - begin, dtype=torch.uint8)
-    view = memoryview(buf.numpy())
-    with open(path, "rb", buffering=0) as f:
-        f.seek(data_start + begin)
-        done = 0
-        while done < len(view):
-            n = f.readinto(view[done:])
-            if not n:
-                raise AtvSparseError(f"{path}: ends inside tensor data (read {done} of {end - begin} bytes); "
-                                     "the file is truncated; copy or convert it again")
-            done += n
-    return buf.view(ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-
-
-def _data_start(path: Path) -> int:
-    with open(path, "rb") as f:
-        return 8 + struct.unpack("<Q", f.read(8))[0]
-
-
-def checkpoint_sources(model_dir: Path) -> dict[str, tuple[Path, dict]]:
-    """Tensor name -> (file, header entry) over the checkpoint, after every consistency check."""
-    model_dir = Path(model_dir)
-    files = checkpoint_files(model_dir)  # a missing shard is an error naming it
-    index_path = model_dir / INDEX_NAME
-    weight_map = json.loads(index_path.read_text())["weight_map"] if index_path.is_file() else None
-    if weight_map is not None:
-        by_file: dict[Path, str] = {}
-        for name in sorted(set(weight_map.values())):
-            real = (model_dir / name).resolve()
-            if real in by_file:
-                raise AtvSparseError(f"{index_path}: names shard {real.name} twice ({by_file[real]!r} and {name!r}); "
-                                     "list each shard under one name")
-            by_file[real] = name
-    sources: dict[str, tuple[Path, dict]] = {}
-    for path in files:
-        header = read_header(path)  # a truncated or corrupt shard is an error naming it
-        for name, info in header.items():
-            if name in sources:
-                raise AtvSparseError(f"tensor {name} is in two shards, {sources[name][0].name} and {path.name}; "
-                                     "keep one copy")
-            if info["dtype"] not in ST_DTYPES:
-                raise AtvSparseError(f"{path}: tensor {name} has dtype {info['dtype']}, which atv_sparse cannot read")
-            sources[name] = (path, info)
-    if weight_map is not None:
-        for name, shard in weight_map.items():
-            if name not in sources or sources[name][0].resolve() != (model_dir / shard).resolve():
-                raise AtvSparseError(f"tensor {name}: {INDEX_NAME} places it in {shard}, which does not hold it; "
-                                     "the index and the shards disagree (copy the checkpoint again)")
-    return sources
+from ..formats.safetensors_io import checkpoint_files, checkpoint_tensors, data_start, read_tensor
 
 
 def _rename_keys(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
@@ -171,7 +109,7 @@ class LazyWeights:
         canonical = self._slots[self._slot_of(key)]
         path, info = self._source[canonical]
         if path not in self._starts:
-            self._starts[path] = _data_start(path)
+            self._starts[path] = data_start(path)
         value = read_tensor(path, self._starts[path], info)
         want = self._meta[canonical].dtype
         return value if value.dtype == want else value.to(want)
@@ -235,10 +173,13 @@ def return_freed_memory_to_the_system() -> None:
         pass
 
 
-def open_lazy(model_class: type, config, model_dir: Path, dtype: torch.dtype) -> tuple[nn.Module, LazyWeights]:
-    """(meta skeleton in eval mode, its LazyWeights) after checking the whole checkpoint's headers."""
+def open_lazy(model_class: type, config, model_dir: Path, dtype: torch.dtype,
+              tensors: dict[str, tuple[Path, dict]] | None = None) -> tuple[nn.Module, LazyWeights]:
+    """(meta skeleton in eval mode, its LazyWeights). tensors: ``checkpoint_tensors`` of ``model_dir``
+    (tensor name -> (file, header entry)) when the caller has read it; else every header is read
+    and checked here."""
     return_freed_memory_to_the_system()
-    sources = checkpoint_sources(model_dir)
+    sources = tensors if tensors is not None else checkpoint_tensors(checkpoint_files(model_dir))
     with torch.device("meta"):
         model = model_class._from_config(config, dtype=dtype)
     model.eval()
@@ -247,4 +188,4 @@ def open_lazy(model_class: type, config, model_dir: Path, dtype: torch.dtype) ->
     return model, LazyWeights(model, {renamed[k]: v for k, v in sources.items()})
 
 
-__all__ = ["LazyWeights", "ST_DTYPES", "checkpoint_sources", "materialize_buffers", "open_lazy", "read_tensor"]
+__all__ = ["LazyWeights", "materialize_buffers", "open_lazy"]

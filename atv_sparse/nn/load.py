@@ -10,7 +10,7 @@ import transformers
 from ..errors import AtvSparseError
 from ..formats.validate import validate_checkpoint
 from ..ops.dispatch import BACKENDS
-from .autotune import prepare_model
+from .prepare import prepare_model
 from .fused import fuse_decoder_blocks
 from .hf_quantizer import register
 from .load_ct import is_compressed_tensors_dir, load_compressed_tensors
@@ -64,7 +64,7 @@ def _load_checkpoint(path: Path, dtype, verify: bool):
     """An atv_sparse (or dense) checkpoint through ``from_pretrained``, validated before and after."""
     checked = validate_checkpoint(path)
     if verify:
-        from ..verify import verify_checkpoint
+        from ..formats.verify import verify_checkpoint
 
         verify_checkpoint(path)
     architectures = checked.config.get("architectures") or []

@@ -19,9 +19,9 @@ from torch import nn
 from ..errors import AtvSparseError
 from ..formats import compressed_tensors as ctf
 from ..formats.bitmask import BITMASK_SUFFIX, VALUES_SUFFIX, bitmask_shape
+from ..formats.safetensors_io import checkpoint_files, checkpoint_tensors, data_start, read_tensor
 from ..formats.validate import read_config_json
-from ..models.lazy import (LazyWeights, _data_start, _rename_keys, checkpoint_sources, materialize_buffers, read_tensor,
-                           return_freed_memory_to_the_system)
+from ..models.lazy import LazyWeights, _rename_keys, materialize_buffers, return_freed_memory_to_the_system
 from ..patterns import Pattern
 from .hf_quantizer import replace_sparse_linears
 from .sparse_linear import SparseLinear
@@ -48,7 +48,7 @@ class CtSource:
     def read(self, key: str) -> torch.Tensor:
         path, info = self.files[key]
         if path not in self.starts:
-            self.starts[path] = _data_start(path)
+            self.starts[path] = data_start(path)
         return read_tensor(path, self.starts[path], info)
 
     def dtype_of(self, module: str) -> torch.dtype:
@@ -81,7 +81,7 @@ def open_ct(path: str | Path, dtype: str | torch.dtype | None = None) -> CtSourc
     with torch.device("meta"):
         model = model_class._from_config(hf_config, dtype=dtype)
     model.eval()
-    stored = checkpoint_sources(path)
+    stored = checkpoint_tensors(checkpoint_files(path))
     renamed = _rename_modules(model, stored)
     files = {renamed[k]: v for k, v in stored.items()}
     order = [renamed[k] for k, _ in sorted(stored.items(), key=lambda kv: (str(kv[1][0]), kv[1][1]["data_offsets"][0]))]

@@ -5,20 +5,21 @@ with the rule's settings and its token selector; the pattern) given to ``pipelin
 with the calibration samples. Every pass walks the blocks through ``walk.walk_blocks``.
 
 Public surface:
-- masks: ``nm_mask``, ``unstructured_mask``
+- masks: ``nm_mask``, ``unstructured_mask``, ``keep_mask`` (either, by a ``Pattern``)
 - magnitude: ``magnitude_mask``
 - Wanda: ``WandaStats``, ``wanda_score``
 - SparseGPT: ``HessianStats``, ``sparsegpt_prune``
 """
 
 from .magnitude import magnitude_mask
-from .masks import nm_mask, pattern_mask, unstructured_mask
+from .masks import keep_mask, nm_mask, pattern_mask, unstructured_mask
 from .sparsegpt import HessianStats, sparsegpt_prune
 from .wanda import WandaStats, wanda_score
 
 __all__ = [
     "HessianStats",
     "WandaStats",
+    "keep_mask",
     "magnitude_mask",
     "nm_mask",
     "pattern_mask",

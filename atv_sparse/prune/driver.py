@@ -31,17 +31,18 @@ from .walk import RESIDENT, BlockJournal, Residency, TokenSelector, capture_bloc
 
 # The driver knows no rule by name: it asks the ``PruningRule`` for statistics and masks.
 # (The methods users name, their rules and selectors, are ``recipe.METHODS``.)
-# Receives each pruned linear (full module name, module, packed keep-mask) while its weights are
-# materialised: the streaming checkpoint writer.
+# Receives each pruned linear (full module name, module, keep-mask: (out, in) bool on the CPU) while
+# its weights are materialised: the streaming checkpoint writer.
 Sink = Callable[[str, nn.Module, torch.Tensor], None]
 
 
 @dataclasses.dataclass
 class PruneResult:
     """bitmasks: module name -> packed keep-mask (out, ceil(in / 8)) uint8 on the CPU (empty when
-    a sink received them); blocks: one report dict per block; timings: seconds per phase, in the
-    order they ran; budget: how the abs / dbs / drift-fixed budget was calibrated (target, its
-    source, scale c, dense s_bar per block, total selected), empty for other selectors."""
+    a sink received them; packed, 1 bit per weight, since they are held for the whole model);
+    blocks: one report dict per block; timings: seconds per phase, in the order they ran; budget:
+    how the abs / dbs / drift-fixed budget was calibrated (target, its source, scale c, dense s_bar
+    per block, total selected), empty for other selectors."""
 
     bitmasks: dict[str, torch.Tensor]
     blocks: list[dict]
@@ -62,10 +63,11 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
     feeding each block's statistics (default: all). ``sparsities`` overrides an unstructured
     pattern's sparsity per module (TAMP's DAS). ``residency`` says where the weights are (default:
     the model is in host memory; each block visits ``device`` in turn). ``sink(name, linear,
-    bitmask)`` is called with every pruned linear while its weights are still materialised (the streaming
-    checkpoint writer), before its block is freed; ``result.bitmasks`` then stays empty.
-    ``journal`` (a resumed conversion, ``walk.BlockJournal``): blocks it has finished are restored,
-    not pruned again, and their reports come from it; it is told when each block is done.
+    keep)`` is called with every pruned linear and its keep-mask ((out, in) bool on the CPU) while its
+    weights are still materialised (the streaming checkpoint writer), before its block is freed;
+    ``result.bitmasks`` then stays empty. ``journal`` (a resumed conversion, ``walk.BlockJournal``):
+    blocks it has finished are restored, not pruned again, and their reports come from it; it is told
+    when each block is done.
 
     Targets outside the decoder blocks (named explicitly by the user) are pruned where they run:
     linears that run before block 0 (vision tower, projector) from statistics over all their
@@ -84,11 +86,11 @@ def prune_blocks(model: nn.Module, layers: nn.ModuleList, layers_prefix: str, ta
 
     def prune_into_result(name, mod, stats):
         layer_pattern = Pattern(None, None, sparsities[name]) if sparsities and name in sparsities else pattern
-        bitmask = pack_bitmask(_prune_linear(rule, mod, stats, layer_pattern)).cpu()
+        keep = _prune_linear(rule, mod, stats, layer_pattern)
         if sink is None:
-            result.bitmasks[name] = bitmask
-        else:  # the sink owns it: a model larger than memory has bitmasks larger than a block
-            sink(name, mod, bitmask)
+            result.bitmasks[name] = pack_bitmask(keep).cpu()
+        else:  # the sink owns it: a model larger than memory has masks larger than a block
+            sink(name, mod, keep.cpu())
 
     captured = None
     if not calibrated:

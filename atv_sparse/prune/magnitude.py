@@ -7,23 +7,22 @@ import dataclasses
 import torch
 from torch import nn
 
-from .masks import check_mask_args, nm_mask
-from .rule import PruningRule, mask_args, prune_by_score
+from ..patterns import Pattern
+from .masks import nm_mask
+from .rule import PruningRule, prune_by_score
 
 
-def magnitude_mask(weight: torch.Tensor, sparsity: float | None = None, n: int | None = None,
-                   m: int | None = None) -> torch.Tensor:
-    """Keep-mask of ``weight`` (out, in) by |W| in the weight's dtype.
+def magnitude_mask(weight: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Keep-mask (out, in) bool of ``weight`` (out, in) by |W| in the weight's dtype.
 
     Unstructured uses one threshold per matrix like the reference: ``t = sort(|W|.flatten())[int(numel * s)]``
     and prunes every ``|W| <= t``, i.e. ``int(numel * s) + 1`` weights plus ties (kept for
     comparability with published magnitude baselines). N:M as ``nm_mask``.
     """
-    check_mask_args(sparsity, n, m)
     score = weight.abs()
-    if m is not None:
-        return nm_mask(score, n, m)
-    thresh = torch.sort(score.flatten())[0][int(weight.numel() * sparsity)]
+    if pattern.is_nm:
+        return nm_mask(score, pattern.n, pattern.m)
+    thresh = torch.sort(score.flatten())[0][int(weight.numel() * pattern.sparsity)]
     return score > thresh
 
 
@@ -35,7 +34,7 @@ class Magnitude(PruningRule):
     calibrated = False
 
     def prune(self, weight, stats, pattern):
-        return prune_by_score(weight, magnitude_mask(weight, **mask_args(pattern)))
+        return prune_by_score(weight, magnitude_mask(weight, pattern))
 
     def stats_bytes(self, linears: list[nn.Linear]) -> int:
         return max(lin.weight.numel() * 4 for lin in linears)  # one linear's |W| and its sort

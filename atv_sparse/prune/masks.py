@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import AtvSparseError
+from ..patterns import Pattern
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -48,8 +49,20 @@ def unstructured_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep
 
 
+def keep_mask(score: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """score: (out, in) any float dtype -> keep: (out, in) bool, ``nm_mask`` for an N:M ``pattern``,
+    else ``unstructured_mask`` with its sparsity."""
+    if pattern.is_nm:
+        return nm_mask(score, pattern.n, pattern.m)
+    return unstructured_mask(score, pattern.sparsity)
+
+
 def pattern_mask(score: torch.Tensor, sparsity: float | None = None, n: int | None = None, m: int | None = None):
-    """``nm_mask`` when ``n``/``m`` are given, else ``unstructured_mask`` with ``sparsity``."""
+    """``keep_mask`` with the pattern spelled as mask arguments (``n`` and ``m``, or ``sparsity``).
+
+    Kept for the callers outside prune/ that still spell it so (``nn/sparse_linear.py``,
+    ``benchmarks/latency.py``); new code passes a ``Pattern`` to ``keep_mask``.
+    """
     check_mask_args(sparsity, n, m)
     if m is not None:
         return nm_mask(score, n, m)

@@ -10,7 +10,7 @@ A rule is a frozen dataclass whose fields are its own settings (SparseGPT's ``bl
   which the driver checks is finite;
 - ``prune(weight, stats, pattern)``: prune ``weight`` (out, in) in place, return its keep-mask;
 - ``stats_bytes(linears)``: the peak memory of one block's statistics and working copies for
-  the block's target linears, for ``estimate.py`` (no default: a rule that forgets it fails);
+  the block's target linears, for ``convert/estimate.py`` (no default: a rule that forgets it fails);
 - ``settings()``: the settings it records in quantization_config and prune_report.json;
 - ``layer_sparsities(...)``: optional per-layer sparsities from a pre-pass (TAMP's DAS).
 
@@ -73,15 +73,10 @@ class PruningRule:
         """Refuse a pattern this rule's settings cannot serve (an ``AtvSparseError`` naming them)."""
 
 
-def mask_args(pattern: Pattern) -> dict:
-    """``pattern`` as the keyword arguments of the mask functions: n and m, or sparsity."""
-    return {"n": pattern.n, "m": pattern.m} if pattern.is_nm else {"sparsity": pattern.sparsity}
-
-
 def prune_by_score(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Zero ``weight`` where ``keep`` is False, in place; return ``keep``."""
     weight.masked_fill_(~keep, 0)
     return keep
 
 
-__all__ = ["PruningRule", "mask_args", "prune_by_score"]
+__all__ = ["PruningRule", "prune_by_score"]

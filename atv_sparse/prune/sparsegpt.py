@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..errors import AtvSparseError
-from .masks import check_mask_args
-from .rule import PruningRule, mask_args
+from ..patterns import Pattern
+from .rule import PruningRule
 
 
 class HessianStats:
@@ -48,18 +48,17 @@ def tf32_disabled():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | None = None,
-                    n: int | None = None, m: int | None = None, blocksize: int = 128,
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, blocksize: int = 128,
                     percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one layer.
 
     weight: (out, in) any float dtype; hessian: (in, in) fp32 from ``HessianStats`` (not modified).
-    Give ``sparsity`` (unstructured: one mask per block of columns, jointly over rows) or ``n``
-    and ``m`` (N:M, chosen group by group from the already-updated weights).
+    ``pattern``: unstructured (one mask per block of columns, jointly over rows, at its sparsity)
+    or N:M (chosen group by group from the already-updated weights).
     Returns ``(pruned_weight, keep)``: the weight in the input's dtype with pruned entries exactly
     zero and the others updated; keep (out, in) bool.
     """
-    check_mask_args(sparsity, n, m)
+    n, m, sparsity = pattern.n, pattern.m, pattern.sparsity
     columns = weight.shape[1]
     if m is not None and (columns % m or blocksize % m):
         raise AtvSparseError(f"N:M SparseGPT needs in_features ({columns}) and `blocksize` ({blocksize}) "
@@ -135,8 +134,8 @@ class SparseGpt(PruningRule):
         return stats.hessian
 
     def prune(self, weight, stats, pattern):
-        pruned, keep = sparsegpt_prune(weight, stats.hessian, blocksize=self.blocksize, percdamp=self.percdamp,
-                                       **mask_args(pattern))
+        pruned, keep = sparsegpt_prune(weight, stats.hessian, pattern, blocksize=self.blocksize,
+                                       percdamp=self.percdamp)
         weight.copy_(pruned)
         return keep
 

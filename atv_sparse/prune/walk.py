@@ -60,7 +60,7 @@ RESIDENT = Resident()
 
 
 class BlockJournal(Protocol):
-    """What a resumable run records per block (``atv_sparse.resume.ConversionJournal``).
+    """What a resumable run records per block (``atv_sparse.convert.resume.ConversionJournal``).
 
     ``done``: blocks an earlier run finished (0 for a fresh run); ``reports``: their report dicts;
     ``restore(b, block)``: put block b's pruned weights (as written) into the brought ``block``;

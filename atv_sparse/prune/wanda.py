@@ -7,8 +7,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from .masks import pattern_mask
-from .rule import PruningRule, mask_args, prune_by_score
+from .masks import keep_mask
+from .rule import PruningRule, prune_by_score
 
 
 class WandaStats:
@@ -48,7 +48,7 @@ class Wanda(PruningRule):
         return WandaStats(in_features, device=device)
 
     def prune(self, weight, stats, pattern):
-        return prune_by_score(weight, pattern_mask(wanda_score(weight, stats), **mask_args(pattern)))
+        return prune_by_score(weight, keep_mask(wanda_score(weight, stats), pattern))
 
     def stats_bytes(self, linears: list[nn.Linear]) -> int:
         # fp32 vectors for every linear, then one linear's fp32 scores

@@ -45,7 +45,7 @@ def calibration_mix(model_dir: Path, nsamples: int = 32, seed: int = 0) -> dict:
     """Token mix of convert's default calibration set for this model (``nsamples`` conversations)."""
     from atv_sparse.calib import load_calibration
     from atv_sparse.models import adapter_for, read_config
-    from atv_sparse.preflight import check_processor
+    from atv_sparse.convert.preflight import check_processor
     from atv_sparse.tinybench.tasks import calibration_conversations
 
     adapter = adapter_for(read_config(model_dir), model_dir)

@@ -41,10 +41,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import AtvSparseError
-from .formats.checkpoint import CheckpointStream
-from .formats.safetensors_io import checkpoint_files
-from .formats.staging import StagedOutputDir, read_journal, staging_is_locked, staging_path
+from ..errors import AtvSparseError
+from ..formats.checkpoint import CheckpointStream
+from ..formats.safetensors_io import checkpoint_files, data_start
+from ..formats.staging import StagedOutputDir, read_journal, staging_is_locked, staging_path
 
 JOURNAL_FORMAT = 1
 
@@ -106,8 +106,7 @@ def input_identity(ckpt: Path) -> dict:
     time and header goes unnoticed)."""
     identity = {"config.json": _file_digest(Path(ckpt) / "config.json")}
     for path in checkpoint_files(Path(ckpt)):
-        with open(path, "rb") as f:
-            header = 8 + int.from_bytes(f.read(8), "little")
+        header = data_start(path)
         st = path.stat()
         identity[path.name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
                                "header_sha256": _file_digest(path, header)}

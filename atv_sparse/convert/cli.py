@@ -13,7 +13,7 @@ meta-device skeleton, ``load_calibration``, ``prune_model`` streaming into a ``C
 Library errors name parameters; ``main`` prints them with this CLI's flags (``FLAGS``).
 
 A run stages its output in ``.OUT.partial`` beside ``--out`` with a journal per finished block;
-``--resume`` continues an interrupted run of the same arguments (``atv_sparse.resume``), and
+``--resume`` continues an interrupted run of the same arguments (``resume.py``), and
 SIGINT / SIGTERM stop it at the end of a block.
 """
 
@@ -30,25 +30,25 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .cli import OneLineParser
-from .calib import (DEFAULT_CALIBRATION, DEFAULT_MULTIMODAL_CALIBRATION, check_calibration_size, is_text_file,
+from .. import __version__
+from ..calib import (DEFAULT_CALIBRATION, DEFAULT_MULTIMODAL_CALIBRATION, check_calibration_size, is_text_file,
                     load_calibration)
-from .errors import AtvSparseError, with_flags
+from ..cli import OneLineParser
+from ..errors import AtvSparseError, with_flags
+from ..formats.checkpoint import CheckpointStream, parse_size
+from ..formats.safetensors_io import checkpoint_files, checkpoint_tensors
+from ..formats.spec import build_quantization_config
+from ..formats.staging import check_output_dir
+from ..models import adapter_for, read_config
+from ..patterns import parse_pattern
+from ..prune.pipeline import prune_model
+from ..prune.recipe import METHODS, SELECTORS, PruneRecipe, selector_names
+from ..prune.selectors import BUDGET_RULES
+from ..prune.targets import resolve_targets
+from ..reports import peak_rss_bytes
 from .estimate import estimate_conversion
-from .formats.checkpoint import CheckpointStream, parse_size
-from .formats.staging import check_output_dir
-from .formats.safetensors_io import checkpoint_files, checkpoint_tensors
-from .formats.spec import build_quantization_config
-from .models import adapter_for, read_config
-from .patterns import parse_pattern
 from .preflight import check_device, check_output_location, check_processor, read_budget_report, require_module
-from .prune.pipeline import prune_model
-from .prune.recipe import METHODS, SELECTORS, PruneRecipe, selector_names
-from .prune.selectors import BUDGET_RULES
-from .prune.targets import resolve_targets
-from .reports import (accuracy_report, method_settings, module_entry, peak_rss_bytes, print_dry_run, print_summary,
-                      sparsity_json)
+from .reports import accuracy_report, method_settings, module_entry, print_dry_run, print_summary, sparsity_json
 from .resume import (ConversionJournal, ConversionStopped, calibration_digest, check_same_run, find_interrupted,
                      input_identity, kept_for_resume, resumable_stage, resume_command, run_identity,
                      stop_on_signals)
@@ -195,7 +195,7 @@ def run(argv: list[str] | None = None) -> dict:
     hf_logging.disable_progress_bar()  # our per-block bars are the ones that tell the user something
     max_shard = parse_size(args.max_shard_size)
     if embedded:
-        from .tinybench.model import bundled_model_dir
+        from ..tinybench.model import bundled_model_dir
 
         ckpt = bundled_model_dir()
         out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="atv-sparse-out-")) / "tiny-vlm-pruned"
@@ -220,7 +220,7 @@ def run(argv: list[str] | None = None) -> dict:
         check_output_dir(out, args.overwrite, ckpt)
         if not args.dry_run:
             previous = find_interrupted(out, args.resume, argv)
-    model, weights = adapter.open_lazy(ckpt, DTYPES[args.dtype])
+    model, weights = adapter.open_lazy(ckpt, DTYPES[args.dtype], tensors)  # headers read once
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plan = resolve_targets(model, adapter.layers_prefix(model), pattern, args.targets, args.ignore,
@@ -242,7 +242,7 @@ def run(argv: list[str] | None = None) -> dict:
     times: dict[str, float] = {}
     calibration = None
     if recipe.selection is not None:
-        from .tinybench.tasks import calibration_conversations  # the embedded default of a vision-language model
+        from ..tinybench.tasks import calibration_conversations  # the embedded default of a vision-language model
 
         t0 = time.perf_counter()
         calibration = load_calibration(ckpt, adapter, path=args.calib, nsamples=nsamples, seqlen=seqlen,
@@ -279,9 +279,9 @@ def run(argv: list[str] | None = None) -> dict:
             print(f"resume: {journal.done} of {len(layers)} blocks were finished in {journal.tmp}; rebuilding "
                   "the next block's inputs from them", file=sys.stderr)
 
-        def sink(name, linear, bitmask):
-            pruned[name] = module_entry(linear, bitmask, pattern)
-            stream.put(name, linear, bitmask)
+        def sink(name, linear, keep):
+            pruned[name] = module_entry(linear, keep, pattern)
+            stream.put(name, linear, keep)
 
         with kept_for_resume(journal):
             with stop_on_signals(journal):
@@ -379,6 +379,3 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,6 @@
-"""Plans for every ``SparseLinear`` of a model: the measured per-shape table of ``atv_sparse.ops.autotune``."""
+"""Preparing a loaded model's ``SparseLinear`` modules: each is named, given its backend and the plan
+that backend runs (on a GPU with ``backend="auto"``, the plan read from, or measured into, the
+per-shape table of ``atv_sparse.ops.autotune``). Nothing is measured here; this applies plans."""
 
 from __future__ import annotations
 

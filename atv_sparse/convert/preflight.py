@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import AtvSparseError
+from ..errors import AtvSparseError
 
 # Room beyond the estimated output: safetensors headers, config, reports, copied tokenizer files.
 DISK_MARGIN = 1.05
@@ -73,7 +73,7 @@ def check_processor(ckpt: Path):
     Calibration renders every conversation with the checkpoint's own chat template; without one the
     prompts would not look like what the model was trained on (and its evaluation cannot run).
     """
-    from .models.processors import load_processor
+    from ..models.processors import load_processor
 
     processor = load_processor(ckpt)
     if not getattr(processor, "chat_template", None):

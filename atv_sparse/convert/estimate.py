@@ -11,10 +11,11 @@ import math
 import torch
 from torch import nn
 
-from .formats.bitmask import packed_nbytes
-from .patterns import Pattern
-from .prune.rule import PruningRule
-from .prune.targets import TargetPlan
+from ..formats.bitmask import packed_nbytes
+from ..formats.dtypes import DTYPE_BYTES
+from ..patterns import Pattern
+from ..prune.rule import PruningRule
+from ..prune.targets import TargetPlan
 
 # Resident memory of the Python process with torch and transformers imported, before any weight.
 RUNTIME_BYTES = 600 * 10**6
@@ -37,7 +38,7 @@ def estimate_conversion(skeleton: nn.Module, adapter, plan: TargetPlan, tensors:
     host when the compute device is the CPU.
     """
     element = next(skeleton.parameters()).element_size()
-    src_bytes = sum(math.prod(info["shape"]) * _element_size(info["dtype"]) for _, info in tensors.values())
+    src_bytes = sum(math.prod(info["shape"]) * DTYPE_BYTES[info["dtype"]] for _, info in tensors.values())
     model_bytes = sum(p.numel() * element for p in skeleton.parameters())
 
     def packed_delta(lin) -> int:
@@ -67,7 +68,3 @@ def estimate_conversion(skeleton: nn.Module, adapter, plan: TargetPlan, tensors:
     return {"input_bytes": src_bytes, "output_bytes": out_bytes, "runtime_bytes": RUNTIME_BYTES,
             "peak_host_bytes": RUNTIME_BYTES + phases[phase], "peak_phase": phase, "peak_block_bytes": block_bytes,
             "peak_device_bytes": block_bytes + stats, "activation_bytes": acts}
-
-
-def _element_size(st_dtype: str) -> int:
-    return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(st_dtype, 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import AtvSparseError
+from ..errors import AtvSparseError
 
 
 def plot_blocks(blocks: list[dict], path: Path, title: str = "") -> Path:
