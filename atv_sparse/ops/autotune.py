@@ -10,7 +10,7 @@ table lives in one JSON file per GPU model and software stack (``dispatch.defaul
 ``ATV_SPARSE_AUTOTUNE=0`` skips measuring (heuristic plans).
 
 ``PlanTable.plan`` is the one place a layer's plan comes from: ``atv_sparse.load`` (through
-``nn.autotune.prepare_model``) and the vLLM plugin both ask it, once per layer when it is prepared.
+``nn.prepare.prepare_model``) and the vLLM plugin both ask it, once per layer when it is prepared.
 """
 
 from __future__ import annotations
