@@ -63,10 +63,12 @@ def kernels():
 PATHS = ("avx512", "avx2", "portable")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PATTERNS = [(n, 4) for n in (1, 2, 3)] + [(n, 8) for n in range(1, 8)]
-# (rows, K, tokens): K = 72 / 200 / 1000 are not multiples of 32 (a partial last chunk); one row;
-# 13 and 37 rows are not multiples of the row group (4) or of 2 threads; 17 and 33 tokens take the
-# prefill path (expanded panels), the others the decode kernel.
-SHAPES = ((1, 8, 1), (13, 72, 3), (37, 200, 5), (8, 64, 4), (64, 96, 17), (40, 1000, 33))
+# (rows, K, tokens): K = 72 / 200 / 1000 / 3208 are not multiples of 32 (a partial last chunk); one
+# row; 13, 37 and 70 rows are not multiples of the row groups (2-4), the row blocks (24) or 2 threads;
+# up to 16 tokens the decode kernel runs (11 = a tile of 8 + one of 3, 16 = two of 8; K = 3208 spans
+# several K-blocks), 17 and 33 tokens take the prefill path (expanded panels).
+SHAPES = ((1, 8, 1), (13, 72, 3), (37, 200, 5), (8, 64, 4), (70, 3208, 11), (29, 1000, 16), (64, 96, 17),
+          (40, 1000, 33))
 
 
 def random_layer(rows, k, n, m, dtype, seed=0):
@@ -129,7 +131,7 @@ def test_linear_matches_float64_reference(path, dtype, pattern, threads):
 def test_gated_matches_float64_reference(path, dtype, pattern, threads):
     path_or_skip(path)
     n, m = pattern
-    for seed, (half, k, tokens) in enumerate(((1, 8, 1), (7, 200, 2), (20, 96, 16), (12, 72, 40))):
+    for seed, (half, k, tokens) in enumerate(((1, 8, 1), (7, 200, 2), (33, 1000, 3), (20, 96, 16), (12, 72, 40))):
         weight, bitmask, values = random_layer(2 * half, k, n, m, dtype, seed)
         x = torch.randn(3, tokens, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
         full = x.double() @ weight.double().T
