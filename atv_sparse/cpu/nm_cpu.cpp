@@ -529,7 +529,7 @@ void decode(Path path, const Problem& p, const float* bias, bool gated, int64_t 
     });
 }
 
-// AVX-512 decode. Token tiles of up to 8 tokens (2 rows x 8 tokens = 16 accumulators beside the
+// AVX-512 decode. Token tiles of up to 8 tokens (3 rows x 8 tokens = 24 accumulators beside the
 // expanded chunks and one activation register); a larger M runs as tiles of 8 and the rest, the later
 // tiles reading the rows from L2. Returns (first token, tile size) pairs.
 inline std::vector<std::pair<int64_t, int>> token_tiles(int64_t M) {
