@@ -148,10 +148,12 @@ def torch24_weights(dense_ws, pattern, gated):
         return None, "PyTorch's semi-structured sparsity is 2:4 only"
     if dense_ws[0].device.type != "cuda":
         return None, "to_sparse_semi_structured needs CUDA"
-    from atv_sparse.prune.masks import pattern_mask
+    from atv_sparse.patterns import parse_pattern
+    from atv_sparse.prune.masks import keep_mask
 
+    two_four = parse_pattern("2:4")
     try:
-        return [torch.sparse.to_sparse_semi_structured(w * pattern_mask(w.abs().float(), None, 2, 4)) for w in dense_ws], None
+        return [torch.sparse.to_sparse_semi_structured(w * keep_mask(w.abs().float(), two_four)) for w in dense_ws], None
     except (RuntimeError, ValueError) as exc:
         return None, f"to_sparse_semi_structured failed: {str(exc).splitlines()[0]}"
 
