@@ -113,6 +113,8 @@ def test_read_eval_file(tmp_path):
     ([{"image": "nope.png", "question": "q", "answer": "a"}], r"line 1: cannot read image .*nope.png"),
     ([{"image": "bad.png", "question": "q", "answer": "a"}], r"line 1: cannot read image .*bad.png"),
     (["{not json"], r"line 1: not valid JSON"),
+    (['{"question": ' + "7" * 5000 + ', "answer": "a"}'], r"line 1: not valid JSON"),  # int() refuses 5000 digits
+    (["[" * 100_000 + "]" * 100_000], r"line 1: not valid JSON \(nested too deeply\)"),
     ([{"question": "q", "answer": 3}], r'line 1: "answer" must be a non-empty string'),
     ([], r"is empty"),
 ])

@@ -65,6 +65,10 @@ def read_eval_file(path: str | Path, limit: int | None = None) -> list[EvalItem]
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise AtvSparseError(f"{where}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise AtvSparseError(f"{where}: not valid JSON (nested too deeply)") from None
+        except ValueError as e:  # an integer past 4300 digits
+            raise AtvSparseError(f"{where}: not valid JSON ({str(e)[:100]})") from None
         if not isinstance(record, dict):
             raise AtvSparseError(f"{where}: expected a JSON object with \"question\" and \"answer\"")
         for field in ("question", "answer"):
