@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import AtvSparseError
-from ..textfiles import read_user_text
+from ..textfiles import json_lines, json_problem, read_user_text
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -78,31 +78,14 @@ def _read_records(path: Path, raw: str, limit: int | None) -> list[tuple[object,
                 raise AtvSparseError(f"multimodal calibration file {path} is not valid JSON "
                                      f"(line {e.lineno}, column {e.colno}: {e.msg})") from None
         except (ValueError, RecursionError) as e:  # an integer past 4300 digits, nesting past the stack
-            raise AtvSparseError(f"multimodal calibration file {path} is not valid JSON ({_json_problem(e)})") from None
+            raise AtvSparseError(f"multimodal calibration file {path} is not valid JSON ({json_problem(e)})") from None
         else:
             if not isinstance(data, list):
                 raise AtvSparseError(f"multimodal calibration file {path}: expected a JSON list of samples, "
                                      f"got a JSON {type(data).__name__}")
             return [(record, f"sample {i}") for i, record in enumerate(data[:limit])]
-    records = []
-    for lineno, line in enumerate(raw.splitlines(), 1):
-        if limit is not None and len(records) >= limit:
-            break
-        if not line.strip():
-            continue
-        where = f"sample {len(records)} (line {lineno})"
-        try:
-            records.append((json.loads(line), where))
-        except (ValueError, RecursionError) as e:
-            raise AtvSparseError(f"multimodal calibration file {path}, {where}: not valid JSON "
-                                 f"({_json_problem(e)})") from None
-    return records
-
-
-def _json_problem(e: Exception) -> str:
-    if isinstance(e, json.JSONDecodeError):
-        return e.msg
-    return "nested too deeply" if isinstance(e, RecursionError) else str(e)[:100]
+    return json_lines(raw, f"multimodal calibration file {path}", limit,
+                      lambda index, lineno: f"sample {index} (line {lineno})")
 
 
 def _encodable(text: str) -> bool:
