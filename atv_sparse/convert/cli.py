@@ -176,10 +176,10 @@ def run(argv: list[str] | None = None) -> dict:
         raise AtvSparseError(f"--eval-per-task must be >= 0, got {eval_per_task}")
     check_calibration_size(nsamples, seqlen)
     recipe = PruneRecipe.build(args.method, pattern, calib_tokens=args.calib_tokens, alpha=args.alpha,
-                         budget_rule=args.budget_rule, seed=args.seed, das=args.das,
-                         budget_target=read_budget_report(args.budget_from) if args.budget_from else None,
-                         budget_source=str(Path(args.budget_from)) if args.budget_from else None,
-                         blocksize=args.blocksize, percdamp=args.percdamp)
+                               budget_rule=args.budget_rule, seed=args.seed, das=args.das,
+                               budget_target=read_budget_report(args.budget_from) if args.budget_from else None,
+                               budget_source=str(Path(args.budget_from)) if args.budget_from else None,
+                               blocksize=args.blocksize, percdamp=args.percdamp)
     warning = ignored_flags_warning(recipe, given_flags(argv))
     if warning:
         print(warning, file=sys.stderr)
