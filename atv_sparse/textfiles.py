@@ -24,6 +24,16 @@ def read_user_text(path: str | Path, what: str, allow_empty: bool = True) -> str
     return text
 
 
+def is_text(value: str) -> bool:
+    """False for a string JSON decoded from unpaired surrogate escapes (\\ud800-\\udfff), which no
+    tokenizer, file name or UTF-8 output takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def json_lines(text: str, source: str, limit: int | None = None,
                locate: Callable[[int, int], str] = lambda index, lineno: f"line {lineno}") -> list[tuple[object, str]]:
     """(record, where) for the non-blank lines of JSON-lines ``text``, the first ``limit`` of them;

@@ -116,6 +116,8 @@ def test_read_eval_file(tmp_path):
     (['{"question": ' + "7" * 5000 + ', "answer": "a"}'], r"line 1: not valid JSON"),  # int() refuses 5000 digits
     (["[" * 100_000 + "]" * 100_000], r"line 1: not valid JSON \(nested too deeply\)"),
     ([{"question": "q", "answer": 3}], r'line 1: "answer" must be a non-empty string'),
+    ([{"question": "What is \ud800?", "answer": "a"}], r'line 1: "question" holds an unpaired surrogate escape'),
+    ([{"question": "q", "answer": "a", "task": "\udfff"}], r'line 1: "task" holds an unpaired surrogate escape'),
     ([], r"is empty"),
 ])
 def test_read_eval_file_errors(tmp_path, lines, message):

@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import AtvSparseError
-from ..textfiles import json_lines, read_user_text
+from ..textfiles import is_text, json_lines, read_user_text
 
 
 @dataclasses.dataclass
@@ -67,6 +67,10 @@ def read_eval_file(path: str | Path, limit: int | None = None) -> list[EvalItem]
         task = record.get("task", "data")
         if not isinstance(task, str) or not task:
             raise AtvSparseError(f'{where}: "task" must be a non-empty string')
+        for field in ("question", "answer", "task"):
+            if field in record and not is_text(record[field]):
+                raise AtvSparseError(f'{where}: "{field}" holds an unpaired surrogate escape (\\ud800-\\udfff), '
+                                     "which is not text")
         image = None
         if record.get("image") is not None:
             if not isinstance(record["image"], str):
