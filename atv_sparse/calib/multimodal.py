@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import AtvSparseError
-from ..textfiles import json_lines, json_problem, read_user_text
+from ..textfiles import is_text, json_lines, json_problem, read_user_text
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -88,15 +88,6 @@ def _read_records(path: Path, raw: str, limit: int | None) -> list[tuple[object,
                       lambda index, lineno: f"sample {index} (line {lineno})")
 
 
-def _encodable(text: str) -> bool:
-    """False for a string JSON decoded from lone surrogate escapes (tokenizers and paths cannot take it)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _conversation(path: Path, index: int, record: object, where: str) -> Conversation:
     def fail(message: str) -> AtvSparseError:
         return AtvSparseError(f"multimodal calibration file {path}, {where}: {message}")
@@ -106,7 +97,7 @@ def _conversation(path: Path, index: int, record: object, where: str) -> Convers
     image_field = record.get("image")
     if isinstance(image_field, list) and len(image_field) <= 1:
         image_field = image_field[0] if image_field else None
-    if image_field is not None and (not isinstance(image_field, str) or not _encodable(image_field)):
+    if image_field is not None and (not isinstance(image_field, str) or not is_text(image_field)):
         raise fail(f'"image" must be one image path, got {ascii(image_field)[:80]}')
 
     if "conversations" in record:
@@ -115,7 +106,7 @@ def _conversation(path: Path, index: int, record: object, where: str) -> Convers
             raise fail('"conversations" must be a non-empty list of {"from": ..., "value": ...} turns')
         parsed = []
         for k, turn in enumerate(turns):
-            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or not _encodable(turn["value"]):
+            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or not is_text(turn["value"]):
                 raise fail(f'turn {k} is not a {{"from": ..., "value": "<text>"}} object')
             role = ROLES.get(turn["from"]) if isinstance(turn.get("from"), str) else None
             if role is None:
@@ -136,7 +127,7 @@ def _conversation(path: Path, index: int, record: object, where: str) -> Convers
         turns = [(role, _strip_placeholder(text)) for role, text in parsed]
     elif "text" in record:
         text = record["text"]
-        if not isinstance(text, str) or not _encodable(text):
+        if not isinstance(text, str) or not is_text(text):
             raise fail('"text" must be a string')
         count = text.count(IMAGE_PLACEHOLDER)
         if count > int(image_field is not None):
