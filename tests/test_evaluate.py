@@ -172,6 +172,21 @@ def test_cli_errors(vlm_dir, tiny_llama, tmp_path, capsys):
     assert "unknown task" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--data", "--ppl"])
+def test_bad_input_files_are_refused_before_the_model_loads(vlm_dir, tmp_path, capsys, monkeypatch, flag):
+    """A bad --data or --ppl file is one error naming it, before any model is loaded."""
+    import atv_sparse.evaluate as evaluate
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input files were checked")
+
+    monkeypatch.setattr(evaluate, "load_model_and_processor", no_load)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n" if flag == "--data" else "  \n")
+    assert main([str(vlm_dir), flag, str(bad), "--quiet", "--device", "cpu"]) == 2
+    assert str(bad) in capsys.readouterr().err
+
+
 def test_perplexity_works_on_text_and_vision_language_models(vlm_dir, tiny_llama, tmp_path):
     text = tmp_path / "held_out.txt"
     text.write_text("Sparse models keep two of every four weights. " * 20)
