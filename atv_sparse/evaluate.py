@@ -127,10 +127,12 @@ def run(args) -> dict:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise AtvSparseError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    # The input files are read (and refused) before the model loads.
+    text = read_user_text(args.ppl, "perplexity file", allow_empty=False) if args.ppl else None
+    data_items = read_eval_file(args.data) if args.data and not args.no_tasks else None
     model, processor = load_model_and_processor(model_dir, dtype=dtype, device=device)
     report: dict = {"model": str(model_dir), "device": device, "scorer": args.scorer}
     if args.ppl:
-        text = read_user_text(args.ppl, "perplexity file", allow_empty=False)
         report["ppl"] = {"file": args.ppl, **text_perplexity(model, processor, text, args.seqlen, args.ppl)}
         print(f"perplexity of {args.ppl}: {report['ppl']['ppl']:.3f} ({report['ppl']['tokens']} tokens, "
               f"{report['ppl']['windows']} windows of {args.seqlen}, the last {report['ppl']['dropped']} dropped)")
@@ -140,7 +142,7 @@ def run(args) -> dict:
         raise AtvSparseError(f"{model_dir}: {type(model).__name__} is not a vision-language model, so it cannot run "
                              "the image tasks; use --ppl FILE for text perplexity, or --data with text-only questions")
     if args.data:
-        items = limit_items(read_eval_file(args.data), args.per_task, args.limit)
+        items = limit_items(data_items, args.per_task, args.limit)
         report["data"] = args.data
         describe = {}
     else:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .cli import OneLineParser
+from .cli import OneLineParser, flag_names
 from .errors import AtvSparseError, with_flags
 from .formats import compressed_tensors as ctf
 from .formats.checkpoint import ShardWriter, parse_size
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(argv)
     except AtvSparseError as e:
-        flags = {a.dest: a.option_strings[-1] for a in build_parser()._actions if a.option_strings} | FLAGS
+        flags = flag_names(build_parser()) | FLAGS
         print(f"error: {with_flags(str(e), flags)}", file=sys.stderr)
         return 2
     except SystemExit as e:

@@ -428,26 +428,34 @@ inline int choose_ksplit(int N, int K, int rows, int sm_count) {
 // Token tile: the smallest instantiated MT >= M.
 inline int token_tile(int M) { return M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : 16; }
 
+// The fields every kernel's arguments share (NmArgs, sp24::Args): activations, bias, output, their
+// strides and the sizes (no checks: check_args comes first).
+template <typename T, typename Args>
+void set_io_args(Args& a, const void* x, int64_t ldx, const void* bias, void* out, int64_t ldo, int64_t M,
+                 int64_t N, int64_t K) {
+    a.x = static_cast<const T*>(x);
+    a.bias = static_cast<const T*>(bias);
+    a.out = static_cast<T*>(out);
+    a.ldx = ldx;
+    a.ldo = ldo;
+    a.M = static_cast<int>(M);
+    a.N = static_cast<int>(N);
+    a.K = static_cast<int>(K);
+}
+
 // The kernel's view of one call's arguments (no checks: check_args comes first).
 template <typename T>
 NmArgs<T> make_args(const void* x, int64_t ldx, const void* values, const void* mask, const void* up_values,
                     const void* up_mask, int64_t ldv, int64_t ldb, const void* bias, void* out, int64_t ldo,
                     int64_t M, int64_t N, int64_t K) {
     NmArgs<T> a;
-    a.x = static_cast<const T*>(x);
+    set_io_args<T>(a, x, ldx, bias, out, ldo, M, N, K);
     a.values = static_cast<const T*>(values);
     a.mask = static_cast<const uint8_t*>(mask);
     a.up_values = static_cast<const T*>(up_values);
     a.up_mask = static_cast<const uint8_t*>(up_mask);
-    a.bias = static_cast<const T*>(bias);
-    a.out = static_cast<T*>(out);
-    a.ldx = ldx;
     a.ldv = ldv;
     a.ldb = ldb;
-    a.ldo = ldo;
-    a.M = static_cast<int>(M);
-    a.N = static_cast<int>(N);
-    a.K = static_cast<int>(K);
     return a;
 }
 

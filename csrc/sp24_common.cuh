@@ -255,18 +255,11 @@ template <typename T>
 Args<T> make_args(const void* x, int64_t ldx, const void* fv, const void* fm, const void* up_fv, const void* up_fm,
                   const void* bias, void* out, int64_t ldo, int64_t M, int64_t N, int64_t K) {
     Args<T> a;
-    a.x = static_cast<const T*>(x);
+    set_io_args<T>(a, x, ldx, bias, out, ldo, M, N, K);
     a.fv = static_cast<const T*>(fv);
     a.fm = static_cast<const uint32_t*>(fm);
     a.up_fv = static_cast<const T*>(up_fv);
     a.up_fm = static_cast<const uint32_t*>(up_fm);
-    a.bias = static_cast<const T*>(bias);
-    a.out = static_cast<T*>(out);
-    a.ldx = ldx;
-    a.ldo = ldo;
-    a.M = static_cast<int>(M);
-    a.N = static_cast<int>(N);
-    a.K = static_cast<int>(K);
     return a;
 }
 

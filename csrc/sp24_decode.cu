@@ -29,6 +29,8 @@
  * Shared memory: red, kWarps x streams x 16 x 16 floats (8 KB gated). Registers: capped at 128
  * by __launch_bounds__(128, 4); the CI compile check fails on any spill.
  */
+#include <type_traits>
+
 #include "launch.cuh"
 #include "sp24_common.cuh"
 
@@ -36,28 +38,23 @@ namespace atv {
 namespace sp24 {
 namespace {
 
+// One m16n8k32 mma.sp, fp32 accumulators in place. PTX_TYPE, A's and B's type ("f16" / "bf16"), is all
+// that differs between the two element types.
+#define ATV_MMA_SP(PTX_TYPE)                                                                                \
+    asm volatile("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32." PTX_TYPE "." PTX_TYPE        \
+                 ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;" \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                           \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e))
+
 template <typename T>
-__device__ __forceinline__ void mma_sp(const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t e, float (&c)[4]);
-
-template <>
-__device__ __forceinline__ void mma_sp<__half>(const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t e,
-                                               float (&c)[4]) {
-    asm volatile(
-        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
+__device__ __forceinline__ void mma_sp(const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t e, float (&c)[4]) {
+    static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value, "fp16 or bf16 only");
+    if constexpr (std::is_same<T, __half>::value)
+        ATV_MMA_SP("f16");
+    else
+        ATV_MMA_SP("bf16");
 }
-
-template <>
-__device__ __forceinline__ void mma_sp<__nv_bfloat16>(const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t e,
-                                                      float (&c)[4]) {
-    asm volatile(
-        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
-}
+#undef ATV_MMA_SP
 
 template <typename T, int S, int NT>
 __device__ __forceinline__ void mma_step(const Frag<S, NT>& f, float (&acc)[S][NT][4]) {

@@ -113,7 +113,11 @@ def test_read_eval_file(tmp_path):
     ([{"image": "nope.png", "question": "q", "answer": "a"}], r"line 1: cannot read image .*nope.png"),
     ([{"image": "bad.png", "question": "q", "answer": "a"}], r"line 1: cannot read image .*bad.png"),
     (["{not json"], r"line 1: not valid JSON"),
+    (['{"question": ' + "7" * 5000 + ', "answer": "a"}'], r"line 1: not valid JSON"),  # int() refuses 5000 digits
+    (["[" * 100_000 + "]" * 100_000], r"line 1: not valid JSON \(nested too deeply\)"),
     ([{"question": "q", "answer": 3}], r'line 1: "answer" must be a non-empty string'),
+    ([{"question": "What is \ud800?", "answer": "a"}], r'line 1: "question" holds an unpaired surrogate escape'),
+    ([{"question": "q", "answer": "a", "task": "\udfff"}], r'line 1: "task" holds an unpaired surrogate escape'),
     ([], r"is empty"),
 ])
 def test_read_eval_file_errors(tmp_path, lines, message):
@@ -166,6 +170,21 @@ def test_cli_errors(vlm_dir, tiny_llama, tmp_path, capsys):
     assert "is empty" in capsys.readouterr().err
     assert main([str(vlm_dir), "--tasks", "colour", "--quiet", "--device", "cpu"]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--data", "--ppl"])
+def test_bad_input_files_are_refused_before_the_model_loads(vlm_dir, tmp_path, capsys, monkeypatch, flag):
+    """A bad --data or --ppl file is one error naming it, before any model is loaded."""
+    import atv_sparse.evaluate as evaluate
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input files were checked")
+
+    monkeypatch.setattr(evaluate, "load_model_and_processor", no_load)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n" if flag == "--data" else "  \n")
+    assert main([str(vlm_dir), flag, str(bad), "--quiet", "--device", "cpu"]) == 2
+    assert str(bad) in capsys.readouterr().err
 
 
 def test_perplexity_works_on_text_and_vision_language_models(vlm_dir, tiny_llama, tmp_path):

@@ -29,7 +29,7 @@ from atv_sparse.ops.backends import Backend
 from atv_sparse.prune.recipe import METHODS, SELECTORS, Method, Selector
 from atv_sparse.prune.rule import PruningRule
 from atv_sparse.prune.walk import TokenSelector
-from atv_sparse.prune.wanda import WandaStats
+from reference_pruners import RefWandaStats
 
 NSAMPLES, SEQLEN = 2, 32
 BLOCK0 = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -147,8 +147,9 @@ class EvenPositions(TokenSelector):
 
 
 def wanda_keep(weight, rows_per_sample):
-    """Wanda 2:4 from the given rows: ``WandaStats`` fed one sample at a time, then a per-group top 2."""
-    stats = WandaStats(weight.shape[1])
+    """Wanda 2:4 from the given rows: the upstream statistics (``RefWandaStats``, wanda's own arithmetic)
+    fed one sample at a time, then a per-group top 2."""
+    stats = RefWandaStats(weight.shape[1])
     for rows in rows_per_sample:
         stats.update(rows[None])
     score = weight.abs() * stats.scaler_row.sqrt()

@@ -5,7 +5,7 @@ SIGTERM, at a chosen point; ``--resume`` with the same arguments then finishes i
 process, and every output file is compared by SHA-256 with an uninterrupted run's
 (prune_report.json: every field but the timings and the ``resumed`` record, which differ between
 any two runs). This file runs a subset that crosses every kill point, every method and both
-families once; ``benchmarks/kill_matrix.py`` runs the whole product.
+families once; ``tests/kill_matrix.py`` runs the whole product.
 """
 
 import json

@@ -46,6 +46,9 @@ def test_from_linear_magnitude_and_reference_result(pattern):
     assert torch.equal(module.dense_weight() != 0, keep)
     x = torch.randn(3, 32)
     assert torch.equal(module(x), F.linear(x, lin.weight * keep, lin.bias))
+    pruned = SparseLinear.from_linear(lin, parse_pattern("unstructured", 0.25))  # by magnitude: 8 of 32 per row
+    least_kept = [sorted(map(abs, row))[8] for row in lin.weight.tolist()]
+    assert torch.equal(pruned.dense_weight() != 0, lin.weight.data.abs() >= torch.tensor(least_kept)[:, None])
     custom = torch.rand(12, 32).argsort(-1) < 16  # any mask works for unstructured
     un = SparseLinear.from_linear(lin, parse_pattern("unstructured", 0.5), mask=custom)
     assert torch.equal(un.dense_weight(), lin.weight.data * custom)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import AtvSparseError
-from ..textfiles import read_user_text
+from ..textfiles import is_text, json_lines, json_problem, read_user_text
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -78,40 +78,14 @@ def _read_records(path: Path, raw: str, limit: int | None) -> list[tuple[object,
                 raise AtvSparseError(f"multimodal calibration file {path} is not valid JSON "
                                      f"(line {e.lineno}, column {e.colno}: {e.msg})") from None
         except (ValueError, RecursionError) as e:  # an integer past 4300 digits, nesting past the stack
-            raise AtvSparseError(f"multimodal calibration file {path} is not valid JSON ({_json_problem(e)})") from None
+            raise AtvSparseError(f"multimodal calibration file {path} is not valid JSON ({json_problem(e)})") from None
         else:
             if not isinstance(data, list):
                 raise AtvSparseError(f"multimodal calibration file {path}: expected a JSON list of samples, "
                                      f"got a JSON {type(data).__name__}")
             return [(record, f"sample {i}") for i, record in enumerate(data[:limit])]
-    records = []
-    for lineno, line in enumerate(raw.splitlines(), 1):
-        if limit is not None and len(records) >= limit:
-            break
-        if not line.strip():
-            continue
-        where = f"sample {len(records)} (line {lineno})"
-        try:
-            records.append((json.loads(line), where))
-        except (ValueError, RecursionError) as e:
-            raise AtvSparseError(f"multimodal calibration file {path}, {where}: not valid JSON "
-                                 f"({_json_problem(e)})") from None
-    return records
-
-
-def _json_problem(e: Exception) -> str:
-    if isinstance(e, json.JSONDecodeError):
-        return e.msg
-    return "nested too deeply" if isinstance(e, RecursionError) else str(e)[:100]
-
-
-def _encodable(text: str) -> bool:
-    """False for a string JSON decoded from lone surrogate escapes (tokenizers and paths cannot take it)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return json_lines(raw, f"multimodal calibration file {path}", limit,
+                      lambda index, lineno: f"sample {index} (line {lineno})")
 
 
 def _conversation(path: Path, index: int, record: object, where: str) -> Conversation:
@@ -123,7 +97,7 @@ def _conversation(path: Path, index: int, record: object, where: str) -> Convers
     image_field = record.get("image")
     if isinstance(image_field, list) and len(image_field) <= 1:
         image_field = image_field[0] if image_field else None
-    if image_field is not None and (not isinstance(image_field, str) or not _encodable(image_field)):
+    if image_field is not None and (not isinstance(image_field, str) or not is_text(image_field)):
         raise fail(f'"image" must be one image path, got {ascii(image_field)[:80]}')
 
     if "conversations" in record:
@@ -132,7 +106,7 @@ def _conversation(path: Path, index: int, record: object, where: str) -> Convers
             raise fail('"conversations" must be a non-empty list of {"from": ..., "value": ...} turns')
         parsed = []
         for k, turn in enumerate(turns):
-            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or not _encodable(turn["value"]):
+            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or not is_text(turn["value"]):
                 raise fail(f'turn {k} is not a {{"from": ..., "value": "<text>"}} object')
             role = ROLES.get(turn["from"]) if isinstance(turn.get("from"), str) else None
             if role is None:
@@ -153,7 +127,7 @@ def _conversation(path: Path, index: int, record: object, where: str) -> Convers
         turns = [(role, _strip_placeholder(text)) for role, text in parsed]
     elif "text" in record:
         text = record["text"]
-        if not isinstance(text, str) or not _encodable(text):
+        if not isinstance(text, str) or not is_text(text):
             raise fail('"text" must be a string')
         count = text.count(IMAGE_PLACEHOLDER)
         if count > int(image_field is not None):

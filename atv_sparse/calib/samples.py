@@ -2,9 +2,9 @@
 
 A text model gets ``nsamples`` windows of ``seqlen`` tokens (``text.text_windows``). A vision-
 language model gets one sample per conversation (a multimodal file, or the default conversations
-its caller passes in: ``convert`` passes the synthetic tasks' calibration split), rendered with the checkpoint's own chat template and
-processor (``multimodal.build_sample``), together with which positions are visual or text; calibrated
-on a ``.txt`` file instead, its windows are all text.
+its caller passes in: ``convert`` passes the synthetic tasks' calibration split), rendered with the
+checkpoint's own chat template and processor (``multimodal.build_sample``), together with which
+positions are visual or text; calibrated on a ``.txt`` file instead, its windows are all text.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ def load_calibration(ckpt: Path, adapter, *, path: str | Path | None = None, nsa
     ``seqlen`` tokens from seeded offsets, tokenized with the checkpoint's tokenizer. Vision-
     language models otherwise: the first ``nsamples`` conversations of ``path`` (fewer if it holds
     fewer) or ``default_conversations(nsamples, seed=seed, size=side)`` (``side``:
-    ``synthetic_image_size`` of the processor; convert passes ``tinybench.tasks.calibration_conversations``),
-    through the checkpoint's ``processor`` (``preflight.check_processor``).
-    """
+    ``synthetic_image_size`` of the processor; convert passes
+    ``tinybench.tasks.calibration_conversations``), through the checkpoint's ``processor``
+    (``convert.preflight.check_processor``)."""
     check_calibration_size(nsamples, seqlen)
     if adapter.multimodal and not is_text_file(path):
         image_token_id = _image_token_id(ckpt, adapter, processor)

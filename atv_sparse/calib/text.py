@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AtvSparseError
-from ..textfiles import read_user_text
+from ..textfiles import is_text, read_user_text
 
 DEFAULT_CALIBRATION = "<embedded default text>"
 
@@ -48,11 +48,9 @@ def read_calibration_text(path: str | Path) -> str:
             texts.append(record["text"])
             if not isinstance(texts[-1], str):
                 raise AtvSparseError(f"calibration file {path}, line {lineno}: \"text\" is not a string")
-            try:
-                texts[-1].encode("utf-8")
-            except UnicodeEncodeError:
+            if not is_text(texts[-1]):
                 raise AtvSparseError(f"calibration file {path}, line {lineno}: \"text\" holds an unpaired "
-                                     "surrogate escape (\\ud800-\\udfff), which is not text") from None
+                                     "surrogate escape (\\ud800-\\udfff), which is not text")
         raw = "\n\n".join(texts)
     if not raw.strip():
         raise AtvSparseError(f"calibration file {path} is empty")

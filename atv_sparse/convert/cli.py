@@ -33,7 +33,7 @@ import torch
 from .. import __version__
 from ..calib import (DEFAULT_CALIBRATION, DEFAULT_MULTIMODAL_CALIBRATION, check_calibration_size, is_text_file,
                     load_calibration)
-from ..cli import OneLineParser
+from ..cli import OneLineParser, flag_names
 from ..errors import AtvSparseError, with_flags
 from ..formats.checkpoint import CheckpointStream, parse_size
 from ..formats.safetensors_io import checkpoint_files, checkpoint_tensors
@@ -155,7 +155,7 @@ def given_flags(argv: list[str] | None) -> set[str]:
 
 def ignored_flags_warning(recipe: PruneRecipe, given: set[str]) -> str | None:
     """One line naming the flags given that ``recipe``'s method does not read (None: there are none)."""
-    flags = {a.dest: a.option_strings[-1] for a in build_parser()._actions if a.option_strings}
+    flags = flag_names(build_parser())
     unused = [flags[dest] for dest, used in METHOD_FLAGS.items() if dest in given and not used(recipe)]
     if not unused:
         return None
@@ -176,10 +176,10 @@ def run(argv: list[str] | None = None) -> dict:
         raise AtvSparseError(f"--eval-per-task must be >= 0, got {eval_per_task}")
     check_calibration_size(nsamples, seqlen)
     recipe = PruneRecipe.build(args.method, pattern, calib_tokens=args.calib_tokens, alpha=args.alpha,
-                         budget_rule=args.budget_rule, seed=args.seed, das=args.das,
-                         budget_target=read_budget_report(args.budget_from) if args.budget_from else None,
-                         budget_source=str(Path(args.budget_from)) if args.budget_from else None,
-                         blocksize=args.blocksize, percdamp=args.percdamp)
+                               budget_rule=args.budget_rule, seed=args.seed, das=args.das,
+                               budget_target=read_budget_report(args.budget_from) if args.budget_from else None,
+                               budget_source=str(Path(args.budget_from)) if args.budget_from else None,
+                               blocksize=args.blocksize, percdamp=args.percdamp)
     warning = ignored_flags_warning(recipe, given_flags(argv))
     if warning:
         print(warning, file=sys.stderr)
@@ -359,7 +359,7 @@ def _resolve_device(name: str | None) -> torch.device:
 
 def cli_message(error: AtvSparseError) -> str:
     """``error``'s message with each parameter it names (`` `nsamples` ``) written as this CLI's flag."""
-    flags = {a.dest: a.option_strings[-1] for a in build_parser()._actions if a.option_strings} | FLAGS
+    flags = flag_names(build_parser()) | FLAGS
     return with_flags(str(error), flags)
 
 

@@ -44,6 +44,7 @@ from torch import nn
 from ..errors import AtvSparseError
 from ..formats.checkpoint import CheckpointStream
 from ..formats.safetensors_io import checkpoint_files, data_start
+from ..formats.shard_io import sha256_of
 from ..formats.staging import StagedOutputDir, read_journal, staging_is_locked, staging_path
 
 JOURNAL_FORMAT = 1
@@ -92,24 +93,17 @@ def find_interrupted(out: Path, resume: bool, argv: list[str]) -> dict | None:
     return journal
 
 
-def _file_digest(path: Path, nbytes: int | None = None) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        digest.update(f.read() if nbytes is None else f.read(nbytes))
-    return digest.hexdigest()
-
-
 def input_identity(ckpt: Path) -> dict:
     """The input checkpoint as a journal compares it: config.json's SHA-256 and, per safetensors
     file, size, modification time and the SHA-256 of its header (the weights are not hashed: that
     would read the whole checkpoint on every run; a file rewritten in place with the same size,
     time and header goes unnoticed)."""
-    identity = {"config.json": _file_digest(Path(ckpt) / "config.json")}
+    identity = {"config.json": sha256_of(Path(ckpt) / "config.json")}
     for path in checkpoint_files(Path(ckpt)):
         header = data_start(path)
         st = path.stat()
         identity[path.name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
-                               "header_sha256": _file_digest(path, header)}
+                               "header_sha256": sha256_of(path, header)}
     return identity
 
 

@@ -4,11 +4,10 @@ from the synthetic test split or from a JSONL file of ``{"image", "question", "a
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from ..errors import AtvSparseError
-from ..textfiles import read_user_text
+from ..textfiles import is_text, json_lines, read_user_text
 
 
 @dataclasses.dataclass
@@ -53,18 +52,10 @@ def read_eval_file(path: str | Path, limit: int | None = None) -> list[EvalItem]
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
-    lines = read_user_text(path, "evaluation file").splitlines()
+    source = f"evaluation file {path}"
     items = []
-    for lineno, line in enumerate(lines, 1):
-        if limit is not None and len(items) >= limit:
-            break
-        if not line.strip():
-            continue
-        where = f"evaluation file {path}, line {lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AtvSparseError(f"{where}: not valid JSON ({e.msg})") from None
+    for record, line in json_lines(read_user_text(path, "evaluation file"), source, limit):
+        where = f"{source}, {line}"
         if not isinstance(record, dict):
             raise AtvSparseError(f"{where}: expected a JSON object with \"question\" and \"answer\"")
         for field in ("question", "answer"):
@@ -76,6 +67,10 @@ def read_eval_file(path: str | Path, limit: int | None = None) -> list[EvalItem]
         task = record.get("task", "data")
         if not isinstance(task, str) or not task:
             raise AtvSparseError(f'{where}: "task" must be a non-empty string')
+        for field in ("question", "answer", "task"):
+            if field in record and not is_text(record[field]):
+                raise AtvSparseError(f'{where}: "{field}" holds an unpaired surrogate escape (\\ud800-\\udfff), '
+                                     "which is not text")
         image = None
         if record.get("image") is not None:
             if not isinstance(record["image"], str):

@@ -31,7 +31,7 @@ from ..errors import AtvSparseError
 from .bitmask import BITMASK_SUFFIX, VALUES_SUFFIX, compress, decompress, unpack_bitmask
 from .dtypes import DTYPE_NAMES
 from .safetensors_io import INDEX_NAME, SINGLE_NAME, data_start, read_header, read_tensor
-from .shard_io import safetensors_header, write_checksums
+from .shard_io import safetensors_header, sha256_of, write_checksums
 from .staging import JOURNAL_NAME, StagedOutputDir, copy_aux_files
 
 _CHUNK = 1 << 26  # bytes read back from the spill file at a time
@@ -289,11 +289,11 @@ class ShardWriter:
             if not path.exists():
                 renamed = list(self.tmp.glob(f"model-{i + 1:05d}-of-*.safetensors"))
                 renamed += [self.tmp / SINGLE_NAME] if i == 0 else []
-                found = [p for p in renamed if p.exists() and _sha256_of(p) == digest]
+                found = [p for p in renamed if p.exists() and sha256_of(p) == digest]
                 if not found:
                     raise AtvSparseError(f"resume: shard {path} recorded in the journal is missing; {hint}")
                 os.replace(found[0], path)
-            elif _sha256_of(path) != digest:
+            elif sha256_of(path) != digest:
                 raise AtvSparseError(f"resume: shard {path} differs from the journal's SHA-256; {hint}")
             self.written.append((fname, list(keys)))
             self.digests[fname] = digest
@@ -302,7 +302,7 @@ class ShardWriter:
         if not self.spill_path.exists() or self.spill_path.stat().st_size < spill["bytes"]:
             raise AtvSparseError(f"resume: {self.spill_path} is shorter than the journal records; {hint}")
         self.spill = open(self.spill_path, "r+b")
-        self.spill_hash = _sha256_of(self.spill_path, spill["bytes"], hasher=True)
+        self.spill_hash = sha256_of(self.spill_path, spill["bytes"], hasher=True)
         if self.spill_hash.hexdigest() != spill["sha256"]:
             self.spill.close()
             raise AtvSparseError(f"resume: {self.spill_path} differs from the journal's SHA-256; {hint}")
@@ -365,20 +365,6 @@ class ShardWriter:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         return names
-
-
-def _sha256_of(path: Path, nbytes: int | None = None, hasher: bool = False):
-    """SHA-256 of ``path`` (its first ``nbytes``): the hex digest, or the hash object to go on with."""
-    digest = hashlib.sha256()
-    left = path.stat().st_size if nbytes is None else nbytes
-    with open(path, "rb") as f:
-        while left > 0:
-            chunk = f.read(min(left, _CHUNK))
-            if not chunk:
-                break
-            digest.update(chunk)
-            left -= len(chunk)
-    return digest if hasher else digest.hexdigest()
 
 
 def _save_shard(entries: list[tuple[str, str, list[int], int, int]], spill, path: Path) -> str:

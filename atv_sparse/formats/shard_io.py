@@ -2,7 +2,8 @@
 
 ``safetensors_header`` builds the header ``safetensors.torch.save_file`` writes, so that the streaming
 writer (``checkpoint.ShardWriter``) can write the same bytes (tested byte for byte) and feed every
-byte to SHA-256 on the way out: a shard's digest costs no second read of a multi-GB file. The layout:
+byte to SHA-256 on the way out: a shard's digest costs no second read of a multi-GB file (``sha256_of``
+hashes a file already on disk: the checksum check, a resumed run's journal). The layout:
 
     8 bytes   little-endian u64: length of the JSON header (a multiple of 8)
     header    compact JSON {"__metadata__": {...}, name: {"dtype", "shape", "data_offsets"}, ...},
@@ -17,6 +18,7 @@ but keeps config.json, which would then carry stale digests.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -40,6 +42,23 @@ def safetensors_header(entries, metadata: dict[str, str] | None = None) -> tuple
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors pads the header with spaces to 8 bytes
     return struct.pack("<Q", len(raw)) + raw, ordered
+
+
+def sha256_of(path: str | Path, nbytes: int | None = None, hasher: bool = False):
+    """SHA-256 of the file ``path`` (of its first ``nbytes`` only, when given): the hex digest, or
+    with ``hasher`` the hash object, to go on feeding."""
+    with open(path, "rb") as f:
+        if nbytes is None:
+            digest = hashlib.file_digest(f, "sha256")
+        else:
+            digest, left = hashlib.sha256(), nbytes
+            while left > 0:
+                chunk = f.read(min(left, 1 << 24))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                left -= len(chunk)
+    return digest if hasher else digest.hexdigest()
 
 
 def write_checksums(directory: str | Path, digests: dict[str, str]) -> None:

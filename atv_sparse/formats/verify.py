@@ -9,7 +9,6 @@ verify=True)`` runs it before loading; ``python -m atv_sparse.verify DIR`` is it
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from ..errors import AtvSparseError
 from .safetensors_io import checkpoint_files, parse_json
-from .shard_io import CHECKSUMS_NAME
+from .shard_io import CHECKSUMS_NAME, sha256_of
 
 _HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -46,11 +45,6 @@ def read_checksums(model_dir: str | Path) -> dict[str, tuple[str, int]]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def verify_checkpoint(model_dir: str | Path) -> dict[str, str]:
     """Hash every shard of ``model_dir`` and compare with ``checksums.json``; file name -> digest.
 
@@ -72,7 +66,7 @@ def verify_checkpoint(model_dir: str | Path) -> dict[str, str]:
             raise AtvSparseError(f"{path}: {actual_size} bytes, {CHECKSUMS_NAME} recorded {size}; the shard is "
                                  "truncated or damaged; copy or convert it again")
     with ThreadPoolExecutor(max_workers=max(1, min(len(files), os.cpu_count() or 1))) as pool:
-        digests = list(pool.map(_sha256, files))
+        digests = list(pool.map(sha256_of, files))
     for path, actual in zip(files, digests, strict=True):
         digest = expected[path.name][0]
         if actual != digest:

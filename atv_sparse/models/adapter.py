@@ -60,12 +60,6 @@ class ModelAdapter:
         model = self.model_class.from_pretrained(model_dir, dtype=dtype)
         return model.eval()
 
-    def build_meta(self, model_dir: Path, dtype: str | torch.dtype = "auto") -> nn.Module:
-        """The model's skeleton on the meta device (no weights read): for dry runs."""
-        config, dtype = self._config(model_dir, dtype)
-        with torch.device("meta"):
-            return self.model_class._from_config(config, dtype=dtype)
-
     def open_lazy(self, model_dir: Path, dtype: str | torch.dtype = "auto",
                   tensors: dict | None = None) -> tuple[nn.Module, "LazyWeights"]:
         """(the skeleton, its ``LazyWeights``): weights read from the shards one module at a time, every

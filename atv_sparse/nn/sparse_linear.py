@@ -77,14 +77,13 @@ class SparseLinear(nn.Module):
                     **kwargs) -> "SparseLinear":
         """Prune ``linear`` to ``pattern`` (``mask`` (out, in) bool = kept; None: by magnitude) and
         compress it. The linear is left untouched: drop it to free its dense weight."""
-        from ..prune.masks import pattern_mask
+        from ..prune.masks import keep_mask
 
         pattern = parse_pattern(pattern) if isinstance(pattern, str) else pattern
         weight = linear.weight.data
         if pattern.is_nm:
             pattern.check_layer(kwargs.get("name", "linear"), linear.in_features)
-        keep = (pattern_mask(weight.abs().float(), None if pattern.is_nm else pattern.sparsity, pattern.n, pattern.m)
-                if mask is None else mask.to(weight.device, torch.bool))
+        keep = keep_mask(weight.abs().float(), pattern) if mask is None else mask.to(weight.device, torch.bool)
         if keep.shape != weight.shape:
             raise AtvSparseError(f"{kwargs.get('name', 'linear')}: mask {tuple(keep.shape)} does not match the "
                                  f"weight {tuple(weight.shape)}")

@@ -179,15 +179,21 @@ def _weight_problems(name: str, values, bitmask, k, n, m, dtype) -> Iterator[tup
         f"{name}: bitmask {tuple(bitmask.shape)} does not match ({values.shape[0]}, K/8) for K={k}"
 
 
-def _problems(op: str, x, weights, n, m, bias=None) -> Iterator[tuple[object, str]]:
-    """(condition, message) pairs in order; conditions may be SymBools (fake tensors)."""
-    yield (n, m) in SUPPORTED_PATTERNS, f"{op}: pattern {n}:{m} is not supported (2:4 or 4:8)"
+def _x_problems(op: str, x, k_multiple: int) -> Iterator[tuple[object, str]]:
+    """The activations' (condition, message) pairs, K a positive multiple of ``k_multiple``."""
     yield x.dim() >= 1, f"{op}: x must have a feature dimension, got shape {tuple(x.shape)}"
     k = x.shape[-1]
     yield x.dtype in DTYPE_CODES, f"{op}: x is {x.dtype}, the CUDA kernels take float16 / bfloat16"
-    yield (k > 0) & (k % K_MULTIPLE == 0), f"{op}: K={k} input features, need a positive multiple of {K_MULTIPLE}"
+    yield (k > 0) & (k % k_multiple == 0), f"{op}: K={k} input features, need a positive multiple of {k_multiple}"
     tokens = x.numel() // k
     yield tokens <= MAX_TOKENS, f"{op}: {tokens} tokens, the CUDA kernels take at most {MAX_TOKENS}"
+
+
+def _problems(op: str, x, weights, n, m, bias=None) -> Iterator[tuple[object, str]]:
+    """(condition, message) pairs in order; conditions may be SymBools (fake tensors)."""
+    yield (n, m) in SUPPORTED_PATTERNS, f"{op}: pattern {n}:{m} is not supported (2:4 or 4:8)"
+    yield from _x_problems(op, x, K_MULTIPLE)
+    k = x.shape[-1]
     for name, (values, bitmask) in weights.items():
         yield from _weight_problems(f"{op}: {name}", values, bitmask, k, n, m, x.dtype)
     if len(weights) == 2:
@@ -200,23 +206,27 @@ def _problems(op: str, x, weights, n, m, bias=None) -> Iterator[tuple[object, st
             f"{op}: bias {bias.dtype} {tuple(bias.shape)} must be {x.dtype} ({values.shape[0]},)"
 
 
-def _check_real(op: str, x, weights, n, m, bias=None) -> None:
-    for ok, message in _problems(op, x, weights, n, m, bias):
-        if not ok:
+def _enforce(problems: Iterator[tuple[object, str]], fake: bool = False) -> None:
+    """The first failed condition of ``problems`` raised: an AtvSparseError, or for fake tensors through
+    ``torch._check`` (so ``torch.compile`` fails early with the same message)."""
+    for ok, message in problems:
+        if fake:
+            torch._check(ok, lambda message=message: message)
+        elif not ok:
             raise AtvSparseError(message)
 
 
-def _check_fake(op: str, x, weights, n, m, bias=None) -> None:
-    for ok, message in _problems(op, x, weights, n, m, bias):
-        torch._check(ok, lambda message=message: message)
+def _check_device(op: str, x, pairs: dict, bias, what: str) -> None:
+    """x, both tensors of every pair (``what``: "weights", "layouts") and ``bias`` on one CUDA device."""
+    tensors = [t for pair in pairs.values() for t in pair] + ([bias] if bias is not None else [])
+    if x.device.type != "cuda" or any(t.device != x.device for t in tensors):
+        raise AtvSparseError(f"{op}: x is on {x.device} and the {what} on "
+                             f"{sorted({str(t.device) for t in tensors})}; all must be on one CUDA device")
 
 
 def _check_memory(op: str, x, weights, bias) -> None:
     """Devices and strides the C ABI needs (real tensors only)."""
-    tensors = [t for pair in weights.values() for t in pair] + ([bias] if bias is not None else [])
-    if x.device.type != "cuda" or any(t.device != x.device for t in tensors):
-        raise AtvSparseError(f"{op}: x is on {x.device} and the weights on "
-                             f"{sorted({str(t.device) for t in tensors})}; all must be on one CUDA device")
+    _check_device(op, x, weights, bias, "weights")
     for name, (values, bitmask) in weights.items():
         if values.stride(1) != 1 or values.stride(0) % 8 or values.data_ptr() % 16:
             raise AtvSparseError(f"{op}: {name} values (strides {values.stride()}) need contiguous rows, 16-byte "
@@ -267,7 +277,7 @@ def nm_linear_cuda(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor,
     """x: (..., K) fp16 / bf16 on CUDA, at most 16 tokens, K % 16 == 0; values: (N, K * n / m) same
     dtype; bitmask: (N, K / 8) uint8; bias: (N,) or None. Returns (..., N) = x @ W^T (+ bias)."""
     op, weights = "nm_linear_cuda", {"weight": (values, bitmask)}
-    _check_real(op, x, weights, n, m, bias)
+    _enforce(_problems(op, x, weights, n, m, bias))
     lib = _library(op)
     _check_memory(op, x, weights, bias)
     rows = _rows(x)
@@ -286,7 +296,7 @@ def nm_linear_cuda(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor,
 
 @nm_linear_cuda.register_fake
 def _(x, values, bitmask, n, m, bias=None):
-    _check_fake("nm_linear_cuda", x, {"weight": (values, bitmask)}, n, m, bias)
+    _enforce(_problems("nm_linear_cuda", x, {"weight": (values, bitmask)}, n, m, bias), fake=True)
     return x.new_empty(*x.shape[:-1], values.shape[0])
 
 
@@ -296,7 +306,7 @@ def nm_gated_cuda(x: torch.Tensor, gate_values: torch.Tensor, gate_bitmask: torc
     """x: (..., K) as for nm_linear_cuda; gate and up: two (values, bitmask) pairs of one shape
     (N, K * n / m) / (N, K / 8). Returns (..., N) = silu(x @ Wg^T) * (x @ Wu^T), fused."""
     op, weights = "nm_gated_cuda", {"gate": (gate_values, gate_bitmask), "up": (up_values, up_bitmask)}
-    _check_real(op, x, weights, n, m)
+    _enforce(_problems(op, x, weights, n, m))
     lib = _library(op)
     _check_memory(op, x, weights, None)
     rows = _rows(x)
@@ -314,7 +324,8 @@ def nm_gated_cuda(x: torch.Tensor, gate_values: torch.Tensor, gate_bitmask: torc
 
 @nm_gated_cuda.register_fake
 def _(x, gate_values, gate_bitmask, up_values, up_bitmask, n, m):
-    _check_fake("nm_gated_cuda", x, {"gate": (gate_values, gate_bitmask), "up": (up_values, up_bitmask)}, n, m)
+    weights = {"gate": (gate_values, gate_bitmask), "up": (up_values, up_bitmask)}
+    _enforce(_problems("nm_gated_cuda", x, weights, n, m), fake=True)
     return x.new_empty(*x.shape[:-1], gate_values.shape[0])
 
 
@@ -339,13 +350,8 @@ def sp24_layer_status(n: int | None, m: int | None, dtype: torch.dtype, out_feat
 
 def _sp24_problems(op: str, x, layouts, out_features, bias=None) -> Iterator[tuple[object, str]]:
     """(condition, message) pairs; conditions may be SymBools (fake tensors)."""
-    yield x.dim() >= 1, f"{op}: x must have a feature dimension, got shape {tuple(x.shape)}"
+    yield from _x_problems(op, x, SP24_K_MULTIPLE)
     k = x.shape[-1]
-    yield x.dtype in DTYPE_CODES, f"{op}: x is {x.dtype}, the CUDA kernels take float16 / bfloat16"
-    yield (k > 0) & (k % SP24_K_MULTIPLE == 0), \
-        f"{op}: K={k} input features, need a positive multiple of {SP24_K_MULTIPLE}"
-    tokens = x.numel() // k
-    yield tokens <= MAX_TOKENS, f"{op}: {tokens} tokens, the CUDA kernels take at most {MAX_TOKENS}"
     tiles = (out_features + 15) // 16
     for name, (fv, fm) in layouts.items():
         yield fv.dtype == x.dtype, f"{op}: {name} frag_values are {fv.dtype}, activations {x.dtype}"
@@ -363,19 +369,8 @@ def _sp24_problems(op: str, x, layouts, out_features, bias=None) -> Iterator[tup
             f"{op}: bias {bias.dtype} {tuple(bias.shape)} must be {x.dtype} ({out_features},)"
 
 
-def _sp24_check(op: str, x, layouts, out_features, bias=None, fake: bool = False) -> None:
-    for ok, message in _sp24_problems(op, x, layouts, out_features, bias):
-        if fake:
-            torch._check(ok, lambda message=message: message)
-        elif not ok:
-            raise AtvSparseError(message)
-
-
 def _sp24_memory(op: str, x, layouts, bias) -> None:
-    tensors = [t for pair in layouts.values() for t in pair] + ([bias] if bias is not None else [])
-    if x.device.type != "cuda" or any(t.device != x.device for t in tensors):
-        raise AtvSparseError(f"{op}: x is on {x.device} and the layouts on "
-                             f"{sorted({str(t.device) for t in tensors})}; all must be on one CUDA device")
+    _check_device(op, x, layouts, bias, "layouts")
     for name, (fv, fm) in layouts.items():
         if not fv.is_contiguous() or not fm.is_contiguous() or fv.data_ptr() % 16 or fm.data_ptr() % 4:
             raise AtvSparseError(f"{op}: {name} frag_values / frag_meta must be contiguous and aligned as "
@@ -389,7 +384,7 @@ def sp24_linear_cuda(x: torch.Tensor, frag_values: torch.Tensor, frag_meta: torc
     ``sp24_layout`` of a 2:4 weight (out_features, K); bias: (out_features,) or None.
     Returns (..., out_features) = x @ W^T (+ bias) on the sparse tensor cores."""
     op, layouts = "sp24_linear_cuda", {"weight": (frag_values, frag_meta)}
-    _sp24_check(op, x, layouts, out_features, bias)
+    _enforce(_sp24_problems(op, x, layouts, out_features, bias))
     lib = _library(op)
     _sp24_memory(op, x, layouts, bias)
     rows = _rows(x, align=4)  # 32-bit activation loads
@@ -407,7 +402,8 @@ def sp24_linear_cuda(x: torch.Tensor, frag_values: torch.Tensor, frag_meta: torc
 
 @sp24_linear_cuda.register_fake
 def _(x, frag_values, frag_meta, out_features, bias=None):
-    _sp24_check("sp24_linear_cuda", x, {"weight": (frag_values, frag_meta)}, out_features, bias, fake=True)
+    _enforce(_sp24_problems("sp24_linear_cuda", x, {"weight": (frag_values, frag_meta)}, out_features, bias),
+             fake=True)
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -418,7 +414,7 @@ def sp24_gated_cuda(x: torch.Tensor, gate_frag_values: torch.Tensor, gate_frag_m
     Returns (..., out_features) = silu(x @ Wg^T) * (x @ Wu^T), fused."""
     op = "sp24_gated_cuda"
     layouts = {"gate": (gate_frag_values, gate_frag_meta), "up": (up_frag_values, up_frag_meta)}
-    _sp24_check(op, x, layouts, out_features)
+    _enforce(_sp24_problems(op, x, layouts, out_features))
     lib = _library(op)
     _sp24_memory(op, x, layouts, None)
     rows = _rows(x, align=4)  # 32-bit activation loads
@@ -436,5 +432,5 @@ def sp24_gated_cuda(x: torch.Tensor, gate_frag_values: torch.Tensor, gate_frag_m
 @sp24_gated_cuda.register_fake
 def _(x, gate_frag_values, gate_frag_meta, up_frag_values, up_frag_meta, out_features):
     layouts = {"gate": (gate_frag_values, gate_frag_meta), "up": (up_frag_values, up_frag_meta)}
-    _sp24_check("sp24_gated_cuda", x, layouts, out_features, fake=True)
+    _enforce(_sp24_problems("sp24_gated_cuda", x, layouts, out_features), fake=True)
     return x.new_empty(*x.shape[:-1], out_features)

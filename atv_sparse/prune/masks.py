@@ -60,8 +60,8 @@ def keep_mask(score: torch.Tensor, pattern: Pattern) -> torch.Tensor:
 def pattern_mask(score: torch.Tensor, sparsity: float | None = None, n: int | None = None, m: int | None = None):
     """``keep_mask`` with the pattern spelled as mask arguments (``n`` and ``m``, or ``sparsity``).
 
-    Kept for the callers outside prune/ that still spell it so (``nn/sparse_linear.py``,
-    ``benchmarks/latency.py``); new code passes a ``Pattern`` to ``keep_mask``.
+    Kept for the one caller that still spells it so (``benchmarks/latency.py``); new code passes a
+    ``Pattern`` to ``keep_mask``.
     """
     check_mask_args(sparsity, n, m)
     if m is not None:

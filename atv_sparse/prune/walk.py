@@ -85,7 +85,7 @@ class TokenSelector:
     (1-D int64) of sample j that feed the statistics, or ``None`` for all of them. A selector
     that chooses per linear (TAMP) sets ``per_linear`` and implements ``linear_positions(j, name,
     output)``, called from the hook of linear ``name`` with its output instead of ``positions``.
-    ``tokens``: visual / text positions per sample (``selectors.SampleTokens``), None for a
+    ``tokens``: visual / text positions per sample (``calib.SampleTokens``), None for a
     text-only model.
     """
 

@@ -484,14 +484,6 @@ def tokenizer_corpus() -> str:
     return "\n\n".join(texts)
 
 
-def answer_counts(items: list[Item]) -> dict[str, int]:
-    """answer -> how many ``items`` have it."""
-    counts: dict[str, int] = {}
-    for item in items:
-        counts[item.answer] = counts.get(item.answer, 0) + 1
-    return counts
-
-
-__all__ = ["GRID", "IMAGE_TASKS", "Item", "Obj", "SPLITS", "TASKS", "TEXT_TASKS", "answer_counts",
+__all__ = ["GRID", "IMAGE_TASKS", "Item", "Obj", "SPLITS", "TASKS", "TEXT_TASKS",
            "calibration_conversations", "describe_tasks", "draw_item", "generate", "knowledge_base",
            "split_of", "test_items", "tokenizer_corpus", "training_turns"]
