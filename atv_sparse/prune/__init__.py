@@ -12,7 +12,7 @@ Public surface:
 """
 
 from .magnitude import magnitude_mask
-from .masks import keep_mask, nm_mask, pattern_mask, unstructured_mask
+from .masks import keep_mask, nm_mask, unstructured_mask
 from .sparsegpt import HessianStats, sparsegpt_prune
 from .wanda import WandaStats, wanda_score
 
@@ -22,7 +22,6 @@ __all__ = [
     "keep_mask",
     "magnitude_mask",
     "nm_mask",
-    "pattern_mask",
     "sparsegpt_prune",
     "unstructured_mask",
     "wanda_score",

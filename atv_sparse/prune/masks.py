@@ -55,22 +55,3 @@ def keep_mask(score: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     if pattern.is_nm:
         return nm_mask(score, pattern.n, pattern.m)
     return unstructured_mask(score, pattern.sparsity)
-
-
-def pattern_mask(score: torch.Tensor, sparsity: float | None = None, n: int | None = None, m: int | None = None):
-    """``keep_mask`` with the pattern spelled as mask arguments (``n`` and ``m``, or ``sparsity``).
-
-    Kept for the one caller that still spells it so (``benchmarks/latency.py``); new code passes a
-    ``Pattern`` to ``keep_mask``.
-    """
-    check_mask_args(sparsity, n, m)
-    if m is not None:
-        return nm_mask(score, n, m)
-    return unstructured_mask(score, sparsity)
-
-
-def check_mask_args(sparsity, n, m) -> None:
-    if (n is None) != (m is None):
-        raise TypeError("give both n and m for an N:M pattern")
-    if (sparsity is None) == (m is None):
-        raise TypeError("give exactly one of sparsity (unstructured) or n and m (N:M)")
