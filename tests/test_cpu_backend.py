@@ -65,8 +65,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PATTERNS = [(n, 4) for n in (1, 2, 3)] + [(n, 8) for n in range(1, 8)]
 # (rows, K, tokens): K = 72 / 200 / 1000 / 3208 are not multiples of 32 (a partial last chunk); one
 # row; 13, 37 and 70 rows are not multiples of the row groups (2-4), the row blocks (24) or 2 threads;
-# up to 16 tokens the decode kernel runs (11 = a tile of 8 + one of 3, 16 = two of 8; K = 3208 spans
-# several K-blocks), 17 and 33 tokens take the prefill path (expanded panels).
+# up to 32 tokens the decode kernel runs (11 = a tile of 8 + one of 3, 17 = 8 + 8 + 1; K = 3208 spans
+# several K-blocks), 33 tokens take the prefill path (expanded panels).
 SHAPES = ((1, 8, 1), (13, 72, 3), (37, 200, 5), (8, 64, 4), (70, 3208, 11), (29, 1000, 16), (64, 96, 17),
           (40, 1000, 33))
 

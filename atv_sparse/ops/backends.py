@@ -235,7 +235,7 @@ TABLE: tuple[Backend, ...] = (
     Backend("cuda", _cuda_machine, _cuda_layer, _run_cuda, token_limit=16, over_limit="triton", heuristic_tokens=4),
     Backend("triton", _triton_machine, _triton_layer, _run_triton, heuristic_tokens=64),
     Backend("cusparselt", _cslt_machine, _cslt_layer, _run_cslt, layout="cslt"),
-    # decode kernel up to 16 tokens, expanded panels + torch's GEMM above: every token count
+    # decode kernel up to 32 tokens, expanded panels + torch's GEMM above: every token count
     Backend("cpu", _cpu_machine, _cpu_layer, _run_cpu, plan_devices=("cpu",), place=_cpu_place),
     Backend("dense", _anywhere, _anywhere, _run_dense, choosable=False, kernel=False, layout="dense"),
     Backend("reference", _anywhere, _anywhere, _run_reference, kernel=False, plan_devices=()),

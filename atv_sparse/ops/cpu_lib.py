@@ -35,7 +35,7 @@ SOURCE = Path(__file__).resolve().parent.parent / "cpu" / "nm_cpu.cpp"
 PATH_CODES = {"portable": 0, "avx2": 1, "avx512": 2}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GROUPS = (4, 8)
-DECODE_MAX_TOKENS = int(os.environ.get("ATV_SPARSE_CPU_DECODE_MAX", 16))  # env: for tuning runs only
+DECODE_MAX_TOKENS = int(os.environ.get("ATV_SPARSE_CPU_DECODE_MAX", 32))  # env: for tuning runs only
 PANEL_BYTES = int(os.environ.get("ATV_SPARSE_CPU_PANEL_BYTES", 1 << 20))
 
 
