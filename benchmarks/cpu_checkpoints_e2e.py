@@ -209,10 +209,10 @@ def main(argv=None) -> int:
     print(text)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for suffix, content in ((".md", text), (".json", json.dumps(res, indent=1))):
-        tmp_path = out / f".cpu-checkpoints-e2e{suffix}.tmp"
-        tmp_path.write_text(content + "\n")
-        os.replace(tmp_path, out / f"cpu-checkpoints-e2e{suffix}")
+    from accuracy_render import write_atomic
+
+    write_atomic(out / "cpu-checkpoints-e2e.md", text + "\n")
+    write_atomic(out / "cpu-checkpoints-e2e.json", json.dumps(res, indent=1) + "\n")
     return 0
 
 

@@ -189,10 +189,10 @@ def main(argv=None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = "vllm-cpu-throughput" + (f"-{args.tag}" if args.tag else "")
-    for suffix, content in ((".md", text), (".json", json.dumps(res, indent=1))):
-        tmp_path = out / f".{stem}{suffix}.tmp"
-        tmp_path.write_text(content + "\n")
-        os.replace(tmp_path, out / f"{stem}{suffix}")
+    from accuracy_render import write_atomic
+
+    write_atomic(out / f"{stem}.md", text + "\n")
+    write_atomic(out / f"{stem}.json", json.dumps(res, indent=1) + "\n")
     return 0
 
 

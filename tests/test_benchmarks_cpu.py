@@ -65,3 +65,30 @@ def test_sparsified_decoder_uses_sparse_linears_with_the_same_function():
     assert all(isinstance(getattr(b, a), SparseLinear) for b in mine.layers for a in ("wqkv", "w_down"))
     assert mine.layers[0].w_gate_up.gated
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_checkpoint_e2e_report_counts_the_tokens_before_the_first_difference():
+    e2e = load_script("benchmarks/cpu_checkpoints_e2e.py")
+    run = {"dense": {"tokens_per_s_median": 10.0, "unpreempted": 0, "calls": 2},
+           "packed": {"tokens_per_s_median": 14.0, "unpreempted": 1, "calls": 2},
+           "model": "m", "pruned_linears": 3, "largest": "8x4", "speedup_median": 1.4, "speedup_best": 1.5,
+           "linear_bytes_ratio": 0.5625, "plans": ["cpu"], "tokens_equal": False,
+           "tokens": {"dense": [5, 6, 7, 8], "packed": [5, 6, 9, 8]}}
+    assert e2e.agreement(run) == "no: the first 2 of 4 equal"
+    assert e2e.agreement({**run, "tokens_equal": True}) == "yes"
+    env = {"date": "d", "cpu": "c", "cores": 2, "torch": "t", "transformers": "x", "python": "p",
+           "load_avg_start": 1.0, "load_avg_end": 2.0}
+    text = e2e.markdown({"env": env, "command": "cmd", "args": {"new_tokens": 4, "rounds": 2}, "models": [run]})
+    assert "| m | 3 (8x4) | 10.0 | 14.0 | 1.40x | 1.50x | 0/2 / 1/2 | 0.562 | no: the first 2 of 4 equal | cpu |" in text
+
+
+def test_vllm_throughput_report_compares_every_run_with_the_dense_export():
+    tput = load_script("benchmarks/vllm_cpu_throughput.py")
+    runs = [{"kind": k, "tokens_per_s": v, "tokens": t, "methods": ["M"], "init_s": 1.0, "vllm": "0", "backends": b}
+            for k, v, t, b in (("dense", 10.0, [[1, 2, 3, 4]], []), ("packed", 15.0, [[1, 2, 9, 4]], ["cpu"]),
+                               ("dense", 12.0, [[1, 2, 3, 4]], []), ("packed", 13.0, [[1, 2, 3, 4]], ["cpu"]))]
+    env = {"date": "d", "cpu": "c", "cores": 2, "python": "p", "load_avg_start": 1.0, "load_avg_end": 1.0}
+    text = tput.markdown({"env": env, "command": "cmd", "runs": runs,
+                          "args": {"layers": 2, "rounds": 2, "batch": 1, "new_tokens": 4}})
+    assert "| tokens/s, median over rounds | 11.00 | 14.00 | 1.27x |" in text
+    assert "no: 100%, 50%, 100%, 100% of tokens before the first difference" in text
