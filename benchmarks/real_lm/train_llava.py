@@ -1,7 +1,7 @@
 """Stage 1 of the real-LM LLaVA (:mod:`smollm2_llava`): the projector and ``image_newline`` alone,
 SmolLM2-135M-Instruct and the CLIP tower frozen, on a 2-core CPU.
 
-    nice -n 10 python benchmarks/real_lm/train_llava.py --steps 300 > benchmarks/real_lm/smollm2_llava/train.log
+    nice -n 10 python benchmarks/real_lm/train_llava.py --steps 180 > benchmarks/real_lm/smollm2_llava/train.log
 
 Data: 112 px scenes of the synthetic train split (``atv_sparse.tinybench.tasks``), one turn per
 sample: half LLaVA stage-1 captions ("Describe the image." -> the ShareGPT4V-style caption), half
@@ -61,7 +61,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=smollm2_llava.TRAINED, help="folder for projector.safetensors and logs")
     p.add_argument("--cache", type=Path, default=None, help="smollm2.py's cache folder")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=180)
     p.add_argument("--batch", type=int, default=4, help="samples per step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=15)
