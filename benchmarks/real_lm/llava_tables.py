@@ -234,7 +234,7 @@ def table(runs_path: Path) -> tuple[str, dict]:
                 lines.append(f"| {label} | - | - | - | - | - | - | - |")
                 continue
             r = rs[0]  # one seed per cell (see the prediction file for why)
-            ret = retention_of(r, dense)["average"]
+            ret = retention_of(r, dense)["average"] if dense["average"] > 0 else None
             vs_atv = "" if label == "ATV" or not atv else _pd(atv[0], r)
             summary[f"{label}|{p}"] = {"ppl": r["ppl"], "accuracy": r["average"], "retention": ret,
                                        "tasks": {t: s["accuracy"] for t, s in r["tasks"].items()},
@@ -243,7 +243,7 @@ def table(runs_path: Path) -> tuple[str, dict]:
                                        "prune_s": r["prune_s"], "eval_s": r["eval_s"], "ppl_s": r["ppl_s"],
                                        "seed": r["job"]["seed"]}
             lines.append(f"| {label} | {r['ppl']:.2f} | {r['ppl'] / dense['ppl']:.2f} | {100 * r['average']:.1f} | "
-                         f"{ret:.1f} | {_pd(r, dense)} | {vs_atv} | {r['prune_s']:.0f} |")
+                         f"{'-' if ret is None else f'{ret:.1f}'} | {_pd(r, dense)} | {vs_atv} | {r['prune_s']:.0f} |")
         lines += ["", f"Per-task accuracy, % ({p}):", "", "| method | " + " | ".join(tasks) + " |",
                   "|---|" + "---:|" * len(tasks)]
         for label in ROWS:
@@ -251,6 +251,22 @@ def table(runs_path: Path) -> tuple[str, dict]:
                 r = by_cell[(label, p)][0]
                 lines.append(f"| {label} | " + " | ".join(f"{100 * r['tasks'][t]['accuracy']:.0f}" for t in tasks)
                              + " |")
+        lines.append("")
+    gaps = modality_gaps()
+    if gaps:
+        lines += ["## Modality gap beside the two tiny VLMs", "",
+                  "`benchmarks/modality_gap.py` on each model's default calibration conversations (its own JSON "
+                  "names the count): share of visual tokens; kept weights in common between Wanda 50% masks scored "
+                  "from text-only and from visual-only statistics (mean over the decoder linears, range); cosine "
+                  "between the text and visual tokens' per-channel activation RMS profiles at each linear's input "
+                  "(range), and at block 0's attention input; visual / text RMS norm ratio (range).", "",
+                  "| model | file | samples | visual share | overlap, mean (range) | cosine range | block 0 attn in | "
+                  "norm ratio range |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for g in gaps:
+            lines.append(f"| {g['model']} | `{g['file']}` | {g['samples']} | {100 * g['visual_share']:.1f}% | "
+                         f"{100 * g['overlap_mean']:.1f}% ({100 * g['overlap_min']:.1f}-{100 * g['overlap_max']:.1f}) | "
+                         f"{g['cosine_min']:.3f}-{g['cosine_max']:.3f} | {g['block0_attn_cosine']:.3f} | "
+                         f"{g['ratio_min']:.2f}-{g['ratio_max']:.2f} |")
         lines.append("")
     checks = prediction_checks(by_cell, patterns)
     if checks:
@@ -268,8 +284,33 @@ def table(runs_path: Path) -> tuple[str, dict]:
     payload = {"key": key, "machine": m, "calibration_tokens": mix,
                "dense": {"ppl": dense["ppl"], "accuracy": dense["average"],
                          "tasks": {t: s["accuracy"] for t, s in dense["tasks"].items()}},
-               "cells": summary, "predictions": checks}
+               "cells": summary, "predictions": checks, "modality_gap": gaps}
     return "\n".join(lines), payload
+
+
+GAP_FILES = {"tiny_vlm": "modality-gap-tiny.json", "tiny_next": "modality-gap-tiny-next.json",
+             "SmolLM2 LLaVA": "modality-gap-smollm2-llava.json"}
+
+
+def modality_gaps() -> list[dict]:
+    """The summary of each model's ``benchmarks/modality_gap.py`` JSON in ``results/`` (those present)."""
+    import statistics
+
+    out = []
+    for model, name in GAP_FILES.items():
+        path = RESULTS / name
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        lin = list(r["linears"].values())
+        first_q = next(g for n, g in r["linears"].items() if n.endswith("layers.0.self_attn.q_proj"))
+        out.append({"model": model, "file": name, "samples": r["samples"], "visual_share": r["visual_share"],
+                    "overlap_mean": statistics.fmean(g["overlap"] for g in lin),
+                    "overlap_min": min(g["overlap"] for g in lin), "overlap_max": max(g["overlap"] for g in lin),
+                    "cosine_min": min(g["cosine"] for g in lin), "cosine_max": max(g["cosine"] for g in lin),
+                    "ratio_min": min(g["norm_ratio"] for g in lin), "ratio_max": max(g["norm_ratio"] for g in lin),
+                    "block0_attn_cosine": first_q["cosine"]})
+    return out
 
 
 def prediction_checks(by_cell: dict, patterns: list[str]) -> list[dict]:
