@@ -48,7 +48,7 @@ sys.path.insert(0, str(BENCH))
 
 from accuracy_plan import Job, job  # noqa: E402
 from accuracy_runs import STATE, RunLog, calibration_sets, init_worker, run_job, run_key  # noqa: E402
-from accuracy_stats import paired_difference, retention_of, verdict  # noqa: E402
+from accuracy_stats import paired_difference, retention_of  # noqa: E402
 
 PATTERNS = ("2:4", "50%", "4:8", "60%")
 # Row label -> (score rule, token selector), as accuracy_plan builds them from METHODS.
@@ -272,11 +272,15 @@ def table(runs_path: Path) -> tuple[str, dict]:
     if checks:
         lines += ["## Predictions and outcomes", "",
                   "Perplexity: one pruned model per cell (seed 0), compared directly. Accuracy: paired difference "
-                  "A - B, held when A is not behind B by more than 2 SE.", "",
+                  "A - B, held when A is not behind B by more than 2 SE (two models that both score 0 hold "
+                  "trivially: read those with the accuracy beside them).", "",
                   "| prediction | column | outcome | held |", "|---|---|---|---|"]
         for c in checks:
-            lines.append(f"| {c['prediction']} | {c['column']} | {c['outcome']} | {'yes' if c['held'] else 'no'} |")
-        lines += ["", f"{sum(c['held'] for c in checks)} of {len(checks)} held."]
+            held = "no" if not c["held"] else "trivially (both 0)" if c["both_zero"] else "yes"
+            lines.append(f"| {c['prediction']} | {c['column']} | {c['outcome']} | {held} |")
+        trivial = sum(c["both_zero"] for c in checks)
+        lines += ["", f"{sum(c['held'] for c in checks)} of {len(checks)} held, {trivial} of them trivially (two models "
+                  "that both score 0 on the bench)."]
     lines += ["", "Reproduce: `pip install -e \".[real-lm]\"`, `python benchmarks/real_lm/make_text.py --out "
               "~/.cache/atv-sparse/real-lm-text`, `nice -n 10 python benchmarks/real_lm/llava_tables.py run "
               f"--patterns {' '.join(patterns)} --per-task {key['per_task']} --nsamples {key['nsamples']}`, then "
@@ -325,10 +329,13 @@ def prediction_checks(by_cell: dict, patterns: list[str]) -> list[dict]:
                 held = all(by_cell[(r, p)][0]["ppl"] < rb["ppl"] for r in rows_a)
                 outcome = ", ".join(f"{by_cell[(r, p)][0]['ppl']:.2f}" for r in rows_a) + f" vs {rb['ppl']:.2f}"
             else:
-                d, se = paired_difference([by_cell[(a, p)][0]], [rb])
-                held = d > -2 * se if relation == ">=" else d > 2 * se
-                outcome = f"{d:+.1f} ± {se:.1f} pts ({verdict(d, se).split(' (')[0].replace('ATV ', 'A ')})"
-            out.append({"prediction": label, "column": p, "outcome": outcome, "held": held})
+                ra = by_cell[(a, p)][0]
+                d, se = paired_difference([ra], [rb])
+                held = d >= -2 * se if relation == ">=" else d > 2 * se
+                outcome = (f"{d:+.1f} ± {se:.1f} pts ({'within 2 SE' if abs(d) <= 2 * se else 'A ahead' if d > 0 else 'A behind'}"
+                           f"; accuracy {100 * ra['average']:.1f}% vs {100 * rb['average']:.1f}%)")
+            trivial = measure == "accuracy" and by_cell[(a, p)][0]["average"] == 0 == rb["average"]
+            out.append({"prediction": label, "column": p, "outcome": outcome, "held": held, "both_zero": trivial})
     return out
 
 
