@@ -182,3 +182,41 @@ def test_smollm2_llava_assembles_and_prunes(tmp_path):
         "mlp.down_proj"))
     for m in sparse.values():
         assert int((m.dense_weight() != 0).reshape(m.out_features, -1, 4).sum(-1).max()) <= 2
+
+
+def test_llava_table_checks_its_predictions(tmp_path):
+    """The real-LM LLaVA table from a runs file: perplexity predictions compared cell by cell, an
+    accuracy prediction between two models that both score 0 flagged as trivially held, paired
+    differences on the same items."""
+    tables = load_script("benchmarks/real_lm/llava_tables.py")
+    machine = {"cpu": "cpu", "cores": 2, "torch": "t", "transformers": "t"}
+
+    def run(label, pattern, ppl, correct):
+        score, tokens = ("dense", None) if label == "dense" else tables.ROWS[label]
+        j = tables.DENSE if label == "dense" else tables.job("plain", score, tokens, pattern, 0)
+        acc = {t: c.count("1") / len(c) for t, c in correct.items()}
+        return {"key": {"per_task": 4, "nsamples": 2, "test_seed": 0, "window": 8},
+                "run": {"name": j.name(), "job": {"pattern": j.pattern, "seed": j.seed}, "label": label, "ppl": ppl,
+                        "ppl_windows": 3, "ppl_tokens": 30, "average": sum(acc.values()) / len(acc),
+                        "average_nll": 1.0, "tasks": {t: {"accuracy": a, "nll": 1.0} for t, a in acc.items()},
+                        "correct": correct, "blocks": [], "prune_s": 1.0, "eval_s": 1.0, "ppl_s": 1.0,
+                        "machine": machine, "model": "m", "date": "2026-12-07T00:00",
+                        "calibration_tokens": {"0": {"visual": 9, "text": 1, "visual_share": 0.9}}}}
+
+    zero = {"count": "0000", "ocr": "0000"}
+    rows = [run("dense", "dense", 20.0, {"count": "1100", "ocr": "1000"}),
+            run("Wanda (mixed)", "2:4", 300.0, zero), run("Wanda text-only", "2:4", 200.0, zero),
+            run("Wanda visual-only", "2:4", 400.0, zero), run("ATV", "2:4", 250.0, {"count": "1100", "ocr": "0000"})]
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text, payload = tables.table(path)
+    checks = {c["prediction"]: c for c in payload["predictions"]}
+    assert checks["ppl: Wanda text-only < Wanda (mixed)"]["held"] is True
+    assert checks["ppl: ATV < Wanda (mixed)"]["held"] is True and not checks["ppl: ATV < Wanda (mixed)"]["both_zero"]
+    assert checks["accuracy: ATV >= Wanda (mixed)"]["held"] and not checks["accuracy: ATV >= Wanda (mixed)"]["both_zero"]
+    both_zero = checks["accuracy: Wanda (mixed) >= Wanda visual-only"]
+    assert both_zero["held"] and both_zero["both_zero"] and "trivially (both 0)" in text
+    assert checks["ppl: Wanda (mixed) < Wanda visual-only"]["held"] is True
+    # ATV answers 2 of the 8 items Wanda misses: +25 points over the 2 tasks' mean.
+    assert payload["cells"]["Wanda (mixed)|2:4"]["atv_minus"][0] == pytest.approx(25.0)
+    assert "| Wanda text-only | 200.00 | 10.00 |" in text and "SparseGPT | - |" in text
