@@ -193,7 +193,7 @@ def table(runs_path: Path) -> tuple[str, dict]:
     lines = [
         "# The paper's tables on a real LM: the SmolLM2-135M LLaVA-NeXT, pruned by every method",
         "",
-        f"Made by `benchmarks/real_lm/llava_tables.py table` from `real-lm-llava.runs.jsonl` ({len(runs)} pruned "
+        f"Made by `benchmarks/real_lm/llava_tables.py table` from `real-lm-llava.runs.jsonl` (dense + {len(runs) - 1} pruned "
         f"models, {min(r['date'] for r in runs.values())[:16]} to {max(r['date'] for r in runs.values())[:16]} UTC; "
         "log: `real-lm-llava.log`); prediction written before the runs: `real-lm-llava-prediction.md`.",
         f"Model: `{first['model']}` (`benchmarks/real_lm/smollm2_llava.py`: SmolLM2-135M-Instruct, the Q4_1 "
