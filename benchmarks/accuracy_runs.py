@@ -127,12 +127,15 @@ def run_job(job: Job) -> dict:
     correct: dict[str, list[str]] = {}
     for r in scored["records"]:
         correct.setdefault(r["task"], []).append("1" if r["correct"] else "0")
-    return {"job": dataclasses.asdict(job), "name": job.name(), "average": scored["average"],
+    eval_s = round(time.perf_counter() - t1, 2)
+    # A further measure of the pruned model (the real-LM LLaVA's text perplexity), set by the caller.
+    extra = st["measure"](model) if "measure" in st else {}
+    return {**extra, "job": dataclasses.asdict(job), "name": job.name(), "average": scored["average"],
             "average_nll": scored["average_nll"],
             "tasks": {t: {"accuracy": s["accuracy"], "nll": s["nll"]} for t, s in scored["tasks"].items()},
             "correct": {t: "".join(c) for t, c in correct.items()},
             "blocks": [{k: v for k, v in b.items() if not k.startswith("time_")} for b in blocks],
-            "prune_s": round(t1 - t0, 2), "eval_s": round(time.perf_counter() - t1, 2)}
+            "prune_s": round(t1 - t0, 2), "eval_s": eval_s}
 
 
 class RunLog:

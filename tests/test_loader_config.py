@@ -187,3 +187,35 @@ def test_unreadable_config_json(packed, tmp_path, text, words):
     with pytest.raises(AtvSparseError, match=words) as e:
         atv_sparse.load(bad)
     assert "config.json" in str(e.value)
+
+
+@pytest.mark.parametrize("architectures", [None, "absent", []])
+def test_dense_checkpoint_without_architectures_loads_by_model_type(tiny_llama, tmp_path, architectures):
+    """transformers' GGUF reader saves ``architectures: null``: the loader takes the class from
+    ``model_type``, as convert does, and loads the same weights as the plain class would."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_llama, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config.pop("architectures") if architectures == "absent" else config.update(architectures=architectures)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    model = atv_sparse.load(ckpt, progress=False)
+    reference = LlamaForCausalLM.from_pretrained(tiny_llama)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    ids = torch.randint(0, config["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_dense_checkpoint_of_unknown_model_type_without_architectures(tiny_llama, tmp_path):
+    """No ``architectures`` and a model_type atv_sparse does not know: the error convert gives."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_llama, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(architectures=None, model_type="mistral")
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AtvSparseError, match=r"no `architectures` and its model_type 'mistral' is not one of llama"):
+        atv_sparse.load(ckpt, progress=False)
+    assert main([str(ckpt), "--method", "magnitude", "--pattern", "2:4", "--out", str(tmp_path / "out"), "--quiet",
+                 "--device", "cpu"]) == 2

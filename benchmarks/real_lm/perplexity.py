@@ -164,6 +164,12 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _method_rows(by: dict, cell) -> list[str]:
+    """One markdown row per method of ``METHODS``: ``cell(summary)`` per pattern, "-" where not run."""
+    return [f"| {method} | " + " | ".join("-" if by.get((method, p)) is None else cell(by[(method, p)])
+                                          for p in PATTERNS) + " |" for method in METHODS]
+
+
 def table(runs: Path = RUNS) -> str:
     rows = read_runs(runs)
     if not rows:
@@ -205,20 +211,10 @@ def table(runs: Path = RUNS) -> str:
     ]
     if dense is not None:
         lines.append(f"| dense | {dense:.2f} |" + " |" * (len(PATTERNS) - 1))
-    for method in METHODS:
-        cells_ = []
-        for p in PATTERNS:
-            s = by.get((method, p))
-            cells_.append("-" if s is None else f"{_mean_sd(s['ppl'])} (n={len(s['ppl'])})")
-        lines.append(f"| {method} | " + " | ".join(cells_) + " |")
+    lines += _method_rows(by, lambda s: f"{_mean_sd(s['ppl'])} (n={len(s['ppl'])})")
     lines += ["", "| method | " + " | ".join(f"{p} time / peak" for p in PATTERNS) + " |",
               "|---|" + "---|" * len(PATTERNS)]
-    for method in METHODS:
-        cells_ = []
-        for p in PATTERNS:
-            s = by.get((method, p))
-            cells_.append("-" if s is None else f"{s['prune_s_median']:.0f} s / {s['prune_peak_rss_mb']:.0f} MB")
-        lines.append(f"| {method} | " + " | ".join(cells_) + " |")
+    lines += _method_rows(by, lambda s: f"{s['prune_s_median']:.0f} s / {s['prune_peak_rss_mb']:.0f} MB")
     lines += ["", "Paired by seed (the same seed draws the same calibration windows): SparseGPT minus Wanda, "
               "mean ± sd of the per-seed differences.", "", "| pattern | SparseGPT - Wanda | seeds |", "|---|---|---|"]
     for p in PATTERNS:
