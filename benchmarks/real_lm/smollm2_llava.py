@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -142,13 +141,10 @@ def assemble(lm_dir: Path, out: Path, projector: Path = TRAINED / PROJECTOR_FILE
         raise SystemExit(f"error: {out} exists and is not an assembled model; pass --overwrite")
     if not Path(projector).is_file():
         raise SystemExit(f"error: {projector}: no trained projector (train one with benchmarks/real_lm/train_llava.py)")
+    from atv_sparse.tinybench.training import save
+
     model, processor = build_model(lm_dir, projector, dtype=dtype)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    save(model, processor, out)  # through a temporary sibling, renamed when both are written
     return out
 
 
