@@ -502,26 +502,37 @@ void dot_any(Path path, const Problem& p, int64_t row0, int R, int64_t t0, int T
 
 inline float silu(float g) { return g / (1.f + std::exp(-g)); }
 
-// y (M, out_cols) in the activations' dtype O. Plain: out row j = weight row j (+ bias).
-// Gated: out column j = silu(row j) * row (I + j), I = out_cols.
-template <typename W>
-void decode(Path path, const Problem& p, const float* bias, bool gated, int64_t out_cols, W* y) {
-    const int64_t groups = (out_cols + ROWS - 1) / ROWS;
-    const int per_group = gated ? 2 : 1;  // weight rows per output column
-    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-        float sums[2 * ROWS * TILE];
-        for (int64_t g = g0; g < g1; ++g) {
-            const int64_t j0 = g * ROWS;
-            const int R = int(std::min<int64_t>(ROWS, out_cols - j0));
-            for (int64_t t0 = 0; t0 < p.M; t0 += TILE) {
-                const int T = int(std::min<int64_t>(TILE, p.M - t0));
-                for (int part = 0; part < per_group; ++part)
-                    dot_any<W>(path, p, j0 + part * out_cols, R, t0, T, sums + part * ROWS * TILE);
+// Token tiles of up to `widest` tokens: (first token, tile size) pairs.
+inline std::vector<std::pair<int64_t, int>> token_tiles(int64_t M, int widest) {
+    std::vector<std::pair<int64_t, int>> tiles;
+    for (int64_t t0 = 0; t0 < M; t0 += widest) tiles.emplace_back(t0, int(std::min<int64_t>(widest, M - t0)));
+    return tiles;
+}
+
+// The decode driver of every path: y (M, out_cols) in the weights' dtype W. Plain: out column j =
+// weight row j (+ bias). Gated: out column j = silu(row j) * row (I + j), I = out_cols. Output columns
+// are split statically over torch's threads, `step` at a time through every token tile, so the rows of
+// those columns come from memory once and from cache for the later tiles. rows(tile index, first
+// weight row, R, out) writes the tile's fp32 sums (R, T); one rounding into y.
+template <typename W, typename Rows>
+void decode(const Problem& p, const std::vector<std::pair<int64_t, int>>& tiles, int step, const float* bias,
+            bool gated, int64_t out_cols, W* y, Rows&& rows) {
+    int widest = 1;
+    for (const auto& tile : tiles) widest = std::max(widest, tile.second);
+    at::parallel_for(0, out_cols, step, [&](int64_t a, int64_t b) {
+        std::vector<float> sums(2 * step * widest);
+        float* up = sums.data() + step * widest;
+        for (int64_t j0 = a; j0 < b; j0 += step) {
+            const int R = int(std::min<int64_t>(step, b - j0));
+            for (size_t i = 0; i < tiles.size(); ++i) {
+                const auto [t0, T] = tiles[i];
+                rows(i, j0, R, sums.data());
+                if (gated) rows(i, j0 + out_cols, R, up);
                 for (int r = 0; r < R; ++r) {
                     for (int t = 0; t < T; ++t) {
                         float v = sums[r * T + t];
                         if (gated) {
-                            v = silu(v) * sums[ROWS * TILE + r * T + t];
+                            v = silu(v) * up[r * T + t];
                         } else if (bias) {
                             v += bias[j0 + r];
                         }
@@ -531,15 +542,6 @@ void decode(Path path, const Problem& p, const float* bias, bool gated, int64_t 
             }
         }
     });
-}
-
-// AVX-512 decode. Token tiles of up to 8 tokens (3 rows x 8 tokens = 24 accumulators beside the
-// expanded chunks and one activation register); a larger M runs as tiles of 8 and the rest, the later
-// tiles reading the rows from L2. Returns (first token, tile size) pairs.
-inline std::vector<std::pair<int64_t, int>> token_tiles(int64_t M) {
-    std::vector<std::pair<int64_t, int>> tiles;
-    for (int64_t t0 = 0; t0 < M; t0 += 8) tiles.emplace_back(t0, int(std::min<int64_t>(8, M - t0)));
-    return tiles;
 }
 
 template <typename W>
@@ -557,40 +559,18 @@ void rows_any(int T, const Problem& p, const char* xt, int64_t r0, int R, float*
     }
 }
 
-// As decode, on the AVX-512 kernels. xpad: (M, Kpad) padded activations. Output columns are split over
-// the threads statically; each thread takes SUB of them at a time through every token tile, so the
-// rows of those columns are read from memory once and from L2 by the later tiles.
+// AVX-512 decode: token tiles of up to 8 (3 rows x 8 tokens = 24 accumulators beside the expanded
+// chunks and one activation register), 64 output columns a step. xpad: (M, Kpad) padded activations,
+// copied once per tile into the chunk-major layout rows_avx512 reads.
 template <typename W>
 void decode_avx512(const Problem& p, const at::Tensor& xpad, const float* bias, bool gated, int64_t out_cols, W* y) {
-    constexpr int SUB = 64;
     const int64_t chunks = xpad.size(1) / 32;
-    const auto tiles = token_tiles(p.M);
+    const auto tiles = token_tiles(p.M, 8);
     std::vector<at::Tensor> tile_x;  // (chunks, T, 32) each: one pointer + constant offsets per chunk
     for (const auto& [t0, T] : tiles)
         tile_x.push_back(xpad.narrow(0, t0, T).view({T, chunks, 32}).transpose(0, 1).contiguous());
-    const int per_col = gated ? 2 : 1;  // weight rows per output column
-    at::parallel_for(0, out_cols, SUB, [&](int64_t a, int64_t b) {
-        std::vector<float> sums(2 * SUB * 8);
-        for (int64_t j0 = a; j0 < b; j0 += SUB) {
-            const int R = int(std::min<int64_t>(SUB, b - j0));
-            for (size_t i = 0; i < tiles.size(); ++i) {
-                const auto [t0, T] = tiles[i];
-                const char* xt = static_cast<const char*>(tile_x[i].data_ptr());
-                for (int part = 0; part < per_col; ++part)
-                    rows_any<W>(T, p, xt, j0 + part * out_cols, R, sums.data() + part * SUB * 8);
-                for (int r = 0; r < R; ++r) {
-                    for (int t = 0; t < T; ++t) {
-                        float v = sums[r * T + t];
-                        if (gated) {
-                            v = silu(v) * sums[SUB * 8 + r * T + t];
-                        } else if (bias) {
-                            v += bias[j0 + r];
-                        }
-                        y[(t0 + t) * out_cols + j0 + r] = static_cast<W>(v);
-                    }
-                }
-            }
-        }
+    decode<W>(p, tiles, 64, bias, gated, out_cols, y, [&](size_t i, int64_t r0, int R, float* out) {
+        rows_any<W>(tiles[i].second, p, static_cast<const char*>(tile_x[i].data_ptr()), r0, R, out);
     });
 }
 
@@ -741,7 +721,11 @@ at::Tensor nm_linear(const at::Tensor& x2d, const at::Tensor& bitmask, const at:
         if (path == AVX512) {
             decode_avx512<W>(p, xp, bias_p, gated, out_cols, y.data_ptr<W>());
         } else {
-            decode<W>(path, p, bias_p, gated, out_cols, y.data_ptr<W>());
+            const auto tiles = token_tiles(p.M, TILE);
+            decode<W>(p, tiles, ROWS, bias_p, gated, out_cols, y.data_ptr<W>(),
+                      [&](size_t i, int64_t r0, int R, float* out) {
+                          dot_any<W>(path, p, r0, R, tiles[i].first, tiles[i].second, out);
+                      });
         }
         return y;
     };
