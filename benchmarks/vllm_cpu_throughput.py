@@ -63,6 +63,14 @@ def build(work: Path, layers: int, seed: int) -> dict:
     return out
 
 
+def venv_versions() -> dict:
+    """torch and transformers of the running interpreter (the vLLM venv's, when serving)."""
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def serve(jobs_path: str, results_path: str) -> None:
     """In the vLLM venv: run each job of JOBS (a list of {"kind", "model", "batch", "new_tokens"})."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -98,7 +106,8 @@ def serve(jobs_path: str, results_path: str) -> None:
         backends = sorted({b for rank in per_rank for b in rank})
         results.append({**job, "seconds": seconds, "init_s": init_s, "methods": methods, "backends": backends,
                         "tokens": [list(o.outputs[0].token_ids) for o in outs],
-                        "tokens_per_s": job["batch"] * job["new_tokens"] / seconds, "vllm": vllm.__version__})
+                        "tokens_per_s": job["batch"] * job["new_tokens"] / seconds, "vllm": vllm.__version__,
+                        **venv_versions()})
         del llm
         gc.collect()
     Path(results_path).write_text(json.dumps(results))
@@ -118,7 +127,8 @@ def markdown(res: dict) -> str:
     e = res["env"]
     lines = [
         "# vLLM CPU serving throughput: packed 2:4 (atv-sparse plugin, `cpu` backend) vs its dense export", "",
-        f"{e['date']} | {e['cpu']} ({e['cores']} cores, shared) | vLLM {rows[0]['vllm']} (vllm-cpu) | "
+        f"{e['date']} | {e['cpu']} ({e['cores']} cores, shared) | vLLM {rows[0]['vllm']} (vllm-cpu), torch "
+        f"{rows[0]['torch']}, transformers {rows[0]['transformers']} in its venv{res.get('versions_note', '')} | "
         f"Python {e['python']} | load average at start {e['load_avg_start']:.1f}, end {e['load_avg_end']:.1f}", "",
         f"Reproduce: `{res['command']}`", "",
         f"Model: Llama-3.2-1B shape (dim 2048, 32 / 8 heads, MLP 8192), {res['args']['layers']} decoder blocks, "
@@ -146,6 +156,24 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def render(path: Path) -> int:
+    """Rewrite the markdown of a result JSON; runs made before the versions were recorded get them
+    from the vLLM venv now (pinned by .ci/vllm_tests.sh), and the header says so."""
+    from accuracy_render import write_atomic
+
+    res = json.loads(path.read_text())
+    if "torch" not in res["runs"][0]:
+        got = subprocess.run([str(VENV / "bin" / "python"), str(Path(__file__).resolve()), "--version-info"],
+                             capture_output=True, text=True, check=True)
+        versions = json.loads(got.stdout.strip().splitlines()[-1])
+        for run in res["runs"]:
+            run.update(versions)
+        res["versions_note"] = " (torch / transformers read from the venv after the run)"
+        write_atomic(path, json.dumps(res, indent=1) + "\n")
+    write_atomic(path.with_suffix(".md"), markdown(res) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=8)
@@ -156,17 +184,24 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--serve", nargs=2, metavar=("JOBS", "RESULTS"), help=argparse.SUPPRESS)
+    p.add_argument("--version-info", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--render", metavar="JSON", help="only rewrite the markdown from a result JSON")
     args = p.parse_args(argv)
     if args.serve:
         serve(*args.serve)
         return 0
+    if args.version_info:
+        print(json.dumps(venv_versions()))
+        return 0
+    if args.render:
+        return render(Path(args.render))
     python = VENV / "bin" / "python"
     if not python.exists():
         print(f"vllm_cpu_throughput.py: no vLLM venv at {VENV}: run .ci/vllm_tests.sh once to build it", file=sys.stderr)
         return 2
     command = "python benchmarks/vllm_cpu_throughput.py" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k not in ("serve", "out_dir", "tag") and v != p.get_default(k)) + (f" --tag {args.tag}" if args.tag else "")
+        if k not in ("serve", "out_dir", "tag", "version_info", "render") and v != p.get_default(k)) + (f" --tag {args.tag}" if args.tag else "")
     env = {"cpu": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                         if ln.startswith("model name")), platform.processor()), "cores": os.cpu_count(),
            "python": platform.python_version(), "load_avg_start": os.getloadavg()[0],
@@ -183,7 +218,7 @@ def main(argv=None) -> int:
                         str(work / "results.json")], check=True, env=child_env, cwd=work)
         runs = json.loads((work / "results.json").read_text())
     env["load_avg_end"] = os.getloadavg()[0]
-    res = {"env": env, "args": {k: v for k, v in vars(args).items() if k != "serve"}, "command": command, "runs": runs}
+    res = {"env": env, "args": {k: v for k, v in vars(args).items() if k not in ("serve", "version_info", "render")}, "command": command, "runs": runs}
     text = markdown(res)
     print(text)
     out = Path(args.out_dir)

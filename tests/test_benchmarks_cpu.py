@@ -84,7 +84,8 @@ def test_checkpoint_e2e_report_counts_the_tokens_before_the_first_difference():
 
 def test_vllm_throughput_report_compares_every_run_with_the_dense_export():
     tput = load_script("benchmarks/vllm_cpu_throughput.py")
-    runs = [{"kind": k, "tokens_per_s": v, "tokens": t, "methods": ["M"], "init_s": 1.0, "vllm": "0", "backends": b}
+    runs = [{"kind": k, "tokens_per_s": v, "tokens": t, "methods": ["M"], "init_s": 1.0, "vllm": "0", "backends": b,
+             "torch": "t", "transformers": "x"}
             for k, v, t, b in (("dense", 10.0, [[1, 2, 3, 4]], []), ("packed", 15.0, [[1, 2, 9, 4]], ["cpu"]),
                                ("dense", 12.0, [[1, 2, 3, 4]], []), ("packed", 13.0, [[1, 2, 3, 4]], ["cpu"]))]
     env = {"date": "d", "cpu": "c", "cores": 2, "python": "p", "load_avg_start": 1.0, "load_avg_end": 1.0}
