@@ -126,7 +126,9 @@ def test_no_top_level_module_of_the_repo_shadows_an_installed_package():
     """, cwd=REPO)
     assert found.returncode == 0, found.stderr[-3000:]
     origin = found.stdout.split()[-1]
-    assert origin == "absent" or not origin.startswith(str(REPO)), origin
+    # the repository's own top-level package or module, not any path below the root: a virtualenv made
+    # in the checkout (`python -m venv .venv`, as many users do) holds Hugging Face's `kernels` there too
+    assert origin not in (str(REPO / "kernels" / "__init__.py"), str(REPO / "kernels.py")), origin
     packages = {p.name for p in REPO.iterdir() if (p / "__init__.py").is_file()}
     assert packages == {"atv_sparse"}, packages
 
