@@ -142,6 +142,38 @@ def test_gated_matches_float64_reference(path, dtype, pattern, threads):
         check_close(got, F.silu(lin[..., :half]) * lin[..., half:], ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pattern", [(2, 4), (4, 8), (1, 4), (5, 8)], ids=lambda p: f"{p[0]}:{p[1]}")
+def test_one_token_matches_float64_reference(dtype, pattern, threads):
+    """One token, the decode step of a generate loop: bf16 2:4 / 4:8 take their own kernel (groups of 4
+    rows, two chunks a step), so the shapes cover an even and an odd count of full 32-column chunks, with
+    and without a partial last chunk, and row counts that leave 1-3 rows past the groups of 4."""
+    path_or_skip("avx512")
+    n, m = pattern
+    for seed, (rows, k) in enumerate(((70, 3208), (37, 1000), (9, 96), (8, 128), (6, 4160), (3, 40), (1, 64))):
+        weight, bitmask, values = random_layer(rows, k, n, m, dtype, seed)
+        x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        ref = x.double() @ weight.double().T
+        got = cpu_lib.nm_linear_cpu(x, values, bitmask, n, m)
+        check_close(got, F.linear(x, weight), ref, dtype)
+        if rows % 2 == 0:
+            half = rows // 2
+            ref = F.silu(ref[:, :half]) * ref[:, half:]
+            lin = F.linear(x, weight)
+            got = cpu_lib.nm_linear_cpu(x, values, bitmask, n, m, None, True)
+            check_close(got, F.silu(lin[:, :half]) * lin[:, half:], ref, dtype)
+
+
+def test_eager_call_and_custom_op_agree(kernels):
+    """The eager fast path (no op dispatch) and the registered op run the same kernel: equal bits."""
+    weight, bitmask, values = random_layer(40, 1000, 2, 4, torch.bfloat16)
+    x = torch.randn(3, 1000).bfloat16()
+    assert torch.equal(cpu_lib.nm_linear_cpu(x, values, bitmask, 2, 4),
+                       torch.ops.atv_sparse.nm_linear_cpu(x, values, bitmask, 2, 4))
+    with pytest.raises(AtvSparseError, match="x is torch.float32"):
+        torch.ops.atv_sparse.nm_linear_cpu(x.float(), values, bitmask, 2, 4)
+
+
 def test_paths_and_forcing(kernels, monkeypatch):
     paths = cpu_lib.cpu_paths()
     assert paths[-1] == "portable"

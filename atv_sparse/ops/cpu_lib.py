@@ -131,19 +131,43 @@ def cpu_layer_status(n: int | None, m: int | None, dtype: torch.dtype, out_featu
     return None
 
 
-@torch.library.custom_op("atv_sparse::nm_linear_cpu", mutates_args=())
 def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, n: int, m: int,
                   bias: torch.Tensor | None = None, gated: bool = False, path: str = "auto") -> torch.Tensor:
-    """x: (..., K); values: (N, K n / m); bitmask: (N, ceil(K / 8)) uint8 -> (..., N), or (..., N / 2) gated."""
+    """x: (..., K); values: (N, K n / m); bitmask: (N, ceil(K / 8)) uint8 -> (..., N), or (..., N / 2) gated.
+
+    The custom op ``atv_sparse::nm_linear_cpu`` under torch.compile and for tensor subclasses (fake,
+    functional) or inputs that require grad; otherwise the same kernel called directly. Each Python
+    step between two layers runs with cold caches once a layer's weights have streamed through them:
+    the op's dispatch then cost 60-80 us a call and the checks in Python ~30 us, against a kernel of
+    ~0.7 ms at 4096 x 4096, M = 1; so the eager call checks its operands in C++
+    (``nm_linear_checked``) and words a refusal here, after it.
+    """
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.requires_grad:
+        return torch.ops.atv_sparse.nm_linear_cpu(x, values, bitmask, n, m, bias, gated, path)
+    return _nm_linear(x, values, bitmask, n, m, bias, gated, path)
+
+
+def _nm_linear(x, values, bitmask, n, m, bias, gated, path):
     module, why = _load()
     if module is None:
         raise AtvSparseError(f"atv_sparse::nm_linear_cpu: the cpu backend is unavailable: {why}")
-    _check(x, values, bitmask, n, m, bias, gated)
-    code = PATH_CODES[default_path() if path == "auto" else check_path(path)]
-    k = x.shape[-1]
-    y = module.nm_linear(x.reshape(-1, k).contiguous(), bitmask.contiguous(), values.contiguous(), n, m,
-                         None if bias is None else bias.contiguous(), gated, code, DECODE_MAX_TOKENS, PANEL_BYTES)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    try:
+        return module.nm_linear_checked(x, bitmask, values, n, m, bias, gated, path, DECODE_MAX_TOKENS, PANEL_BYTES)
+    except RuntimeError as exc:
+        if module.INVALID not in str(exc):
+            raise
+        _check(x, values, bitmask, n, m, bias, gated)  # raises, naming the problem
+        if path != "auto":
+            check_path(path)
+        default_path()
+        raise AtvSparseError(f"atv_sparse::nm_linear_cpu: operands the kernels refuse: x {tuple(x.shape)} "
+                             f"{x.dtype}, values {tuple(values.shape)}, bitmask {tuple(bitmask.shape)}") from None
+
+
+@torch.library.custom_op("atv_sparse::nm_linear_cpu", mutates_args=())
+def _nm_linear_op(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, n: int, m: int,
+                  bias: torch.Tensor | None = None, gated: bool = False, path: str = "auto") -> torch.Tensor:
+    return _nm_linear(x, values, bitmask, n, m, bias, gated, path)
 
 
 def _check(x, values, bitmask, n, m, bias, gated) -> None:
@@ -165,7 +189,7 @@ def _check(x, values, bitmask, n, m, bias, gated) -> None:
         raise AtvSparseError(f"atv_sparse::nm_linear_cpu: {why}")
 
 
-@nm_linear_cpu.register_fake
+@_nm_linear_op.register_fake
 def _(x, values, bitmask, n, m, bias=None, gated=False, path="auto"):
     torch._check(x.shape[-1] * n == values.shape[1] * m,
                  lambda: f"nm_linear_cpu: x has K={x.shape[-1]} but values {tuple(values.shape)} hold K*{n}/{m}")
