@@ -32,7 +32,8 @@
 // Prefill (many tokens): panels of P rows are expanded into a dense buffer that stays in cache and
 // multiplied by torch's own dense GEMM (at::addmm), so the whole dense weight never exists.
 //
-// Pitfalls measured on Zen 5 (../shared/notes/cpu-kernels.md): a zero-masked expand whose
+// Pitfalls measured on this AMD EPYC (/proc/cpuinfo: family 25, model 17, a Zen 4; the shared notes
+// ../shared/notes/cpu-kernels.md call it Zen 5 class): a zero-masked expand whose
 // destination register was last written by another expand waits for it, so each expand merges
 // into a freshly zeroed register (vpxord, hidden from the optimiser); the memory-source expand is
 // slow on a cache miss, so the values are loaded first (a register operand of the asm); software
