@@ -28,13 +28,16 @@ of it. Paired difference and its standard error (same items) are reported too.
 
 The pieces live in :mod:`atv_sparse.evaluation`, which this command owns: ``items`` (what is
 scored), ``scoring`` (how), ``metrics`` (the scores), ``perplexity`` and ``loading``; this module
-is the command line.
+is the command line. It checks every argument and reads every input file before a model loads;
+``--json OUT`` is written under a temporary name renamed when complete, and an existing OUT is
+replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +49,7 @@ from .textfiles import read_user_text
 from .evaluation.items import limit_items, read_eval_file, scene_size, synthetic_items
 from .evaluation.loading import is_multimodal, load_model_and_processor
 from .evaluation.metrics import compare
+from .models.adapter import read_config
 from .tinybench.model import bundled_model_dir
 from .evaluation.perplexity import text_perplexity
 from .evaluation.scoring import SCORERS, evaluate_model
@@ -79,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="auto", help="dtype to run in (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--json", metavar="OUT", help="write the scores (and per-item records) as JSON to OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace --json OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -127,7 +132,20 @@ def run(args) -> dict:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise AtvSparseError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    # The input files are read (and refused) before the model loads.
+    # Every argument is checked and the input files read (and refused) before a model loads.
+    if args.tasks:
+        unknown = [t for t in args.tasks if t not in TASKS]
+        if unknown:
+            raise AtvSparseError(f"--tasks: unknown task(s) {', '.join(unknown)}; the tasks are {', '.join(TASKS)}")
+    if args.json:
+        out = Path(args.json)
+        if out.is_dir() or (out.exists() and not args.overwrite):
+            raise AtvSparseError(f"--json {out}: " + ("is a directory" if out.is_dir() else
+                                                      "exists; pass --overwrite to replace it"))
+        if not out.parent.is_dir():
+            raise AtvSparseError(f"--json {out}: the folder {out.parent} does not exist")
+    if args.baseline:
+        read_config(Path(args.baseline))  # refuses a folder that is not a model before the first one loads
     text = read_user_text(args.ppl, "perplexity file", allow_empty=False) if args.ppl else None
     data_items = read_eval_file(args.data) if args.data and not args.no_tasks else None
     model, processor = load_model_and_processor(model_dir, dtype=dtype, device=device)
@@ -172,8 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     except AtvSparseError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+    if args.json:  # a temporary name renamed when complete, so a failed write leaves no partial file
+        out = Path(args.json)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, out)
     return 0
 
 

@@ -291,3 +291,33 @@ def test_scoring_through_an_attached_mot_probe(vlm_dir):
         for mot in probe.linears.values():
             mot.visual.weight.zero_()  # only image positions change
     assert evaluate_model(model, processor, items, progress=False)["records"] != before
+
+
+def test_refusals_come_before_any_model_loads(vlm_dir, tmp_path, capsys, monkeypatch):
+    """An existing --json without --overwrite, an unknown task and a --baseline that is not a model are
+    refused (exit 2, the problem named) before a model loads; the existing file is left as it was."""
+    import atv_sparse.evaluate as evaluate
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(evaluate, "load_model_and_processor", no_load)
+    out = tmp_path / "scores.json"
+    out.write_text("earlier scores")
+    assert main([str(vlm_dir), "--json", str(out), "--quiet", "--device", "cpu"]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and out.read_text() == "earlier scores"
+    assert main([str(vlm_dir), "--tasks", "count", "colours", "--quiet", "--device", "cpu"]) == 2
+    assert "unknown task(s) colours" in capsys.readouterr().err
+    assert main([str(vlm_dir), "--baseline", str(tmp_path), "--quiet", "--device", "cpu"]) == 2
+    assert "not a model directory" in capsys.readouterr().err
+    assert main([str(vlm_dir), "--json", str(tmp_path / "missing" / "s.json"), "--quiet", "--device", "cpu"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_json_is_replaced_only_with_overwrite(vlm_dir, tmp_path):
+    out = tmp_path / "scores.json"
+    out.write_text("earlier scores")
+    args = [str(vlm_dir), "--tasks", "count", "--per-task", "2", "--json", str(out), "--quiet", "--device", "cpu"]
+    assert main(args + ["--overwrite"]) == 0
+    assert json.loads(out.read_text())["tasks"]["count"]["n"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["scores.json"]  # no temporary file left
