@@ -138,12 +138,15 @@ def test_unparseable_multimodal_file(folder, text, words, suffix):
         read_multimodal_file(path)
 
 
-@pytest.mark.parametrize("line", ["[1, 2]", '"text"', "5", "null", '{"txt": "a"}', "[" * 100000,
-                                  '{"text": ' + "7" * 5000 + "}", "{"])
-def test_text_jsonl_line_of_wrong_type(tmp_path, line):
+@pytest.mark.parametrize("line, words", [
+    ("[1, 2]", "expected a JSON object"), ('"text"', "expected a JSON object"), ("5", "expected a JSON object"),
+    ("null", "expected a JSON object"), ('{"txt": "a"}', "expected a JSON object"),
+    ("[" * 100000, r"not valid JSON \(nested too deeply\)"), ('{"text": ' + "7" * 5000 + "}", "not valid JSON"),
+    ("{", "not valid JSON")])
+def test_text_jsonl_line_of_wrong_type(tmp_path, line, words):
     path = tmp_path / "c.jsonl"
-    path.write_text('{"text": "fine"}\n' + line + "\n")
-    with pytest.raises(AtvSparseError, match=f"{path}, line 2: expected a JSON object"):
+    path.write_text('{"text": "fine"}\n\n' + line + "\n")  # a blank line between: line numbers count it
+    with pytest.raises(AtvSparseError, match=f"calibration file {path}, line 3: {words}"):
         read_calibration_text(path)
 
 

@@ -6,7 +6,6 @@ Like Wanda's WikiText route, windows start at seeded random offsets of the conca
 
 from __future__ import annotations
 
-import json
 import random
 from importlib import resources
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AtvSparseError
-from ..textfiles import is_text, read_user_text
+from ..textfiles import is_text, json_lines, read_user_text
 
 DEFAULT_CALIBRATION = "<embedded default text>"
 
@@ -27,29 +26,24 @@ def default_calibration_text() -> str:
 def read_calibration_text(path: str | Path) -> str:
     """The corpus in ``path``: a ``.jsonl`` file of ``{"text": ...}`` lines, or plain text.
 
-    Any problem with the file is an ``AtvSparseError`` naming it and the line: whatever ``json``
-    raises for a hostile line (an integer past 4300 digits, nesting past the stack), and strings
-    that are not text (lone surrogate escapes, which no tokenizer takes).
+    Any problem with the file is an ``AtvSparseError`` naming it and the line: a line that is not JSON
+    (``textfiles.json_lines``: whatever ``json`` raises for a hostile line, an integer past 4300 digits,
+    nesting past the stack), a record that is not ``{"text": str}``, and strings that are not text
+    (lone surrogate escapes, which no tokenizer takes).
     """
     path = Path(path)
     raw = read_user_text(path, "calibration file")
     if path.suffix == ".jsonl":
         texts = []
-        for lineno, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError):
-                record = None
+        for record, where in json_lines(raw, f"calibration file {path}"):
             if not isinstance(record, dict) or "text" not in record:
-                raise AtvSparseError(f"calibration file {path}, line {lineno}: expected a JSON object "
+                raise AtvSparseError(f"calibration file {path}, {where}: expected a JSON object "
                                      '{"text": ...}')
             texts.append(record["text"])
             if not isinstance(texts[-1], str):
-                raise AtvSparseError(f"calibration file {path}, line {lineno}: \"text\" is not a string")
+                raise AtvSparseError(f"calibration file {path}, {where}: \"text\" is not a string")
             if not is_text(texts[-1]):
-                raise AtvSparseError(f"calibration file {path}, line {lineno}: \"text\" holds an unpaired "
+                raise AtvSparseError(f"calibration file {path}, {where}: \"text\" holds an unpaired "
                                      "surrogate escape (\\ud800-\\udfff), which is not text")
         raw = "\n\n".join(texts)
     if not raw.strip():
