@@ -200,13 +200,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--projector", type=Path, default=TRAINED / PROJECTOR_FILE,
                    help=f"trained projector file (the shipped ones: {PROJECTOR_FILE}, the default, and {STAGE1_V1_FILE})")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--score", type=int, default=0, metavar="PER_TASK",
+                   help="then score the assembled model on PER_TASK synthetic test items per task (seed 0, "
+                        "teacher-forced: the model card's table) and write test_scores.json to --scores-out")
+    p.add_argument("--scores-out", type=Path, default=None, help="where --score writes its test_scores.json")
     args = p.parse_args(argv)
+    if args.score and args.scores_out is None:
+        p.error("--score needs --scores-out")
     sys.path.insert(0, str(HERE))
     from smollm2 import cache_root, ensure_checkpoint
 
     lm_dir = ensure_checkpoint(args.cache)
     out = args.out or (args.cache or cache_root()) / assembled_name(args.projector)
     print(assemble(lm_dir, out, args.projector, args.overwrite))
+    if args.score:
+        from atv_sparse.evaluation.scorecard import record_test_scores
+
+        torch.set_num_threads(1)
+        _, scores = record_test_scores(out, args.score, seed=0)
+        scores["projector"] = json.loads((out / RECORD_FILE).read_text())
+        tmp = args.scores_out.with_name(args.scores_out.name + ".tmp")
+        tmp.write_text(json.dumps(scores, indent=1) + "\n")
+        tmp.replace(args.scores_out)
+        print(f"average {scores['average']:.3f} ({scores['eval_seconds']:.0f} s): " +
+              " ".join(f"{t}={v['accuracy']:.3f}" for t, v in scores["tasks"].items()))
     return 0
 
 
