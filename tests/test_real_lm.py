@@ -291,3 +291,31 @@ def test_grounding_items_shuffle_images_within_a_task():
     assert math.isclose(overall["gap"], statistics.mean(gaps))
     assert math.isclose(overall["gap_se"], statistics.stdev(gaps) / math.sqrt(6))
     assert overall["acc_true"] == sum(r["correct"] for r in a) / 6
+
+
+def test_word_targets_name_each_object_patch():
+    """train_llava.WordTargets: an object patch's target is the embedding of its colour word on
+    even (row + column) and of its shape word on odd patches, a letter patch's its letter's, empty
+    patches are unlabelled; the loss is the mean relative squared error over labelled tokens."""
+    from atv_sparse.tinybench.supervision import COLOURS, SHAPES
+
+    train = load_script("benchmarks/real_lm/train_llava.py")
+    words = [" " + w for w in COLOURS] + [" " + w for w in SHAPES] + [f" {chr(65 + k)}" for k in range(26)]
+
+    class Tokenizer:  # one id per word, in that order, offset so that ids are not positions
+        def encode(self, text, add_special_tokens=False):
+            return [100 + words.index(text)]
+
+    gen = torch.Generator().manual_seed(2)
+    table = torch.randn(200, 16, generator=gen)
+    targets = train.WordTargets(Tokenizer(), table, 1.0)
+    # (colour, shape, pair, letter, row, col) per patch
+    patch = torch.tensor([[[3, 2, 0, 0, 1, 1], [3, 2, 0, 0, 1, 2], [0, 0, 0, 5, 0, 0], [0, 0, 0, 0, 2, 3]]])
+    target, mask = targets.targets(patch)
+    assert mask.tolist() == [[True, True, True, False]]
+    assert torch.equal(target[0, 0], table[100 + 2])  # COLOURS[2], row + col even
+    assert torch.equal(target[0, 1], table[100 + len(COLOURS) + 1])  # SHAPES[1], odd
+    assert torch.equal(target[0, 2], table[100 + len(COLOURS) + len(SHAPES) + 4])  # letter 5 = "E"
+    projected = torch.randn(1, 4, 16, generator=gen)
+    expected = sum(float((projected[0, k] - target[0, k]).pow(2).sum() / target[0, k].pow(2).sum()) for k in range(3)) / 3
+    assert math.isclose(float(targets.loss(projected, patch)), expected, rel_tol=1e-5)
