@@ -319,3 +319,23 @@ def test_word_targets_name_each_object_patch():
     projected = torch.randn(1, 4, 16, generator=gen)
     expected = sum(float((projected[0, k] - target[0, k]).pow(2).sum() / target[0, k].pow(2).sum()) for k in range(3)) / 3
     assert math.isclose(float(targets.loss(projected, patch)), expected, rel_tol=1e-5)
+
+
+def test_caption_oracle_items_shuffle_the_description_only():
+    """llava_grounding.py --caption-oracle: each item keeps its own image and answer; the true
+    twin's prompt holds its own scene's caption, the shuffled twin's another item's."""
+    from atv_sparse.tinybench.scenes import caption
+
+    grounding = load_script("benchmarks/real_lm/llava_grounding.py")
+    true, shuffled = grounding.caption_oracle_items(3, seed=5)
+    plain, _ = grounding.grounding_items(3, seed=5)
+    for t, s, p in zip(true, shuffled, plain, strict=True):
+        assert t.image is not None and t.image.tobytes() == s.image.tobytes() == p.image.tobytes()
+        assert t.question.endswith("\n" + p.question) and s.question.endswith("\n" + p.question)
+        assert t.question != s.question and t.answer == s.answer == p.answer
+    assert true[0].question.startswith("Image description: ")
+    from atv_sparse.tinybench import tasks as synthetic
+
+    first = synthetic.generate(next(iter(synthetic.IMAGE_TASKS)), "calibration", 3, seed=5)
+    assert true[0].question.startswith(f"Image description: {caption(first[0].scene)}\n")
+    assert shuffled[0].question.startswith(f"Image description: {caption(first[1].scene)}\n")

@@ -11,6 +11,13 @@ format, answer priors) and not as content. Scale: a frozen LM ignores image toke
 than its text embeddings, or is swamped by much larger ones, so the per-token L2 norms of both are
 reported (projected base-view and tile tokens, ``image_newline``, the embeddings of the prompts'
 text tokens and of the whole vocabulary).
+
+``--caption-oracle``: the frozen LM's own ceiling. Each question is asked with its true image (the
+projector's tokens still set the answer format) after the scene's exact description as text
+("Image description: A yellow square at top centre-left and ...") against another item's
+description: the gap then measures how much the language model can use perfect image content
+handed to it in words, which no stage-1 projector (the LM frozen) can be expected to exceed by
+much.
 """
 
 from __future__ import annotations
@@ -51,6 +58,22 @@ def grounding_items(per_task: int, seed: int, split: str = "calibration") -> tup
             true.append(EvalItem(it.task, it.question, it.answer, images[k], it.key))
             shuffled.append(EvalItem(it.task, it.question, it.answer, images[(k + 1) % per_task], it.key))
     return true, shuffled
+
+
+def caption_oracle_items(per_task: int, seed: int, split: str = "calibration") -> tuple[list[EvalItem], list[EvalItem]]:
+    """(true, shuffled) as :func:`grounding_items`, every item with its own image, its question
+    prefixed by its own scene's caption (true) or by the next item's (shuffled)."""
+    from atv_sparse.tinybench.scenes import caption
+
+    true, _ = grounding_items(per_task, seed, split)
+    captions = [caption(it.scene) for task in synthetic.IMAGE_TASKS
+                for it in synthetic.generate(task, split, per_task, seed=seed)]
+    def ask(it, text):
+        return EvalItem(it.task, f"Image description: {text}\n{it.question}", it.answer, it.image, it.key)
+
+    shifted = [captions[(k // per_task) * per_task + (k % per_task + 1) % per_task] for k in range(len(true))]
+    return ([ask(it, c) for it, c in zip(true, captions, strict=True)],
+            [ask(it, c) for it, c in zip(true, shifted, strict=True)])
 
 
 def nll_gap(true_records: list[dict], shuffled_records: list[dict]) -> dict:
@@ -94,12 +117,13 @@ def token_scale(model, processor, items: list[EvalItem]) -> dict:
             "text_vocabulary": embed.norm(dim=-1).mean().item()}
 
 
-def measure(model, processor, per_task: int, seed: int) -> dict:
-    true, shuffled = grounding_items(per_task, seed)
+def measure(model, processor, per_task: int, seed: int, caption_oracle: bool = False) -> dict:
+    true, shuffled = (caption_oracle_items if caption_oracle else grounding_items)(per_task, seed)
     t0 = time.time()
     a = evaluate_model(model, processor, true, batch_size=8, progress=False)["records"]
     b = evaluate_model(model, processor, shuffled, batch_size=8, progress=False)["records"]
-    return {"per_task": per_task, "seed": seed, "split": "calibration", **nll_gap(a, b),
+    return {"per_task": per_task, "seed": seed, "split": "calibration",
+            "shuffled": "the scene's caption in the prompt" if caption_oracle else "the image", **nll_gap(a, b),
             "scale": token_scale(model, processor, true[::per_task]), "seconds": round(time.time() - t0, 1)}
 
 
@@ -119,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=None, help="smollm2.py's cache folder")
     p.add_argument("--per-task", type=int, default=6, help="calibration items per image task")
     p.add_argument("--seed", type=int, default=4321, help="item seed (not train_llava.py's validation seed 12345)")
+    p.add_argument("--caption-oracle", action="store_true",
+                   help="shuffle a text description of the scene put in the prompt, not the image (the LM's ceiling)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
@@ -128,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     model, processor = smollm2_llava.build_model(ensure_checkpoint(args.cache), args.projector, dtype=torch.bfloat16)
-    result = {"projector": str(args.projector), **measure(model, processor, args.per_task, args.seed)}
+    result = {"projector": str(args.projector), **measure(model, processor, args.per_task, args.seed, args.caption_oracle)}
     print(render(result), flush=True)
     if args.out is not None:
         tmp = args.out.with_name(args.out.name + ".tmp")
