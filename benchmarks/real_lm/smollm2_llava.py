@@ -10,7 +10,9 @@ together: the bundled tiny VLM's CLIP tower (``atv_sparse/assets/tiny_vlm``, 56 
 hidden 128; frozen), the real language model (:mod:`smollm2`'s checkpoint: the Q4_1 release
 dequantized to bf16; frozen) and a projector (LLaVA's 2-layer GELU MLP, 128 -> 576 -> 576) with
 ``image_newline``, the only trained parts (``benchmarks/real_lm/train_llava.py``, stage 1), shipped
-in :data:`TRAINED` (``projector.safetensors``, about 1.6 MB, with the model card and training log).
+in :data:`TRAINED` (``projector.safetensors``: stage1-v2, the default; ``projector-stage1-v1.safetensors``:
+the first stage 1, which made the committed pruning tables; about 1.6 MB each, with the model card
+and training logs).
 
 Anyres geometry of the tiny LLaVA-NeXT (``atv_sparse.tinybench.next_model``): a 112 px scene is a
 base view plus 2 x 2 tiles of 56 px, 64 + 256 + 16 ``image_newline`` = 336 image tokens, against

@@ -1,11 +1,14 @@
 """Stage 1 of the real-LM LLaVA (:mod:`smollm2_llava`): the projector and ``image_newline`` alone,
 SmolLM2-135M-Instruct and the CLIP tower frozen, on a 2-core CPU.
 
-    # stage1-v1 (the first shipped projector, projector-stage1-v1.safetensors): the defaults
-    nice -n 10 python benchmarks/real_lm/train_llava.py --steps 180 > benchmarks/real_lm/smollm2_llava/train.log
-    # stage1-v2: mostly base-view samples, fewer captions, more samples per step (the model card's)
-    nice -n 10 python benchmarks/real_lm/train_llava.py --base-view-share 0.9 --caption-share 0.2 --batch 8 \
-        --steps STEPS > benchmarks/real_lm/smollm2_llava/train-stage1-v2.log
+    # stage1-v1 (projector-stage1-v1.safetensors; the defaults)
+    nice -n 10 python benchmarks/real_lm/train_llava.py --out OUT --steps 180 > OUT/train.log
+    # stage1-v2 (projector.safetensors, the model card's): base view, fewer captions, word alignment
+    nice -n 10 python benchmarks/real_lm/train_llava.py --out OUT --base-view-share 0.9 --caption-share 0.2 \
+        --batch 8 --warmup 30 --word-weight 1.0 --steps 700 > OUT/train.log
+
+``--out`` defaults to the shipped folder, whose ``projector.safetensors`` a run replaces: give
+another folder to keep the shipped projector.
 
 Data: 112 px scenes of the synthetic train split (``atv_sparse.tinybench.tasks``), one turn per
 sample: half LLaVA stage-1 captions ("Describe the image." -> the ShareGPT4V-style caption), half
