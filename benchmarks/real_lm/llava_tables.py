@@ -123,9 +123,10 @@ def machine() -> dict:
 def run(args) -> None:
     import multiprocessing
 
-    from smollm2_llava import ensure_model
+    from smollm2_llava import RECORD_FILE, ensure_model
 
-    args.model = str(args.model or ensure_model(args.cache))
+    args.model = str(args.model or ensure_model(args.cache, args.projector))
+    record = Path(args.model) / RECORD_FILE
     log = RunLog(args.runs, log_key(args))
     done = log.load()
     todo = [(label, j) for label, j in plan(args.patterns, args.seeds, args.rows) if j.name() not in done]
@@ -138,6 +139,7 @@ def run(args) -> None:
     mix = {str(s): c.token_mix() for s, c in STATE["calib"].items()}
     print(f"setup {time.time() - t0:.0f} s; calibration token mix {mix}", flush=True)
     context = {"machine": machine(), "calibration_tokens": mix, "model": Path(args.model).name,
+               "projector": json.loads(record.read_text()) if record.is_file() else None,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     jobs = [j for _, j in todo]
     pool = None
@@ -190,6 +192,12 @@ def table(runs_path: Path) -> tuple[str, dict]:
     share = ", ".join(f"seed {s}: {v['visual']:,} image + {v['text']:,} text tokens ({100 * v['visual_share']:.1f}% "
                       "visual)" for s, v in mix.items())
     seeds = sorted({r["job"]["seed"] for r in runs.values() if r["job"]["seed"] is not None})
+    projector = first.get("projector")
+    # Runs logged before the projector was recorded were all made with the first stage 1 (the only
+    # projector then), the file now kept as projector-stage1-v1.safetensors.
+    projector = (f"projector `{projector['projector']}` (sha256 {projector['sha256'][:12]})" if projector else
+                 "projector `projector-stage1-v1.safetensors` (the first stage 1: these runs predate the stage1-v2 "
+                 "projector and the projector record)")
     lines = [
         "# The paper's tables on a real LM: the SmolLM2-135M LLaVA-NeXT, pruned by every method",
         "",
@@ -197,8 +205,8 @@ def table(runs_path: Path) -> tuple[str, dict]:
         f"models, {min(r['date'] for r in runs.values())[:16]} to {max(r['date'] for r in runs.values())[:16]} UTC; "
         "log: `real-lm-llava.log`); prediction written before the runs: `real-lm-llava-prediction.md`.",
         f"Model: `{first['model']}` (`benchmarks/real_lm/smollm2_llava.py`: SmolLM2-135M-Instruct, the Q4_1 "
-        "release dequantized to bf16, frozen; the bundled tiny CLIP tower, frozen; a projector trained in stage 1 "
-        "only; model card `benchmarks/real_lm/smollm2_llava/README.md`), run in bf16. "
+        "release dequantized to bf16, frozen; the bundled tiny CLIP tower, frozen; "
+        f"{projector}, trained in stage 1 only; model card `benchmarks/real_lm/smollm2_llava/README.md`), run in bf16. "
         f"Machine: {m['cpu']}, {m['cores']} cores shared with other jobs, one torch thread per model, torch "
         f"{m['torch']}, transformers {m['transformers']}.",
         f"Calibration: {key['nsamples']} conversations of the synthetic calibration split per seed (seeds "
@@ -346,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--model", type=Path, default=None, help="the assembled model (default: smollm2_llava.py's, made "
                    "once in the cache)")
     r.add_argument("--cache", type=Path, default=None, help="smollm2.py's cache folder")
+    r.add_argument("--projector", type=Path, default=None,
+                   help="trained projector the model is assembled with when --model is not given (default: the "
+                        "shipped projector.safetensors; projector-stage1-v1.safetensors made the committed tables)")
     r.add_argument("--text", type=Path, default=Path.home() / ".cache" / "atv-sparse" / "real-lm-text",
                    help="make_text.py's output folder")
     r.add_argument("--patterns", nargs="+", choices=PATTERNS, default=["2:4", "50%"])
@@ -363,6 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", type=Path, default=OUT, help="output path without suffix")
     args = p.parse_args(argv)
     if args.command == "run":
+        from smollm2_llava import PROJECTOR_FILE, TRAINED
+
+        if args.model is not None and args.projector is not None:
+            p.error("--projector assembles the model; it cannot be combined with --model")
+        args.projector = args.projector or TRAINED / PROJECTOR_FILE
         for name in ("per_task", "nsamples", "workers", "window"):
             if getattr(args, name) < 1:
                 p.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -10,7 +10,9 @@ together: the bundled tiny VLM's CLIP tower (``atv_sparse/assets/tiny_vlm``, 56 
 hidden 128; frozen), the real language model (:mod:`smollm2`'s checkpoint: the Q4_1 release
 dequantized to bf16; frozen) and a projector (LLaVA's 2-layer GELU MLP, 128 -> 576 -> 576) with
 ``image_newline``, the only trained parts (``benchmarks/real_lm/train_llava.py``, stage 1), shipped
-in :data:`TRAINED` (``projector.safetensors``, about 1.6 MB, with the model card and training log).
+in :data:`TRAINED` (``projector.safetensors``: stage1-v2, the default; ``projector-stage1-v1.safetensors``:
+the first stage 1, which made the committed pruning tables; about 1.6 MB each, with the model card
+and training logs).
 
 Anyres geometry of the tiny LLaVA-NeXT (``atv_sparse.tinybench.next_model``): a 112 px scene is a
 base view plus 2 x 2 tiles of 56 px, 64 + 256 + 16 ``image_newline`` = 336 image tokens, against
@@ -35,7 +37,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 TRAINED = HERE / "smollm2_llava"
-PROJECTOR_FILE = "projector.safetensors"
+PROJECTOR_FILE = "projector.safetensors"  # stage1-v2 (issue 32): the default
+STAGE1_V1_FILE = "projector-stage1-v1.safetensors"  # the first stage 1 (real-lm-llava.md's pruning tables)
+RECORD_FILE = "atv_projector.json"  # in an assembled model: which projector it was assembled from
 MODEL_NAME = "smollm2-llava"
 IMAGE_TOKEN = "<empty_output>"
 # ChatML; content as the tiny models' templates build it (image slot, then text).
@@ -130,46 +134,98 @@ def trained_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous() for k, v in model.state_dict().items() if k.startswith(TRAINED_PREFIXES)}
 
 
+def projector_record(projector: Path) -> dict:
+    """What :data:`RECORD_FILE` of an assembled model holds: the projector file's name and sha256."""
+    import hashlib
+
+    return {"projector": Path(projector).name, "sha256": hashlib.sha256(Path(projector).read_bytes()).hexdigest()}
+
+
+def assembled_name(projector: Path) -> str:
+    """The cache folder name of the model assembled with ``projector``: :data:`MODEL_NAME` for the
+    shipped :data:`PROJECTOR_FILE`, ``smollm2-llava-stage1-v1`` for ``projector-stage1-v1.safetensors``."""
+    stem = Path(projector).name.removesuffix(".safetensors")
+    return MODEL_NAME if stem == PROJECTOR_FILE.removesuffix(".safetensors") else f"{MODEL_NAME}-{stem.removeprefix('projector-')}"
+
+
 def assemble(lm_dir: Path, out: Path, projector: Path = TRAINED / PROJECTOR_FILE, overwrite: bool = False,
              dtype=torch.bfloat16) -> Path:
-    """Write the assembled checkpoint (config, bf16 weights, processor, tokenizer) to ``out``, under a
-    temporary name renamed when complete; an existing ``out`` is kept unless ``overwrite``."""
+    """Write the assembled checkpoint (config, bf16 weights, processor, tokenizer, and
+    :data:`RECORD_FILE` naming the projector) to ``out``, under a temporary name renamed when
+    complete. An existing ``out`` assembled from the same projector (same sha256) is kept; one
+    assembled from another projector, or before assemblies were recorded, is an error unless
+    ``overwrite`` (the projector file changed since: the cached model is stale)."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        if (out / "config.json").is_file():
-            return out
-        raise SystemExit(f"error: {out} exists and is not an assembled model; pass --overwrite")
     if not Path(projector).is_file():
         raise SystemExit(f"error: {projector}: no trained projector (train one with benchmarks/real_lm/train_llava.py)")
+    record = projector_record(projector)
+    if out.exists() and not overwrite:
+        if not (out / "config.json").is_file():
+            raise SystemExit(f"error: {out} exists and is not an assembled model; pass --overwrite")
+        recorded = json.loads((out / RECORD_FILE).read_text()) if (out / RECORD_FILE).is_file() else None
+        if recorded == record:
+            return out
+        raise SystemExit(f"error: {out} was assembled from another projector ({recorded or 'not recorded'}), not "
+                         f"{projector} (sha256 {record['sha256'][:12]}); pass --overwrite to reassemble")
     from atv_sparse.tinybench.training import save
 
     model, processor = build_model(lm_dir, projector, dtype=dtype)
-    save(model, processor, out)  # through a temporary sibling, renamed when both are written
+    tmp = out.with_name(out.name + ".assembling")
+    save(model, processor, tmp)  # through a temporary sibling, renamed when both are written
+    (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
     return out
 
 
-def ensure_model(cache: Path | None = None) -> Path:
-    """The assembled model in the cache (``smollm2.py``'s cache folder), made once."""
+def ensure_model(cache: Path | None = None, projector: Path = TRAINED / PROJECTOR_FILE) -> Path:
+    """The model assembled with ``projector`` in the cache (``smollm2.py``'s cache folder,
+    :func:`assembled_name`), made once and remade when the projector file changed."""
     sys.path.insert(0, str(HERE))
     from smollm2 import cache_root, ensure_checkpoint
 
     lm_dir = ensure_checkpoint(cache)
-    return assemble(lm_dir, (cache or cache_root()) / MODEL_NAME)
+    out = (cache or cache_root()) / assembled_name(projector)
+    record = out / RECORD_FILE
+    stale = out.exists() and (not record.is_file() or json.loads(record.read_text()) != projector_record(projector))
+    return assemble(lm_dir, out, projector, overwrite=stale)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=None, help=f"output folder (default: CACHE/{MODEL_NAME})")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output folder (default: CACHE/{MODEL_NAME}, CACHE/{MODEL_NAME}-stage1-v1 for that projector)")
     p.add_argument("--cache", type=Path, default=None, help="smollm2.py's cache folder")
-    p.add_argument("--projector", type=Path, default=TRAINED / PROJECTOR_FILE)
+    p.add_argument("--projector", type=Path, default=TRAINED / PROJECTOR_FILE,
+                   help=f"trained projector file (the shipped ones: {PROJECTOR_FILE}, the default, and {STAGE1_V1_FILE})")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--score", type=int, default=0, metavar="PER_TASK",
+                   help="then score the assembled model on PER_TASK synthetic test items per task (seed 0, "
+                        "teacher-forced: the model card's table) and write test_scores.json to --scores-out")
+    p.add_argument("--scores-out", type=Path, default=None, help="where --score writes its test_scores.json")
     args = p.parse_args(argv)
+    if args.score and args.scores_out is None:
+        p.error("--score needs --scores-out")
     sys.path.insert(0, str(HERE))
     from smollm2 import cache_root, ensure_checkpoint
 
     lm_dir = ensure_checkpoint(args.cache)
-    out = args.out or (args.cache or cache_root()) / MODEL_NAME
+    out = args.out or (args.cache or cache_root()) / assembled_name(args.projector)
     print(assemble(lm_dir, out, args.projector, args.overwrite))
+    if args.score:
+        from atv_sparse.evaluation.scorecard import record_test_scores
+
+        torch.set_num_threads(1)
+        _, scores = record_test_scores(out, args.score, seed=0)
+        scores["projector"] = json.loads((out / RECORD_FILE).read_text())
+        tmp = args.scores_out.with_name(args.scores_out.name + ".tmp")
+        tmp.write_text(json.dumps(scores, indent=1) + "\n")
+        tmp.replace(args.scores_out)
+        print(f"average {scores['average']:.3f} ({scores['eval_seconds']:.0f} s): " +
+              " ".join(f"{t}={v['accuracy']:.3f}" for t, v in scores["tasks"].items()))
     return 0
 
 
