@@ -165,11 +165,16 @@ def test_one_token_matches_float64_reference(dtype, pattern, threads):
 
 
 def test_eager_call_and_custom_op_agree(kernels):
-    """The eager fast path (no op dispatch) and the registered op run the same kernel: equal bits."""
+    """The eager fast path (no op dispatch) and the registered op: both within the float64 reference's
+    bound, with equal bits (the same kernel), for a 3-D x (leading dimensions kept)."""
     weight, bitmask, values = random_layer(40, 1000, 2, 4, torch.bfloat16)
-    x = torch.randn(3, 1000).bfloat16()
-    assert torch.equal(cpu_lib.nm_linear_cpu(x, values, bitmask, 2, 4),
-                       torch.ops.atv_sparse.nm_linear_cpu(x, values, bitmask, 2, 4))
+    x = torch.randn(2, 3, 1000).bfloat16()
+    ref = x.double() @ weight.double().T
+    eager = cpu_lib.nm_linear_cpu(x, values, bitmask, 2, 4)
+    op = torch.ops.atv_sparse.nm_linear_cpu(x, values, bitmask, 2, 4)
+    assert eager.shape == op.shape == (2, 3, 40)
+    check_close(eager, F.linear(x, weight), ref, torch.bfloat16)
+    assert torch.equal(eager, op)
     with pytest.raises(AtvSparseError, match="x is torch.float32"):
         torch.ops.atv_sparse.nm_linear_cpu(x.float(), values, bitmask, 2, 4)
 

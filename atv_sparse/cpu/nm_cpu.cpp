@@ -766,13 +766,11 @@ at::Tensor padded_activations(const at::Tensor& x2d, Path path, int64_t K) {
 }
 
 // x: (M, K); bitmask: (N, ceil(K / 8)) uint8; values: (N, K n / m), in x's dtype; bias: (N,) or undefined.
-// Returns (M, N), or (M, N / 2) when gated. path: 0 portable, 1 AVX2, 2 AVX-512 (checked by the caller).
+// Returns (M, N), or (M, N / 2) when gated. path: 0 portable, 1 AVX2, 2 AVX-512. Every operand (2-D x, contiguous
+// tensors, the n:m layout, the path) is checked by the one entry point, nm_linear_checked.
 at::Tensor nm_linear(const at::Tensor& x2d, const at::Tensor& bitmask, const at::Tensor& values, int64_t n, int64_t m,
                      const c10::optional<at::Tensor>& bias_opt, bool gated, int64_t path_code, int64_t decode_max,
                      int64_t panel_bytes) {
-    TORCH_CHECK(x2d.dim() == 2 && x2d.is_contiguous() && bitmask.is_contiguous() && values.is_contiguous(),
-                "atv_sparse cpu: x must be 2-D and every tensor contiguous");
-    TORCH_CHECK(m == 4 || m == 8, "atv_sparse cpu: n:4 and n:8 patterns only, got ", n, ":", m);
     const Path path = Path(path_code);
     const int64_t K = x2d.size(1), N = bitmask.size(0);
     const int64_t out_cols = gated ? N / 2 : N;
@@ -921,8 +919,7 @@ int64_t stream_read(const at::Tensor& t) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("paths", &paths, "ISA paths this processor runs, fastest first");
-    mod.def("nm_linear", &nm_linear, "N:M sparse linear on the packed layout");
-    mod.def("nm_linear_checked", &nm_linear_checked, "nm_linear with every operand checked, x of any leading shape");
+    mod.def("nm_linear", &nm_linear_checked, "N:M sparse linear on the packed layout, every operand checked");
     mod.attr("INVALID") = INVALID;
     mod.def("stream_read", &stream_read, "read every byte of a tensor once (bandwidth reference)");
     mod.def("hugepage_copy", &hugepage_copy, "copy of a tensor in THP-advised memory");

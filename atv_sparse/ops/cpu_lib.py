@@ -32,7 +32,6 @@ import torch
 from ..errors import AtvSparseError
 
 SOURCE = Path(__file__).resolve().parent.parent / "cpu" / "nm_cpu.cpp"
-PATH_CODES = {"portable": 0, "avx2": 1, "avx512": 2}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GROUPS = (4, 8)
 DECODE_MAX_TOKENS = int(os.environ.get("ATV_SPARSE_CPU_DECODE_MAX", 32))  # env: for tuning runs only
@@ -140,7 +139,7 @@ def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, 
     step between two layers runs with cold caches once a layer's weights have streamed through them:
     the op's dispatch then cost 60-80 us a call and the checks in Python ~30 us, against a kernel of
     ~0.7 ms at 4096 x 4096, M = 1; so the eager call checks its operands in C++
-    (``nm_linear_checked``) and words a refusal here, after it.
+    (``nm_linear_checked`` in nm_cpu.cpp) and words a refusal here, after it.
     """
     if torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.requires_grad:
         return torch.ops.atv_sparse.nm_linear_cpu(x, values, bitmask, n, m, bias, gated, path)
@@ -152,7 +151,7 @@ def _nm_linear(x, values, bitmask, n, m, bias, gated, path):
     if module is None:
         raise AtvSparseError(f"atv_sparse::nm_linear_cpu: the cpu backend is unavailable: {why}")
     try:
-        return module.nm_linear_checked(x, bitmask, values, n, m, bias, gated, path, DECODE_MAX_TOKENS, PANEL_BYTES)
+        return module.nm_linear(x, bitmask, values, n, m, bias, gated, path, DECODE_MAX_TOKENS, PANEL_BYTES)
     except RuntimeError as exc:
         if module.INVALID not in str(exc):
             raise
