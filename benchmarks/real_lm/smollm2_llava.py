@@ -29,6 +29,7 @@ Chat format: SmolLM2's ChatML without the default system prompt,
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -136,9 +137,9 @@ def trained_state(model) -> dict[str, torch.Tensor]:
 
 def projector_record(projector: Path) -> dict:
     """What :data:`RECORD_FILE` of an assembled model holds: the projector file's name and sha256."""
-    import hashlib
+    from atv_sparse.formats.shard_io import sha256_of
 
-    return {"projector": Path(projector).name, "sha256": hashlib.sha256(Path(projector).read_bytes()).hexdigest()}
+    return {"projector": Path(projector).name, "sha256": sha256_of(projector)}
 
 
 def assembled_name(projector: Path) -> str:
@@ -221,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
         _, scores = record_test_scores(out, args.score, seed=0)
         scores["projector"] = json.loads((out / RECORD_FILE).read_text())
+        from perplexity import machine  # the real-LM benchmarks' one record of machine and versions
+
+        scores["machine"] = machine()
+        scores["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        scores["command"] = "python benchmarks/real_lm/smollm2_llava.py " + " ".join(argv if argv is not None
+                                                                                     else sys.argv[1:])
         tmp = args.scores_out.with_name(args.scores_out.name + ".tmp")
         tmp.write_text(json.dumps(scores, indent=1) + "\n")
         tmp.replace(args.scores_out)
