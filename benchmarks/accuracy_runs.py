@@ -90,7 +90,8 @@ def parse_label(label: str):
 @torch.no_grad()
 def run_job(job: Job) -> dict:
     """Prune a fresh copy of the job's dense model and score it: per task accuracy, NLL and the
-    per-item correctness (a 0/1 string in item order), plus the driver's per-block report."""
+    per-item correctness (a 0/1 string in item order) and answer NLL, closed-choice accuracy where
+    the prepared items carry choices, plus the driver's per-block report."""
     from atv_sparse.evaluation.scoring import evaluate_model
 
     st = STATE
@@ -125,15 +126,26 @@ def run_job(job: Job) -> dict:
     items = st["prepared"] if job.mot is not None else st["decoder_inputs"]
     scored = evaluate_model(model, st["processor"], items, progress=False)
     correct: dict[str, list[str]] = {}
+    choice: dict[str, list[str]] = {}
+    nll: dict[str, list[float]] = {}
     for r in scored["records"]:
         correct.setdefault(r["task"], []).append("1" if r["correct"] else "0")
+        nll.setdefault(r["task"], []).append(round(r["nll"], 4))
+        if "choice_correct" in r:
+            choice.setdefault(r["task"], []).append("1" if r["choice_correct"] else "0")
     eval_s = round(time.perf_counter() - t1, 2)
     # A further measure of the pruned model (the real-LM LLaVA's text perplexity), set by the caller.
     extra = st["measure"](model) if "measure" in st else {}
     return {**extra, "job": dataclasses.asdict(job), "name": job.name(), "average": scored["average"],
             "average_nll": scored["average_nll"],
-            "tasks": {t: {"accuracy": s["accuracy"], "nll": s["nll"]} for t, s in scored["tasks"].items()},
+            "tasks": {t: {k: s[k] for k in ("accuracy", "nll", "choice_accuracy") if k in s}
+                      for t, s in scored["tasks"].items()},
             "correct": {t: "".join(c) for t, c in correct.items()},
+            # Closed-choice correctness and answer NLL per item (item order), for paired differences;
+            # "choice" only where the prepared items carry closed choices.
+            **({"average_choice": scored["average_choice"], "choice": {t: "".join(c) for t, c in choice.items()}}
+               if choice else {}),
+            "nll_items": nll,
             "blocks": [{k: v for k, v in b.items() if not k.startswith("time_")} for b in blocks],
             "prune_s": round(t1 - t0, 2), "eval_s": eval_s}
 

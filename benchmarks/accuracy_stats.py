@@ -37,22 +37,27 @@ def _visual_tokens_per_sample(result: dict) -> float | None:
     return None if not used or not n else sum(used) / len(used) / n
 
 
-def paired_difference(ours: list[dict], theirs: list[dict]) -> tuple[float, float]:
+def paired_difference(ours: list[dict], theirs: list[dict], field: str = "correct",
+                      scale: float = 100.0) -> tuple[float, float]:
     """ATV minus a baseline in points of average accuracy (mean over tasks), per item averaged over
     the seeds first (seed k of one against seed k of the other; a seedless baseline against every
-    seed), with the standard error over items: sqrt(sum over tasks of SE_t^2) / T."""
+    seed), with the standard error over items: sqrt(sum over tasks of SE_t^2) / T.
+
+    ``field`` names the per-task, per-item values compared: ``"correct"`` (exact match, 0/1
+    strings), ``"choice"`` (closed-choice correctness, only its tasks) or ``"nll_items"`` (answer
+    NLL in nats, with ``scale=1``); ``scale`` multiplies the result (100: points)."""
     if len(theirs) == 1 and len(ours) > 1:
         theirs = theirs * len(ours)
-    tasks = list(ours[0]["correct"])
+    tasks = list(ours[0][field])
     deltas, variances = [], []
     for t in tasks:
-        n = len(ours[0]["correct"][t])
-        d = [sum(int(a["correct"][t][i]) - int(b["correct"][t][i]) for a, b in zip(ours, theirs, strict=True))
+        n = len(ours[0][field][t])
+        d = [sum(float(a[field][t][i]) - float(b[field][t][i]) for a, b in zip(ours, theirs, strict=True))
              / len(ours) for i in range(n)]
         mean = sum(d) / n
         deltas.append(mean)
         variances.append(sum((x - mean) ** 2 for x in d) / max(1, n - 1) / n)
-    return 100 * sum(deltas) / len(tasks), 100 * math.sqrt(sum(variances)) / len(tasks)
+    return scale * sum(deltas) / len(tasks), scale * math.sqrt(sum(variances)) / len(tasks)
 
 
 def reference_row(section: str, label: str) -> str | None:

@@ -26,10 +26,12 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Per-task and average scores of per-item ``records`` ({task, key, correct, nll}).
+    """Per-task and average scores of per-item ``records`` ({task, key, correct, nll[, choice_correct]}).
 
-    Returns ``{"tasks": {task: {n, distinct, accuracy, nll}}, "average": mean accuracy over tasks,
-    "average_nll": mean of the task NLLs}``; tasks in order of first appearance.
+    Returns ``{"tasks": {task: {n, distinct, accuracy, nll[, choice_accuracy]}}, "average": mean
+    accuracy over tasks, "average_nll": mean of the task NLLs[, "average_choice": mean closed-choice
+    accuracy over the tasks that have one]}``; tasks in order of first appearance. A task has a
+    ``choice_accuracy`` when every one of its records has ``choice_correct``.
     """
     if not records:
         raise AtvSparseError("nothing to score: the evaluation set is empty")
@@ -41,8 +43,14 @@ def summarize(records: list[dict]) -> dict:
         out[task] = {"n": len(rs), "distinct": len({r["key"] for r in rs}),
                      "accuracy": sum(bool(r["correct"]) for r in rs) / len(rs),
                      "nll": sum(r["nll"] for r in rs) / len(rs)}
-    return {"tasks": out, "average": sum(t["accuracy"] for t in out.values()) / len(out),
-            "average_nll": sum(t["nll"] for t in out.values()) / len(out)}
+        if all("choice_correct" in r for r in rs):
+            out[task]["choice_accuracy"] = sum(bool(r["choice_correct"]) for r in rs) / len(rs)
+    summary = {"tasks": out, "average": sum(t["accuracy"] for t in out.values()) / len(out),
+               "average_nll": sum(t["nll"] for t in out.values()) / len(out)}
+    chosen = [t["choice_accuracy"] for t in out.values() if "choice_accuracy" in t]
+    if chosen:
+        summary["average_choice"] = sum(chosen) / len(chosen)
+    return summary
 
 
 def retention(accuracy: float, baseline_accuracy: float) -> float | None:

