@@ -19,6 +19,13 @@ token. ``generate``: greedy decoding, then exact match after :func:`atv_sparse.e
 report the answer NLL (the sum of -log p over the answer and end-of-turn tokens), a continuous
 second metric.
 
+``--choices`` (teacher-forced only) adds closed-choice accuracy from the same forward pass
+(:mod:`atv_sparse.evaluation.choices`): the item is correct when the reference answer's first token
+has the highest logit among the first tokens of its task's candidate answers (synthetic: every
+answer the task can have; ``--data``: the task's distinct answers in the file), the way
+lm-evaluation-harness scores multiple choice. It still ranks a weak or heavily pruned model whose
+exact match is 0; tasks whose candidates share a first token or number over 32 are left out.
+
 Per task: accuracy, mean answer NLL, items and *distinct* items (a task that repeats a few items
 has fewer independent samples than items). The average is the unweighted mean over tasks.
 With ``--baseline``: retention per task = 100 * accuracy / baseline accuracy, and the average
@@ -27,7 +34,7 @@ paper's tables, where the dense model is 100%); tasks where the baseline scores 
 of it. Paired difference and its standard error (same items) are reported too.
 
 The pieces live in :mod:`atv_sparse.evaluation`, which this command owns: ``items`` (what is
-scored), ``scoring`` (how), ``metrics`` (the scores), ``perplexity`` and ``loading``; this module
+scored), ``scoring`` and ``choices`` (how), ``metrics`` (the scores), ``perplexity`` and ``loading``; this module
 is the command line. It checks every argument and reads every input file before a model loads;
 ``--json OUT`` is written under a temporary name renamed when complete, and an existing OUT is
 replaced only with ``--overwrite``.
@@ -46,13 +53,14 @@ import torch
 from .cli import OneLineParser
 from .errors import AtvSparseError
 from .textfiles import read_user_text
+from .evaluation.choices import synthetic_vocabulary
 from .evaluation.items import limit_items, read_eval_file, scene_size, synthetic_items
 from .evaluation.loading import is_multimodal, load_model_and_processor
 from .evaluation.metrics import compare
 from .models.adapter import read_config
 from .tinybench.model import bundled_model_dir
 from .evaluation.perplexity import text_perplexity
-from .evaluation.scoring import SCORERS, evaluate_model
+from .evaluation.scoring import SCORERS, evaluate_model, prepare_items
 from .tinybench.tasks import TASKS, describe_tasks
 
 DEFAULT_PER_TASK = 500
@@ -79,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tasks", action="store_true", help="skip the question answering (with --ppl)")
     p.add_argument("--scorer", choices=SCORERS, default="teacher-forced",
                    help="teacher-forced exact match over answer + end-of-turn (one forward pass), or greedy decoding")
+    p.add_argument("--choices", action="store_true",
+                   help="also closed-choice accuracy: the reference answer ranked first among its task's candidate "
+                        "answers (teacher-forced only)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="auto", help="dtype to run in (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -90,19 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _format_table(result: dict, describe: dict[str, str]) -> str:
     baseline = "average_retention" in result
-    head = ["task", "mirrors", "n", "distinct", "accuracy", "answer NLL"]
+    choices = "average_choice" in result
+    head = ["task", "mirrors", "n", "distinct", "accuracy", "answer NLL"] + (["choice"] if choices else [])
     if baseline:
         head += ["baseline", "retention", "delta (SE)"]
     rows = [head]
     for task, s in result["tasks"].items():
         row = [task, describe.get(task, ""), str(s["n"]), str(s["distinct"]), f"{100 * s['accuracy']:.1f}",
-               f"{s['nll']:.3f}"]
+               f"{s['nll']:.3f}"] + ([f"{100 * s['choice_accuracy']:.1f}" if "choice_accuracy" in s else "-"]
+                                     if choices else [])
         if baseline:
             ret = "-" if s["retention"] is None else f"{s['retention']:.1f}%"
             row += [f"{100 * s['baseline_accuracy']:.1f}", ret, f"{s['delta']:+.1f} ({s['delta_se']:.1f})"]
         rows.append(row)
     avg = ["average", "", str(sum(s["n"] for s in result["tasks"].values())), "", f"{100 * result['average']:.1f}",
-           f"{result['average_nll']:.3f}"]
+           f"{result['average_nll']:.3f}"] + ([f"{100 * result['average_choice']:.1f}"] if choices else [])
     if baseline:
         ret = result["average_retention"]
         avg += [f"{100 * result['baseline_average']:.1f}", "-" if ret is None else f"{ret:.1f}%", ""]
@@ -133,6 +146,9 @@ def run(args) -> dict:
         if value is not None and value < 1:
             raise AtvSparseError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     # Every argument is checked and the input files read (and refused) before a model loads.
+    if args.choices and args.scorer != "teacher-forced":
+        raise AtvSparseError("--choices ranks the answers from the teacher-forced pass; it cannot be combined with "
+                             "--scorer generate")
     if args.tasks:
         unknown = [t for t in args.tasks if t not in TASKS]
         if unknown:
@@ -171,14 +187,27 @@ def run(args) -> dict:
                                             size=scene_size(processor)), None, args.limit)
         report["data"] = f"synthetic test split, {per_task} per task, seed {args.seed}"
         describe = describe_tasks()
-    result = evaluate_model(model, processor, items, args.scorer, args.batch_size, progress=not args.quiet)
+    vocabulary = None
+    if args.choices:
+        vocabulary = ({t: tuple(sorted({it.answer for it in data_items if it.task == t})) for t in
+                       dict.fromkeys(it.task for it in items)} if args.data else
+                      synthetic_vocabulary(tuple(dict.fromkeys(it.task for it in items))))
+
+    def score(m, proc) -> dict:
+        scored = prepare_items(m, proc, items, args.batch_size, vocabulary) if vocabulary else items
+        if vocabulary and scored.choices_left_out:
+            report["choices_left_out"] = scored.choices_left_out
+        return evaluate_model(m, proc, scored, args.scorer, args.batch_size, progress=not args.quiet)
+
+    result = score(model, processor)
     if args.baseline:
         base_model, base_processor = load_model_and_processor(args.baseline, dtype=dtype, device=device)
-        baseline = evaluate_model(base_model, base_processor, items, args.scorer, args.batch_size,
-                                  progress=not args.quiet)
+        baseline = score(base_model, base_processor)
         result = compare(result, baseline)
         report["baseline"] = args.baseline
     print(_format_table(result, describe))
+    for task, why in report.get("choices_left_out", {}).items():
+        print(f"closed choice: {task} left out ({why})")
     report.update(result)
     return report
 

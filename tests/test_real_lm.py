@@ -197,41 +197,65 @@ def test_smollm2_llava_assembles_and_prunes(tmp_path):
 
 
 def test_llava_table_checks_its_predictions(tmp_path):
-    """The real-LM LLaVA table from a runs file: perplexity predictions compared cell by cell, an
+    """The real-LM LLaVA table from a runs file: perplexity predictions on the mean over seeds, an
     accuracy prediction between two models that both score 0 flagged as trivially held, paired
-    differences on the same items."""
+    differences of exact match, closed choice and answer NLL on the same items, seed k against
+    seed k (a seedless dense run against every seed)."""
     tables = load_script("benchmarks/real_lm/llava_tables.py")
     machine = {"cpu": "cpu", "cores": 2, "torch": "t", "transformers": "t"}
 
-    def run(label, pattern, ppl, correct):
+    def run(label, pattern, ppl, correct, choice, nll, seed=0):
         score, tokens = ("dense", None) if label == "dense" else tables.ROWS[label]
-        j = tables.DENSE if label == "dense" else tables.job("plain", score, tokens, pattern, 0)
+        j = tables.DENSE if label == "dense" else tables.job("plain", score, tokens, pattern, seed)
         acc = {t: c.count("1") / len(c) for t, c in correct.items()}
+        ch = {t: c.count("1") / len(c) for t, c in choice.items()}
+        tasks = {t: {"accuracy": a, "nll": sum(nll[t]) / len(nll[t]), **({"choice_accuracy": ch[t]} if t in ch else {})}
+                 for t, a in acc.items()}
         return {"key": {"per_task": 4, "nsamples": 2, "test_seed": 0, "window": 8},
                 "run": {"name": j.name(), "job": {"pattern": j.pattern, "seed": j.seed}, "label": label, "ppl": ppl,
                         "ppl_windows": 3, "ppl_tokens": 30, "average": sum(acc.values()) / len(acc),
-                        "average_nll": 1.0, "tasks": {t: {"accuracy": a, "nll": 1.0} for t, a in acc.items()},
+                        "average_nll": sum(t["nll"] for t in tasks.values()) / len(tasks), "tasks": tasks,
+                        "average_choice": sum(ch.values()) / len(ch), "choice": choice, "nll_items": nll,
                         "correct": correct, "blocks": [], "prune_s": 1.0, "eval_s": 1.0, "ppl_s": 1.0,
                         "machine": machine, "model": "m", "date": "2026-12-07T00:00",
                         "calibration_tokens": {"0": {"visual": 9, "text": 1, "visual_share": 0.9}}}}
 
     zero = {"count": "0000", "ocr": "0000"}
-    rows = [run("dense", "dense", 20.0, {"count": "1100", "ocr": "1000"}),
-            run("Wanda (mixed)", "2:4", 300.0, zero), run("Wanda text-only", "2:4", 200.0, zero),
-            run("Wanda visual-only", "2:4", 400.0, zero), run("ATV", "2:4", 250.0, {"count": "1100", "ocr": "0000"})]
+    flat = {"count": [2.0] * 4, "ocr": [2.0] * 4}
+    rows = [run("dense", "dense", 20.0, {"count": "1100", "ocr": "1000"}, {"count": "1110"},
+                {"count": [1.0] * 4, "ocr": [1.0] * 4}),
+            run("Wanda (mixed)", "2:4", 300.0, zero, {"count": "1000"}, flat),
+            run("Wanda (mixed)", "2:4", 340.0, zero, {"count": "0000"}, flat, seed=1),
+            run("Wanda text-only", "2:4", 200.0, zero, {"count": "1000"}, flat),
+            run("Wanda visual-only", "2:4", 400.0, zero, {"count": "1000"}, {"count": [3.0] * 4, "ocr": [3.0] * 4}),
+            run("ATV", "2:4", 250.0, {"count": "1100", "ocr": "0000"}, {"count": "1100"},
+                {"count": [1.5, 1.5, 2.0, 2.0], "ocr": [2.0] * 4}),
+            run("ATV", "2:4", 400.0, zero, {"count": "1100"}, {"count": [1.5, 1.5, 2.0, 2.0], "ocr": [2.0] * 4},
+                seed=1)]
     path = tmp_path / "runs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     text, payload = tables.table(path)
     checks = {c["prediction"]: c for c in payload["predictions"]}
     assert checks["ppl: Wanda text-only < Wanda (mixed)"]["held"] is True
-    assert checks["ppl: ATV < Wanda (mixed)"]["held"] is True and not checks["ppl: ATV < Wanda (mixed)"]["both_zero"]
+    # ATV's mean over seeds (325) is above Wanda (mixed)'s (320), though ATV is below at seed 0.
+    atv_ppl = checks["ppl: ATV < Wanda (mixed)"]
+    assert atv_ppl["held"] is False and "325.00 vs 320.00 (A below at 1 of 2 seeds)" in atv_ppl["outcome"]
     assert checks["accuracy: ATV >= Wanda (mixed)"]["held"] and not checks["accuracy: ATV >= Wanda (mixed)"]["both_zero"]
     both_zero = checks["accuracy: Wanda (mixed) >= Wanda visual-only"]
     assert both_zero["held"] and both_zero["both_zero"] and "trivially (both 0)" in text
     assert checks["ppl: Wanda (mixed) < Wanda visual-only"]["held"] is True
-    # ATV answers 2 of the 8 items Wanda misses: +25 points over the 2 tasks' mean.
-    assert payload["cells"]["Wanda (mixed)|2:4"]["atv_minus"][0] == pytest.approx(25.0)
-    assert "| Wanda text-only | 200.00 | 10.00 |" in text and "SparseGPT | - |" in text
+    cell = payload["cells"]["Wanda (mixed)|2:4"]
+    # Exact match: ATV answers 2 count items at seed 0 only: per item (1 + 0) / 2 on 2 of 8 items: +12.5 points.
+    assert cell["atv_minus_accuracy"][0] == pytest.approx(12.5)
+    # Closed choice (count only): per item over seeds ATV 1,1,0,0 vs Wanda 0.5,0,0,0: +37.5 points.
+    assert cell["atv_minus_choice"][0] == pytest.approx(37.5)
+    # Answer NLL: ATV 0.5 nats lower on 2 of the 4 count items, equal on ocr: -0.125 nats.
+    assert cell["atv_minus_nll"][0] == pytest.approx(-0.125)
+    assert cell["choice"] == pytest.approx(0.125) and cell["seeds"] == [0, 1]
+    # Text-only vs visual-only answer NLL: 1 nat lower on every item, no spread: held (A ahead).
+    assert checks["answer NLL: Wanda text-only < Wanda visual-only"]["held"] is True
+    assert "| Wanda text-only | 1 | 200.00 | 10.00 |" in text and "| Wanda (mixed) | 2 | 320.00 (300.0-340.0) |" in text
+    assert "| SparseGPT | - |" in text and "closed-choice accuracy 75.0% over 1 tasks" in text
 
 
 @pytest.mark.skipif(smollm2.missing_extra() is not None,
