@@ -23,6 +23,7 @@ much.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -154,7 +155,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     model, processor = smollm2_llava.build_model(ensure_checkpoint(args.cache), args.projector, dtype=torch.bfloat16)
-    result = {"projector": str(args.projector), **measure(model, processor, args.per_task, args.seed, args.caption_oracle)}
+    from perplexity import machine  # the real-LM benchmarks' one record of machine and versions
+
+    result = {"projector": str(args.projector), **measure(model, processor, args.per_task, args.seed, args.caption_oracle),
+              "machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": "python benchmarks/real_lm/llava_grounding.py " + " ".join(argv if argv is not None
+                                                                                   else sys.argv[1:])}
     print(render(result), flush=True)
     if args.out is not None:
         tmp = args.out.with_name(args.out.name + ".tmp")

@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -135,18 +133,10 @@ def log_key(args) -> dict:
     return {**run_key(args), "window": args.window, "dtype": "bfloat16", "choices": True}
 
 
-def machine() -> dict:
-    import transformers
-
-    from atv_sparse.tinybench.hardware import cpu_name
-
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "torch_threads": 1}
-
-
 def run(args) -> None:
     import multiprocessing
 
+    from perplexity import machine  # the real-LM benchmarks' one record of machine and versions
     from smollm2_llava import RECORD_FILE, ensure_model
 
     args.model = str(args.model or ensure_model(args.cache, args.projector))
@@ -383,7 +373,8 @@ def table(runs_path: Path) -> tuple[str, dict]:
 
 
 GAP_FILES = {"tiny_vlm": "modality-gap-tiny.json", "tiny_next": "modality-gap-tiny-next.json",
-             "SmolLM2 LLaVA": "modality-gap-smollm2-llava.json"}
+             "SmolLM2 LLaVA, stage1-v1 projector": "modality-gap-smollm2-llava-stage1-v1.json",
+             "SmolLM2 LLaVA, stage1-v2 projector": "modality-gap-smollm2-llava.json"}
 
 
 def modality_gaps() -> list[dict]:
