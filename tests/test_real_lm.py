@@ -256,6 +256,7 @@ def test_llava_table_checks_its_predictions(tmp_path):
     assert checks["answer NLL: Wanda text-only < Wanda visual-only"]["held"] is True
     assert "| Wanda text-only | 1 | 200.00 | 10.00 |" in text and "| Wanda (mixed) | 2 | 320.00 (300.0-340.0) |" in text
     assert "| SparseGPT | - |" in text and "closed-choice accuracy 75.0% over 1 tasks" in text
+    assert "| 12.5 (17%) |" in text and cell["choice_retention"] == pytest.approx(100 * 0.125 / 0.75)
 
 
 @pytest.mark.skipif(smollm2.missing_extra() is not None,

@@ -302,7 +302,7 @@ def table(runs_path: Path) -> tuple[str, dict]:
     summary = {}
     for p in patterns:
         lines += [f"## {p}", "",
-                  "| method | seeds | text ppl | ppl / dense | exact % | choice % | choice vs dense (pts) | "
+                  "| method | seeds | text ppl | ppl / dense | exact % | choice % (retention) | choice vs dense (pts) | "
                   "answer NLL | ATV - this, choice (pts) | ATV - this, NLL (nats) | prune s |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         atv = by_cell.get(("ATV", p))
@@ -313,7 +313,9 @@ def table(runs_path: Path) -> tuple[str, dict]:
                 continue
             c = summary[f"{label}|{p}"] = _cell_summary(rs, dense, atv, label)
             spread = f" ({min(c['ppl_per_seed']):.1f}-{max(c['ppl_per_seed']):.1f})" if len(rs) > 1 else ""
-            choice = "-" if c["choice"] is None else f"{100 * c['choice']:.1f}"
+            if c["choice"] is not None and dense.get("average_choice"):
+                c["choice_retention"] = 100 * c["choice"] / dense["average_choice"]
+            choice = "-" if c["choice"] is None else f"{100 * c['choice']:.1f} ({c.get('choice_retention', 0):.0f}%)"
             lines.append(
                 f"| {label} | {len(c['seeds']) or '-'} | {c['ppl']:.2f}{spread} | {c['ppl'] / dense['ppl']:.2f} | "
                 f"{100 * c['accuracy']:.1f} | {choice} | "
@@ -446,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--cache", type=Path, default=None, help="smollm2.py's cache folder")
     r.add_argument("--projector", type=Path, default=None,
                    help="trained projector the model is assembled with when --model is not given (default: the "
-                        "shipped projector.safetensors; projector-stage1-v1.safetensors made the committed tables)")
+                        "shipped projector.safetensors; projector-stage1-v1.safetensors made real-lm-llava-stage1-v1.md, with --name)")
     r.add_argument("--text", type=Path, default=Path.home() / ".cache" / "atv-sparse" / "real-lm-text",
                    help="make_text.py's output folder")
     r.add_argument("--patterns", nargs="+", choices=PATTERNS, default=["2:4", "50%"])

@@ -39,7 +39,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 TRAINED = HERE / "smollm2_llava"
 PROJECTOR_FILE = "projector.safetensors"  # stage1-v2 (issue 32): the default
-STAGE1_V1_FILE = "projector-stage1-v1.safetensors"  # the first stage 1 (real-lm-llava.md's pruning tables)
+STAGE1_V1_FILE = "projector-stage1-v1.safetensors"  # the first stage 1 (real-lm-llava-stage1-v1.md)
 RECORD_FILE = "atv_projector.json"  # in an assembled model: which projector it was assembled from
 MODEL_NAME = "smollm2-llava"
 IMAGE_TOKEN = "<empty_output>"
