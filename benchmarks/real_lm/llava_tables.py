@@ -2,8 +2,11 @@
 
     pip install -e ".[real-lm]"
     python benchmarks/real_lm/make_text.py --out ~/.cache/atv-sparse/real-lm-text
-    nice -n 10 python benchmarks/real_lm/llava_tables.py run --seeds 0 1 2   # appends to results/real-lm-llava.runs.jsonl
-    python benchmarks/real_lm/llava_tables.py table         # -> results/real-lm-llava.md / .json
+    nice -n 10 python benchmarks/real_lm/llava_tables.py run --patterns 2:4 50% 4:8 60% --seeds 0 1 2 --workers 2
+    python benchmarks/real_lm/llava_tables.py table         # re-render results/real-lm-llava.md / .json
+
+``run`` appends each finished model to ``results/real-lm-llava.runs.jsonl`` and renders the table at
+the end (``table`` alone re-renders it from the runs file).
 
 ``--name`` picks the results' file stem (default ``real-lm-llava``, the shipped projector's tables;
 ``real-lm-llava-stage1-v1`` holds the first projector's, exact match only).
@@ -252,6 +255,9 @@ def table(runs_path: Path) -> tuple[str, dict]:
     projector = first.get("projector")
     # Runs logged before the projector was recorded were all made with the first stage 1 (the only
     # projector then), the file now kept as projector-stage1-v1.safetensors.
+    projector_file = projector["projector"] if projector else "projector-stage1-v1.safetensors"
+    projector_arg = ("" if projector_file == "projector.safetensors" else
+                     f" --projector benchmarks/real_lm/smollm2_llava/{projector_file}")
     projector = (f"projector `{projector['projector']}` (sha256 {projector['sha256'][:12]})" if projector else
                  "projector `projector-stage1-v1.safetensors` (the first stage 1: these runs predate the stage1-v2 "
                  "projector and the projector record)")
@@ -365,7 +371,8 @@ def table(runs_path: Path) -> tuple[str, dict]:
     lines += ["", "Reproduce: `pip install -e \".[real-lm]\"`, `python benchmarks/real_lm/make_text.py --out "
               "~/.cache/atv-sparse/real-lm-text`, `nice -n 10 python benchmarks/real_lm/llava_tables.py run "
               f"--patterns {' '.join(patterns)} --seeds {' '.join(map(str, seeds))} --per-task {key['per_task']} "
-              f"--nsamples {key['nsamples']} --name {name}`, then `... table --name {name}`.", ""]
+              f"--nsamples {key['nsamples']} --name {name} --workers 2{projector_arg}` (it renders this table when it ends; "
+              f"`... table --name {name}` re-renders it from the runs file).", ""]
     payload = {"key": key, "machine": m, "calibration_tokens": mix,
                "dense": {"ppl": dense["ppl"], "accuracy": dense["average"], "choice": dense.get("average_choice"),
                          "nll": dense["average_nll"],
@@ -439,10 +446,22 @@ def prediction_checks(by_cell: dict, patterns: list[str]) -> list[dict]:
     return out
 
 
+def write_table(runs: Path, out: Path) -> str:
+    """Render ``runs`` into ``out``.md and ``out``.json (each under a temporary name, renamed when
+    complete); returns the markdown."""
+    text, payload = table(runs)
+    for suffix, content in ((".json", json.dumps(payload, indent=1) + "\n"), (".md", text)):
+        tmp = out.with_suffix(suffix + ".tmp")
+        tmp.write_text(content)
+        tmp.replace(out.with_suffix(suffix))
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="prune and score the missing models, appending to the runs file")
+    r = sub.add_parser("run", help="prune and score the missing models, appending to the runs file, then render "
+                                   "the table")
     r.add_argument("--model", type=Path, default=None, help="the assembled model (default: smollm2_llava.py's, made "
                    "once in the cache)")
     r.add_argument("--cache", type=Path, default=None, help="smollm2.py's cache folder")
@@ -475,15 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("per_task", "nsamples", "workers", "window"):
             if getattr(args, name) < 1:
                 p.error(f"--{name.replace('_', '-')} must be at least 1")
-        run(args)
-        return 0
-    text, payload = table(args.runs)
-    out = RESULTS / args.name
-    for suffix, content in ((".json", json.dumps(payload, indent=1) + "\n"), (".md", text)):
-        tmp = out.with_suffix(suffix + ".tmp")
-        tmp.write_text(content)
-        tmp.replace(out.with_suffix(suffix))
-    print(text)
+        run(args)  # then the table, so that one command remakes the results
+    print(write_table(args.runs, RESULTS / args.name))
     return 0
 
 
