@@ -193,21 +193,25 @@ def run(args) -> dict:
                        dict.fromkeys(it.task for it in items)} if args.data else
                       synthetic_vocabulary(tuple(dict.fromkeys(it.task for it in items))))
 
-    def score(m, proc) -> dict:
+    def score(m, proc, key: str) -> dict:
         scored = prepare_items(m, proc, items, args.batch_size, vocabulary) if vocabulary else items
         if vocabulary and scored.choices_left_out:
-            report["choices_left_out"] = scored.choices_left_out
+            report[key] = scored.choices_left_out
         return evaluate_model(m, proc, scored, args.scorer, args.batch_size, progress=not args.quiet)
 
-    result = score(model, processor)
+    result = score(model, processor, "choices_left_out")
     if args.baseline:
         base_model, base_processor = load_model_and_processor(args.baseline, dtype=dtype, device=device)
-        baseline = score(base_model, base_processor)
+        baseline = score(base_model, base_processor, "baseline_choices_left_out")
         result = compare(result, baseline)
+        if "average_choice" in baseline:
+            result["baseline_average_choice"] = baseline["average_choice"]
         report["baseline"] = args.baseline
     print(_format_table(result, describe))
     for task, why in report.get("choices_left_out", {}).items():
         print(f"closed choice: {task} left out ({why})")
+    if "baseline_average_choice" in result:
+        print(f"closed choice: {100 * result['average_choice']:.1f}% (baseline {100 * result['baseline_average_choice']:.1f}%)")
     report.update(result)
     return report
 

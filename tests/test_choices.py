@@ -42,8 +42,8 @@ def _reference_choice(model, processor, item, answers) -> bool:
     with torch.no_grad():
         logits = model(**prompt).logits[0, -1].float()
     first = [int(ids(a)["input_ids"][0, n]) for a in answers]
-    best = max(range(len(answers)), key=lambda k: float(logits[first[k]]))
-    return answers[best] == item.answer
+    gold = float(logits[first[answers.index(item.answer)]])
+    return all(float(logits[f]) < gold for a, f in zip(answers, first, strict=True) if a != item.answer)
 
 
 def test_closed_choice_matches_an_independent_reference(vlm):
@@ -57,6 +57,7 @@ def test_closed_choice_matches_an_independent_reference(vlm):
     assert set(prepared.choices) == {"attribute", "relation", "exist_random", "exist_adversarial", "count", "ocr",
                                      "mcq", "compose_colour", "compose_count"}
     assert set(prepared.choices_left_out) == {"arithmetic", "facts"}
+    assert prepared.choices["compose_count"].answers == tuple(str(n) for n in range(1, 10))
     records = evaluate_model(model, processor, prepared, progress=False)["records"]
     cached = evaluate_model(model, processor, cache_decoder_inputs(model, prepared), progress=False)["records"]
     assert cached == records
@@ -82,9 +83,38 @@ def test_tasks_with_clashing_or_too_many_candidates_are_left_out(vlm):
     chosen, left_out = choice_sets(processor, items, vocabulary, eos)
     assert list(chosen) == ["count"] and chosen["count"].first_ids.unique().numel() == 7
     assert "share a first token (above, above below)" in left_out["relation"]
-    assert "more than 32" in left_out["facts"]
+    assert "open-ended" in left_out["facts"]
+    many = tuple(f"w{k}" for k in range(40))
+    _, left_out = choice_sets(processor, items, {"count": many, "relation": ("left",)}, eos)
+    assert "more than 32" in left_out["count"] and "needs 2 or more" in left_out["relation"]
     with pytest.raises(AtvSparseError, match="task 'relation'.*not among its candidate answers"):
         choice_sets(processor, items, {"relation": ("left", "right")}, eos)
+
+
+def test_closed_answers_hold_every_answer_the_generators_give():
+    """The declared candidate sets contain every answer drawn from the test and train splits, and
+    each declared answer is drawn (no candidate a task cannot produce, no answer left out)."""
+    for task in synthetic.TASKS:
+        answers = synthetic.closed_answers(task)
+        if answers is None:
+            assert task in synthetic.TEXT_TASKS
+            continue
+        drawn = {it.answer for split in ("test", "train") for seed in (0, 1, 2)
+                 for it in synthetic.generate(task, split, 1500, seed)}
+        assert drawn <= set(answers), (task, drawn - set(answers))
+        # compose_count's 8 and 9 need 5-6 shapes of one colour: rare, but the generator allows them.
+        assert set(answers) - drawn <= ({"8", "9"} if task == "compose_count" else set()), task
+
+
+def test_ties_are_wrong():
+    from atv_sparse.evaluation.choices import choice_correct
+
+    logits = torch.zeros(10)
+    ids = torch.tensor([2, 5, 7])
+    logits[5], logits[7] = 1.0, 1.0
+    assert not choice_correct(logits, ids, 5) and not choice_correct(logits, ids, 7)
+    logits[7] = 0.5
+    assert choice_correct(logits, ids, 5) and not choice_correct(logits, ids, 2)
 
 
 def test_summarize_averages_closed_choice_over_the_tasks_that_have_it():
@@ -109,7 +139,7 @@ def test_evaluate_cli_reports_closed_choice(tmp_path, capsys):
     assert main([str(model_dir), "--tasks", "count", "relation", "facts", "--per-task", "3", "--choices", "--quiet",
                  "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "choice" in printed.splitlines()[0] and "closed choice: facts left out (216 candidate answers" in printed
+    assert "choice" in printed.splitlines()[0] and "closed choice: facts left out (open-ended" in printed
     import json
 
     report = json.loads(out.read_text())

@@ -252,6 +252,9 @@ def test_llava_table_checks_its_predictions(tmp_path):
     # Answer NLL: ATV 0.5 nats lower on 2 of the 4 count items, equal on ocr: -0.125 nats.
     assert cell["atv_minus_nll"][0] == pytest.approx(-0.125)
     assert cell["choice"] == pytest.approx(0.125) and cell["seeds"] == [0, 1]
+    # A row with fewer seeds than ATV is paired on the seeds both ran (text-only: seed 0 only), not
+    # replicated: ATV's seed 0 answers 2 count items text-only misses: (2/4 + 0) / 2 tasks = +25 points.
+    assert payload["cells"]["Wanda text-only|2:4"]["atv_minus_accuracy"][0] == pytest.approx(25.0)
     # Text-only vs visual-only answer NLL: 1 nat lower on every item, no spread: held (A ahead).
     assert checks["answer NLL: Wanda text-only < Wanda visual-only"]["held"] is True
     assert "| Wanda text-only | 1 | 200.00 | 10.00 |" in text and "| Wanda (mixed) | 2 | 320.00 (300.0-340.0) |" in text

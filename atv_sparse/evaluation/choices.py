@@ -8,8 +8,10 @@ position, the logits of the first tokens of the task's candidate answers: one nu
 the logits the teacher-forced pass already computes, no further forward pass.
 
 That ranking decides between candidates only when their first tokens differ; a task whose
-candidates share a first token (``"1"`` and ``"10"`` under a tokenizer that splits digits) or has
-more than ``max_candidates`` of them is left out (:func:`choice_sets` says which and why).
+candidates share a first token (``"1"`` and ``"10"`` under a tokenizer that splits digits), has
+fewer than 2 or more than ``max_candidates`` of them, or has no closed answer set (open-ended
+answers) is left out (:func:`choice_sets` says which and why). A tie for the highest logit (bf16
+logits tie) counts as wrong: the reference must be ranked strictly first.
 """
 
 from __future__ import annotations
@@ -31,13 +33,12 @@ class ChoiceSet:
     first_ids: torch.Tensor  # (len(answers),) int64
 
 
-def synthetic_vocabulary(tasks: tuple[str, ...], draws: int = 400, seed: int = 0) -> dict[str, tuple[str, ...]]:
-    """Every answer among ``draws`` items of each synthetic task's test split (sorted): the
-    candidates of closed-choice scoring. 400 draws find every answer of the closed tasks
-    (at most 9 of them)."""
+def synthetic_vocabulary(tasks: tuple[str, ...]) -> dict[str, tuple[str, ...] | None]:
+    """Each synthetic task's candidates: every answer its generator can give
+    (:func:`atv_sparse.tinybench.tasks.closed_answers`), None for the open-ended ones."""
     from ..tinybench import tasks as synthetic
 
-    return {t: tuple(sorted({it.answer for it in synthetic.generate(t, "test", draws, seed)})) for t in tasks}
+    return {t: synthetic.closed_answers(t) for t in tasks}
 
 
 def first_answer_ids(processor, item: EvalItem, answers: tuple[str, ...], eos: set[int]) -> list[int]:
@@ -48,22 +49,27 @@ def first_answer_ids(processor, item: EvalItem, answers: tuple[str, ...], eos: s
     return [t[0] for _, _, t in targets]
 
 
-def choice_sets(processor, items: list[EvalItem], vocabulary: dict[str, tuple[str, ...]], eos: set[int],
+def choice_sets(processor, items: list[EvalItem], vocabulary: dict[str, tuple[str, ...] | None], eos: set[int],
                 max_candidates: int = 32) -> tuple[dict[str, ChoiceSet], dict[str, str]]:
     """(task -> :class:`ChoiceSet`, task -> why it is left out) for the tasks of ``items`` named in
-    ``vocabulary``. Raises when an item's reference answer is not among its task's candidates."""
+    ``vocabulary`` (None: an open-ended task). Raises when an item's reference answer is not among
+    its task's candidates."""
     chosen, left_out = {}, {}
     for task, answers in vocabulary.items():
         task_items = [it for it in items if it.task == task]
         if not task_items:
             continue
+        if answers is None:
+            left_out[task] = "open-ended answers (no closed candidate set)"
+            continue
+        if len(answers) > max_candidates or len(answers) < 2:
+            left_out[task] = (f"{len(answers)} candidate answers (more than {max_candidates})" if len(answers) > 1
+                              else f"{len(answers)} candidate answer (a choice needs 2 or more)")
+            continue
         missing = sorted({it.answer for it in task_items} - set(answers))
         if missing:
             raise AtvSparseError(f"task {task!r}: reference answer(s) {', '.join(map(repr, missing))} are not among "
                                  "its candidate answers")
-        if len(answers) > max_candidates:
-            left_out[task] = f"{len(answers)} candidate answers (more than {max_candidates})"
-            continue
         ids = first_answer_ids(processor, task_items[0], answers, eos)
         shared = {i for i in ids if ids.count(i) > 1}
         if shared:
@@ -75,6 +81,8 @@ def choice_sets(processor, items: list[EvalItem], vocabulary: dict[str, tuple[st
 
 
 def choice_correct(first_logits: torch.Tensor, first_ids: torch.Tensor, gold_id: int) -> bool:
-    """Whether the reference answer's first token (``gold_id``) has the highest logit among the
-    candidates' first tokens. ``first_logits``: (vocab,) at the answer's first position."""
-    return int(first_ids[first_logits[first_ids].argmax()]) == gold_id
+    """Whether the reference answer's first token (``gold_id``) has a higher logit than every other
+    candidate's first token (a tie is wrong). ``first_logits``: (vocab,) at the answer's first position."""
+    scores = first_logits[first_ids]
+    gold = scores[first_ids == gold_id]
+    return bool((scores[first_ids != gold_id] < gold).all())

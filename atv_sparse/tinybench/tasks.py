@@ -356,6 +356,21 @@ TEXT_TASKS: dict[str, tuple[str, Callable[..., Item]]] = {
 TASKS = (*IMAGE_TASKS, *TEXT_TASKS)
 
 
+def closed_answers(task: str) -> tuple[str, ...] | None:
+    """Every answer ``task`` can have (sorted), read off its generator above; None for the
+    open-ended text tasks (arithmetic sums, invented facts). Kept beside the generators: a change
+    to a scene's object count or a question's range changes these."""
+    colours, shapes = tuple(COLOURS), tuple(SHAPES)
+    sets = {"attribute": colours + shapes, "relation": ("above", "below", "left", "right"),
+            "exist_random": ("no", "yes"), "exist_adversarial": ("no", "yes"),
+            "count": tuple(str(n) for n in range(0, 7)),  # _scene_count: 1-6 shapes; one shape: 0-6
+            "ocr": tuple(w.lower() for w in WORDS), "mcq": tuple(LETTERS), "compose_colour": colours,
+            # _scene_compose_count: 0-6 shapes of the colour asked, plus k = 1-3
+            "compose_count": tuple(str(n) for n in range(1, 10))}
+    _check(task, "test")
+    return tuple(sorted(sets[task])) if task in sets else None
+
+
 def describe_tasks() -> dict[str, str]:
     """task -> the benchmark it mirrors."""
     return {**{n: t.mirrors for n, t in IMAGE_TASKS.items()}, **{n: m for n, (m, _) in TEXT_TASKS.items()}}
@@ -485,5 +500,5 @@ def tokenizer_corpus() -> str:
 
 
 __all__ = ["GRID", "IMAGE_TASKS", "Item", "Obj", "SPLITS", "TASKS", "TEXT_TASKS",
-           "calibration_conversations", "describe_tasks", "draw_item", "generate", "knowledge_base",
+           "calibration_conversations", "closed_answers", "describe_tasks", "draw_item", "generate", "knowledge_base",
            "split_of", "test_items", "tokenizer_corpus", "training_turns"]

@@ -66,9 +66,11 @@ ROWS = {"magnitude": ("magnitude", None), "Wanda (mixed)": ("wanda", "mixed"), "
 DENSE = Job("plain", "dense", None, "dense", None)
 # Per-item fields compared by the paired differences: measure -> (run field, scale).
 MEASURES = {"accuracy": ("correct", 100.0), "choice": ("choice", 100.0), "nll": ("nll_items", 1.0)}
-# Candidates per closed-choice task, for the "uniform guess" line (tinybench's answers per task).
-CHANCE = {"attribute": 9, "relation": 4, "exist_random": 2, "exist_adversarial": 2, "count": 7, "ocr": 30, "mcq": 4,
-          "compose_colour": 6, "compose_count": 7}
+# Candidates per closed-choice task in runs logged before the runs recorded them ("choice_candidates"):
+# the first candidate lists, 400 test draws of each task at seed 0, which missed compose_count's 8 and 9;
+# those runs also gave a tie for the highest logit to the first candidate in sorted order.
+CANDIDATES_UNRECORDED = {"attribute": 9, "relation": 4, "exist_random": 2, "exist_adversarial": 2, "count": 7,
+                         "ocr": 30, "mcq": 4, "compose_colour": 6, "compose_count": 7}
 # (label, row A, row B, measure, relation) checked in the table; see the prediction file. Perplexity:
 # "<" means A's below B's. Accuracy / closed choice: ">=" A not behind B by more than 2 SE, ">" A ahead
 # by more than 2 SE. Answer NLL: "<=" A not above B by more than 2 SE, "<" A below by more than 2 SE.
@@ -155,7 +157,9 @@ def run(args) -> None:
     setup(args)
     mix = {str(s): c.token_mix() for s, c in STATE["calib"].items()}
     print(f"setup {time.time() - t0:.0f} s; calibration token mix {mix}", flush=True)
+    choices = STATE["prepared"].choices or {}
     context = {"machine": machine(), "calibration_tokens": mix, "model": Path(args.model).name,
+               "choice_candidates": {t: len(c.answers) for t, c in choices.items()},
                "projector": json.loads(record.read_text()) if record.is_file() else None,
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     jobs = [j for _, j in todo]
@@ -192,17 +196,26 @@ def _mean(xs) -> float:
 
 
 def _paired(a: list[dict], b: list[dict], measure: str) -> tuple[float, float] | None:
-    """A - B on the same items, seed k against seed k (a seedless B against every seed): points of
-    closed-choice or exact-match accuracy, or nats of answer NLL; None where a run lacks the measure."""
+    """A - B on the same items, seed k against seed k (a seedless run, dense or magnitude, against
+    every seed of the other side): points of closed-choice or exact-match accuracy, or nats of
+    answer NLL; None where a run lacks the measure or the two sides share no seed."""
     field, scale = MEASURES[measure]
     if any(field not in r for r in a + b):
         return None
-    seeds = sorted({r["job"]["seed"] for r in a} & {r["job"]["seed"] for r in b}) if len(b) > 1 else None
-    if seeds is not None:
-        a = [r for r in a if r["job"]["seed"] in seeds]
-        b = [r for r in b if r["job"]["seed"] in seeds]
-    a = sorted(a, key=lambda r: r["job"]["seed"])
-    b = sorted(b, key=lambda r: r["job"]["seed"])
+
+    def seedless(rs: list[dict]) -> bool:
+        return len(rs) == 1 and rs[0]["job"]["seed"] is None
+
+    if seedless(a) and not seedless(b):
+        a = a * len(b)
+    elif seedless(b) and not seedless(a):
+        b = b * len(a)
+    elif not seedless(a):
+        seeds = {r["job"]["seed"] for r in a} & {r["job"]["seed"] for r in b}
+        if not seeds:
+            return None
+        a = sorted((r for r in a if r["job"]["seed"] in seeds), key=lambda r: r["job"]["seed"])
+        b = sorted((r for r in b if r["job"]["seed"] in seeds), key=lambda r: r["job"]["seed"])
     return paired_difference(a, b, field, scale)
 
 
@@ -262,6 +275,8 @@ def table(runs_path: Path) -> tuple[str, dict]:
                  "projector `projector-stage1-v1.safetensors` (the first stage 1: these runs predate the stage1-v2 "
                  "projector and the projector record)")
     dates = [r["date"] for r in runs.values()]
+    candidates = first.get("choice_candidates") or CANDIDATES_UNRECORDED
+    unrecorded = "choice_candidates" not in first
     lines = [
         "# The paper's tables on a real LM: the SmolLM2-135M LLaVA-NeXT, pruned by every method",
         "",
@@ -281,7 +296,10 @@ def table(runs_path: Path) -> tuple[str, dict]:
         "three measures from one teacher-forced pass: exact match (every answer token and `<|im_end|>` the argmax of "
         "the whole vocabulary); **closed choice** (`atv_sparse.evaluation.choices`: the answer's first token ranked "
         "first among the first tokens of the task's candidate answers, "
-        + (f"{len(choice_tasks)} tasks: {', '.join(choice_tasks)}; " if choice_tasks else "not recorded in these runs; ")
+        + (f"{len(choice_tasks)} tasks: " + ", ".join(f"{t} ({candidates.get(t, '?')} candidates)" for t in choice_tasks)
+           + ("; these runs predate two corrections: compose_count had 7 candidates (1-7; its answers can be "
+              "1-9) and a tie for the highest logit went to the first candidate in sorted order, where a tie now "
+              "counts as wrong" if unrecorded else "") + "; " if choice_tasks else "not recorded in these runs; ")
         + "the measure lm-evaluation-harness uses for multiple choice) and the **answer NLL** (nats per answer, "
         "answer + `<|im_end|>`, mean over tasks; lower is better). Paired differences on the same items, seed k "
         "against seed k, ± standard error over items; accuracy in points, NLL in nats.",
@@ -293,8 +311,8 @@ def table(runs_path: Path) -> tuple[str, dict]:
         "",
         f"Text perplexity {dense['ppl']:.2f}; exact-match accuracy {100 * dense['average']:.1f}% over {len(tasks)} "
         "tasks" + (f"; closed-choice accuracy {100 * dense['average_choice']:.1f}% over {len(choice_tasks)} tasks "
-                   f"(a uniform guess: {100 * _mean([1 / CHANCE[t] for t in choice_tasks]):.1f}%)"
-                   if choice_tasks and all(t in CHANCE for t in choice_tasks) else "")
+                   f"(a uniform guess: {100 * _mean([1 / candidates[t] for t in choice_tasks]):.1f}%)"
+                   if choice_tasks and all(t in candidates for t in choice_tasks) else "")
         + f"; answer NLL {dense['average_nll']:.3f}.",
         "",
         "| measure | " + " | ".join(tasks) + " |",
@@ -321,7 +339,8 @@ def table(runs_path: Path) -> tuple[str, dict]:
             spread = f" ({min(c['ppl_per_seed']):.1f}-{max(c['ppl_per_seed']):.1f})" if len(rs) > 1 else ""
             if c["choice"] is not None and dense.get("average_choice"):
                 c["choice_retention"] = 100 * c["choice"] / dense["average_choice"]
-            choice = "-" if c["choice"] is None else f"{100 * c['choice']:.1f} ({c.get('choice_retention', 0):.0f}%)"
+            retained = f" ({c['choice_retention']:.0f}%)" if "choice_retention" in c else ""
+            choice = "-" if c["choice"] is None else f"{100 * c['choice']:.1f}{retained}"
             lines.append(
                 f"| {label} | {len(c['seeds']) or '-'} | {c['ppl']:.2f}{spread} | {c['ppl'] / dense['ppl']:.2f} | "
                 f"{100 * c['accuracy']:.1f} | {choice} | "
@@ -407,6 +426,16 @@ def modality_gaps() -> list[dict]:
     return out
 
 
+def _seed_pairs(a: list[dict], b: list[dict]) -> list[tuple[float, float]]:
+    """(A's perplexity, B's) per seed both ran; a seedless side is paired with every seed."""
+    if len(b) == 1 and b[0]["job"]["seed"] is None:
+        return [(x["ppl"], b[0]["ppl"]) for x in a]
+    if len(a) == 1 and a[0]["job"]["seed"] is None:
+        return [(a[0]["ppl"], y["ppl"]) for y in b]
+    by_seed = {y["job"]["seed"]: y["ppl"] for y in b}
+    return [(x["ppl"], by_seed[x["job"]["seed"]]) for x in a if x["job"]["seed"] in by_seed]
+
+
 def prediction_checks(by_cell: dict, patterns: list[str]) -> list[dict]:
     """Each of :data:`PREDICTIONS` whose cells ran (and whose runs hold the measure)."""
     out = []
@@ -418,12 +447,15 @@ def prediction_checks(by_cell: dict, patterns: list[str]) -> list[dict]:
             rb = by_cell[(b, p)]
             both_zero = False
             if measure == "ppl":
-                mean_b = _mean([r["ppl"] for r in rb])
-                means = {r: _mean([x["ppl"] for x in by_cell[(r, p)]]) for r in rows_a}
-                held = all(v < mean_b for v in means.values())
-                seed_b = {x["job"]["seed"]: x["ppl"] for x in rb}
-                wins = [x["ppl"] < seed_b.get(x["job"]["seed"], mean_b) for r in rows_a for x in by_cell[(r, p)]]
-                outcome = (", ".join(f"{v:.2f}" for v in means.values()) + f" vs {mean_b:.2f}"
+                # Means over the seeds both sides ran (a seedless side against every seed of the other).
+                pairs = {r: _seed_pairs(by_cell[(r, p)], rb) for r in rows_a}
+                if not all(pairs.values()):
+                    continue
+                means = {r: (_mean([x for x, _ in ps]), _mean([y for _, y in ps])) for r, ps in pairs.items()}
+                held = all(x < y for x, y in means.values())
+                wins = [x < y for ps in pairs.values() for x, y in ps]
+                outcome = (", ".join(f"{x:.2f}" for x, _ in means.values())
+                           + f" vs {_mean([y for _, y in means.values()]):.2f}"
                            + (f" (A below at {sum(wins)} of {len(wins)} seeds)" if a and len(wins) > 1 else ""))
             else:
                 ra = by_cell[(a, p)]
