@@ -232,9 +232,13 @@ def test_llava_table_checks_its_predictions(tmp_path):
                 {"count": [1.5, 1.5, 2.0, 2.0], "ocr": [2.0] * 4}),
             run("ATV", "2:4", 400.0, zero, {"count": "1100"}, {"count": [1.5, 1.5, 2.0, 2.0], "ocr": [2.0] * 4},
                 seed=1)]
-    path = tmp_path / "runs.jsonl"
+    path = tmp_path / "t.runs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    again = json.loads(json.dumps(rows[5]))  # ATV seed 0 made again: one closed-choice verdict differs
+    again["run"].update(choice={"count": "1000"}, average_choice=0.25)
+    (tmp_path / "t-recheck.runs.jsonl").write_text(json.dumps(again) + "\n")
     text, payload = tables.table(path)
+    assert "| ATV | 2:4 | 0 | 50.0 | 25.0 | 1 of 4 | yes |" in text
     checks = {c["prediction"]: c for c in payload["predictions"]}
     assert checks["ppl: Wanda text-only < Wanda (mixed)"]["held"] is True
     # ATV's mean over seeds (325) is above Wanda (mixed)'s (320), though ATV is below at seed 0.

@@ -128,7 +128,8 @@ def setup(args) -> None:
     items = synthetic_items(args.per_task, seed=args.test_seed, size=scene_size(processor))
     # Closed-choice candidates: every answer of each synthetic task (tasks with many, or with
     # candidates sharing a first token, keep exact match and NLL only).
-    prepared = prepare_items(model, processor, items, vocabulary=synthetic_vocabulary(tuple({it.task for it in items})))
+    prepared = prepare_items(model, processor, items,
+                             vocabulary=synthetic_vocabulary(tuple(dict.fromkeys(it.task for it in items))))
     STATE.update(models={"plain": model}, processor=processor, adapter=adapter_for(read_config(model_dir), model_dir),
                  calib=calibration_sets(processor, model.config.image_token_id, args.nsamples, args.seeds),
                  prepared=prepared, decoder_inputs=cache_decoder_inputs(model, prepared), measure=perplexity)
@@ -356,6 +357,7 @@ def table(runs_path: Path) -> tuple[str, dict]:
                 per = c["choice_tasks"] if choice_tasks else c["tasks"]
                 lines.append(f"| {label} | " + " | ".join(f"{100 * per[t]:.0f}" for t in shown) + " |")
         lines.append("")
+    lines += recheck_section(runs_path.with_name(f"{name}-recheck.runs.jsonl"), runs)
     gaps = modality_gaps()
     if gaps:
         lines += ["## Modality gap beside the two tiny VLMs", "",
@@ -398,6 +400,33 @@ def table(runs_path: Path) -> tuple[str, dict]:
                          "tasks": {t: {k: v for k, v in s.items() if k != "nll"} for t, s in dense["tasks"].items()}},
                "cells": summary, "predictions": checks, "modality_gap": gaps}
     return "\n".join(lines), payload
+
+
+def recheck_section(path: Path, runs: dict) -> list[str]:
+    """Models of the table made again into ``path`` (``run --name <name>-recheck``) by later code:
+    closed choice then and now, item by item; exact match and answer NLL compared too."""
+    if not path.exists():
+        return []
+    _, again = read_runs(path)
+    rows = []
+    for job_name, r in again.items():
+        o = runs.get(job_name)
+        if o is None or "choice" not in o or "choice" not in r:
+            continue
+        changed = sum(a != b for t in r["choice"] for a, b in zip(r["choice"][t], o["choice"][t], strict=True))
+        n = sum(len(v) for v in r["choice"].values())
+        same = "yes" if r["correct"] == o["correct"] and r["nll_items"] == o["nll_items"] else "no"
+        rows.append(f"| {r['label']} | {r['job']['pattern']} | {r['job']['seed'] if r['job']['seed'] is not None else '-'} "
+                    f"| {100 * o['average_choice']:.1f} | {100 * r['average_choice']:.1f} | {changed} of {n} | {same} |")
+    if not rows:
+        return []
+    first = next(iter(again.values()))
+    return ["## Recheck: models made again with the corrected closed choice", "",
+            f"`{path.name}` ({first['date'][:16]} UTC): the same jobs pruned and scored again by the code that declares "
+            "every task's candidates and counts a tie as wrong "
+            f"({', '.join(f'{t} {k}' for t, k in (first.get('choice_candidates') or {}).items())} candidates).", "",
+            "| method | pattern | seed | closed choice % then | now | verdicts changed | exact match and answer NLL "
+            "identical |", "|---|---|---:|---:|---:|---:|---|", *rows, ""]
 
 
 GAP_FILES = {"tiny_vlm": "modality-gap-tiny.json", "tiny_next": "modality-gap-tiny-next.json",
