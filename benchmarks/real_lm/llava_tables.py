@@ -42,6 +42,7 @@ import datetime
 import json
 import sys
 import time
+from statistics import fmean
 from pathlib import Path
 
 import torch
@@ -192,59 +193,53 @@ def read_runs(path: Path) -> tuple[dict, dict]:
     return key, {e["run"]["name"]: e["run"] for e in entries if e["key"] == key}
 
 
-def _mean(xs) -> float:
-    return sum(xs) / len(xs)
-
-
-def _paired(a: list[dict], b: list[dict], measure: str) -> tuple[float, float] | None:
-    """A - B on the same items, seed k against seed k (a seedless run, dense or magnitude, against
-    every seed of the other side): points of closed-choice or exact-match accuracy, or nats of
-    answer NLL; None where a run lacks the measure or the two sides share no seed."""
-    field, scale = MEASURES[measure]
-    if any(field not in r for r in a + b):
-        return None
-
+def _by_seed(a: list[dict], b: list[dict]) -> list[tuple[dict, dict]]:
+    """Runs of A and B paired seed k with seed k (in seed order); a seedless run (dense, magnitude)
+    is paired with every seed of the other side. Empty when the two sides share no seed."""
     def seedless(rs: list[dict]) -> bool:
         return len(rs) == 1 and rs[0]["job"]["seed"] is None
 
-    if seedless(a) and not seedless(b):
-        a = a * len(b)
-    elif seedless(b) and not seedless(a):
-        b = b * len(a)
-    elif not seedless(a):
-        seeds = {r["job"]["seed"] for r in a} & {r["job"]["seed"] for r in b}
-        if not seeds:
-            return None
-        a = sorted((r for r in a if r["job"]["seed"] in seeds), key=lambda r: r["job"]["seed"])
-        b = sorted((r for r in b if r["job"]["seed"] in seeds), key=lambda r: r["job"]["seed"])
-    return paired_difference(a, b, field, scale)
+    if seedless(a) or seedless(b):
+        return [(x, y) for x in a for y in b]
+    by_seed = {y["job"]["seed"]: y for y in b}
+    return [(x, by_seed[x["job"]["seed"]]) for x in sorted(a, key=lambda r: r["job"]["seed"])
+            if x["job"]["seed"] in by_seed]
+
+
+def _paired(a: list[dict], b: list[dict], measure: str) -> tuple[float, float] | None:
+    """A - B on the same items (runs paired by :func:`_by_seed`): points of closed-choice or
+    exact-match accuracy, or nats of answer NLL; None where a run lacks the measure or the two
+    sides share no seed."""
+    field, scale = MEASURES[measure]
+    pairs = _by_seed(a, b)
+    if not pairs or any(field not in r for r in a + b):
+        return None
+    return paired_difference([x for x, _ in pairs], [y for _, y in pairs], field, scale)
 
 
 def _fmt(d: tuple[float, float] | None, digits: int = 1) -> str:
     return "-" if d is None else f"{d[0]:+.{digits}f} ± {d[1]:.{digits}f}"
 
 
-def _choice(r: dict) -> float | None:
-    return r.get("average_choice")
-
-
 def _cell_summary(rs: list[dict], dense: dict, atv: list[dict] | None, label: str) -> dict:
-    choices = [_choice(r) for r in rs]
+    choices = [r.get("average_choice") for r in rs]
     return {"seeds": sorted(r["job"]["seed"] for r in rs if r["job"]["seed"] is not None),
-            "ppl": _mean([r["ppl"] for r in rs]), "ppl_per_seed": [r["ppl"] for r in rs],
-            "accuracy": _mean([r["average"] for r in rs]),
-            "choice": None if None in choices else _mean(choices),
-            "nll": _mean([r["average_nll"] for r in rs]),
-            "tasks": {t: _mean([r["tasks"][t]["accuracy"] for r in rs]) for t in rs[0]["tasks"]},
-            "choice_tasks": {t: _mean([r["tasks"][t]["choice_accuracy"] for r in rs]) for t in rs[0]["tasks"]
+            "ppl": fmean([r["ppl"] for r in rs]), "ppl_per_seed": [r["ppl"] for r in rs],
+            "accuracy": fmean([r["average"] for r in rs]),
+            "choice": None if None in choices else fmean(choices),
+            "nll": fmean([r["average_nll"] for r in rs]),
+            "tasks": {t: fmean([r["tasks"][t]["accuracy"] for r in rs]) for t in rs[0]["tasks"]},
+            "choice_tasks": {t: fmean([r["tasks"][t]["choice_accuracy"] for r in rs]) for t in rs[0]["tasks"]
                              if all("choice_accuracy" in r["tasks"][t] for r in rs)},
             "retention": retention_of(rs[0], dense)["average"] if len(rs) == 1 and dense["average"] > 0 else None,
             "choice_vs_dense": _paired(rs, [dense], "choice"), "nll_vs_dense": _paired(rs, [dense], "nll"),
             "atv_minus_choice": None if label == "ATV" or not atv else _paired(atv, rs, "choice"),
             "atv_minus_nll": None if label == "ATV" or not atv else _paired(atv, rs, "nll"),
             "atv_minus_accuracy": None if label == "ATV" or not atv else _paired(atv, rs, "accuracy"),
-            "prune_s": _mean([r["prune_s"] for r in rs]), "eval_s": _mean([r["eval_s"] for r in rs]),
-            "ppl_s": _mean([r["ppl_s"] for r in rs])}
+            "prune_s": fmean([r["prune_s"] for r in rs]), "eval_s": fmean([r["eval_s"] for r in rs]),
+            "ppl_s": fmean([r["ppl_s"] for r in rs]),
+            **({"choice_retention": 100 * fmean(choices) / dense["average_choice"]}
+               if None not in choices and dense.get("average_choice") else {})}
 
 
 def table(runs_path: Path) -> tuple[str, dict]:
@@ -312,7 +307,7 @@ def table(runs_path: Path) -> tuple[str, dict]:
         "",
         f"Text perplexity {dense['ppl']:.2f}; exact-match accuracy {100 * dense['average']:.1f}% over {len(tasks)} "
         "tasks" + (f"; closed-choice accuracy {100 * dense['average_choice']:.1f}% over {len(choice_tasks)} tasks "
-                   f"(a uniform guess: {100 * _mean([1 / candidates[t] for t in choice_tasks]):.1f}%)"
+                   f"(a uniform guess: {100 * fmean([1 / candidates[t] for t in choice_tasks]):.1f}%)"
                    if choice_tasks and all(t in candidates for t in choice_tasks) else "")
         + f"; answer NLL {dense['average_nll']:.3f}.",
         "",
@@ -338,8 +333,6 @@ def table(runs_path: Path) -> tuple[str, dict]:
                 continue
             c = summary[f"{label}|{p}"] = _cell_summary(rs, dense, atv, label)
             spread = f" ({min(c['ppl_per_seed']):.1f}-{max(c['ppl_per_seed']):.1f})" if len(rs) > 1 else ""
-            if c["choice"] is not None and dense.get("average_choice"):
-                c["choice_retention"] = 100 * c["choice"] / dense["average_choice"]
             retained = f" ({c['choice_retention']:.0f}%)" if "choice_retention" in c else ""
             choice = "-" if c["choice"] is None else f"{100 * c['choice']:.1f}{retained}"
             lines.append(
@@ -455,16 +448,6 @@ def modality_gaps() -> list[dict]:
     return out
 
 
-def _seed_pairs(a: list[dict], b: list[dict]) -> list[tuple[float, float]]:
-    """(A's perplexity, B's) per seed both ran; a seedless side is paired with every seed."""
-    if len(b) == 1 and b[0]["job"]["seed"] is None:
-        return [(x["ppl"], b[0]["ppl"]) for x in a]
-    if len(a) == 1 and a[0]["job"]["seed"] is None:
-        return [(a[0]["ppl"], y["ppl"]) for y in b]
-    by_seed = {y["job"]["seed"]: y["ppl"] for y in b}
-    return [(x["ppl"], by_seed[x["job"]["seed"]]) for x in a if x["job"]["seed"] in by_seed]
-
-
 def prediction_checks(by_cell: dict, patterns: list[str]) -> list[dict]:
     """Each of :data:`PREDICTIONS` whose cells ran (and whose runs hold the measure)."""
     out = []
@@ -477,14 +460,14 @@ def prediction_checks(by_cell: dict, patterns: list[str]) -> list[dict]:
             both_zero = False
             if measure == "ppl":
                 # Means over the seeds both sides ran (a seedless side against every seed of the other).
-                pairs = {r: _seed_pairs(by_cell[(r, p)], rb) for r in rows_a}
+                pairs = {r: [(x["ppl"], y["ppl"]) for x, y in _by_seed(by_cell[(r, p)], rb)] for r in rows_a}
                 if not all(pairs.values()):
                     continue
-                means = {r: (_mean([x for x, _ in ps]), _mean([y for _, y in ps])) for r, ps in pairs.items()}
+                means = {r: (fmean([x for x, _ in ps]), fmean([y for _, y in ps])) for r, ps in pairs.items()}
                 held = all(x < y for x, y in means.values())
                 wins = [x < y for ps in pairs.values() for x, y in ps]
                 outcome = (", ".join(f"{x:.2f}" for x, _ in means.values())
-                           + f" vs {_mean([y for _, y in means.values()]):.2f}"
+                           + f" vs {fmean([y for _, y in means.values()]):.2f}"
                            + (f" (A below at {sum(wins)} of {len(wins)} seeds)" if a and len(wins) > 1 else ""))
             else:
                 ra = by_cell[(a, p)]
@@ -496,11 +479,11 @@ def prediction_checks(by_cell: dict, patterns: list[str]) -> list[dict]:
                 held = sign * d > 2 * se if relation in (">", "<") else sign * d >= -2 * se
                 where = "within 2 SE" if abs(d) <= 2 * se else "A ahead" if sign * d > 0 else "A behind"
                 if measure == "nll":
-                    outcome = (f"{d:+.3f} ± {se:.3f} nats ({where}; NLL {_mean([r['average_nll'] for r in ra]):.3f} vs "
-                               f"{_mean([r['average_nll'] for r in rb]):.3f})")
+                    outcome = (f"{d:+.3f} ± {se:.3f} nats ({where}; NLL {fmean([r['average_nll'] for r in ra]):.3f} vs "
+                               f"{fmean([r['average_nll'] for r in rb]):.3f})")
                 else:
                     key = "average" if measure == "accuracy" else "average_choice"
-                    acc_a, acc_b = _mean([r[key] for r in ra]), _mean([r[key] for r in rb])
+                    acc_a, acc_b = fmean([r[key] for r in ra]), fmean([r[key] for r in rb])
                     outcome = f"{d:+.1f} ± {se:.1f} pts ({where}; {100 * acc_a:.1f}% vs {100 * acc_b:.1f}%)"
                     both_zero = acc_a == 0 == acc_b
             out.append({"prediction": label, "column": p, "outcome": outcome, "held": held, "both_zero": both_zero})
