@@ -56,6 +56,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(BENCH))
 
 from accuracy_plan import Job, job  # noqa: E402
+from accuracy_render import write_atomic  # noqa: E402
 from accuracy_runs import STATE, RunLog, calibration_sets, init_worker, run_job, run_key  # noqa: E402
 from accuracy_stats import paired_difference, retention_of  # noqa: E402
 
@@ -494,10 +495,8 @@ def write_table(runs: Path, out: Path) -> str:
     """Render ``runs`` into ``out``.md and ``out``.json (each under a temporary name, renamed when
     complete); returns the markdown."""
     text, payload = table(runs)
-    for suffix, content in ((".json", json.dumps(payload, indent=1) + "\n"), (".md", text)):
-        tmp = out.with_suffix(suffix + ".tmp")
-        tmp.write_text(content)
-        tmp.replace(out.with_suffix(suffix))
+    write_atomic(out.with_suffix(".json"), json.dumps(payload, indent=1) + "\n")
+    write_atomic(out.with_suffix(".md"), text)
     return text
 
 
