@@ -71,7 +71,10 @@ def markdown(r: dict, args) -> str:
              f"Calibration: {r['samples']} default calibration conversations ({args.nsamples} per seed, seeds "
              f"{', '.join(map(str, args.seeds))}): {r['visual_tokens']:,} visual and {r['text_tokens']:,} text "
              f"tokens at every block's input, **visual share {100 * r['visual_share']:.1f}%**. "
-             f"Dense forward, fp32; {platform.processor() or platform.machine()}, torch {torch.__version__}.", "",
+             f"Dense forward, fp32; {args.record['cpu']}, Python {args.record['python']}, torch "
+             f"{args.record['torch']}, transformers {args.record['transformers']}"
+             + (f"; model record `{json.dumps(args.record['model_record'])}`" if args.record.get("model_record") else "")
+             + f". Command: `{args.record['command']}`.", "",
              "cosine: text vs visual per-channel activation RMS at the linear's input (1 = same profile); "
              "ratio: ||RMS visual|| / ||RMS text||; overlap: kept weights shared by Wanda 50% masks scored from "
              "text-only and from visual-only statistics (one-shot, dense activations).", ""]
@@ -94,6 +97,23 @@ def markdown(r: dict, args) -> str:
     return "\n".join(lines)
 
 
+def run_record(model_dir: Path, argv) -> dict:
+    """Machine, versions and the reproducing command; the folder's ``atv_projector.json`` (which
+    projector an assembled real-LM LLaVA holds, ``real_lm/smollm2_llava.py``) where it has one."""
+    import sys
+
+    import transformers
+
+    from atv_sparse.tinybench.hardware import cpu_name
+
+    projector = model_dir / "atv_projector.json"
+    return {"cpu": cpu_name(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "command": ("python benchmarks/modality_gap.py " + " ".join(sys.argv[1:] if argv is None else argv)
+                        ).replace(str(Path.home()), "~"),  # results name no home directory
+            **({"model_record": json.loads(projector.read_text())} if projector.is_file() else {})}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny-vlm", help="a bundled model (tiny-vlm, tiny-next) or a model directory")
@@ -110,6 +130,7 @@ def main(argv=None) -> int:
         name = {"tiny-vlm": "tiny", "tiny-next": "tiny-next"}.get(args.model, Path(args.model).name)
         args.out = str(HERE / "results" / f"modality-gap-{name}")
     args.model = str(model_dir_of(args.model))
+    args.record = run_record(Path(args.model), argv)
     r = measure(Path(args.model), args.nsamples, tuple(args.seeds))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +138,7 @@ def main(argv=None) -> int:
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps({**r, "blocks": {str(k): v for k, v in r["blocks"].items()},
                                                     "date": str(datetime.date.today()),
-                                                    "torch": torch.__version__}, indent=1))
+                                                    **args.record}, indent=1))
     print(text)
     return 0
 
